@@ -1,0 +1,38 @@
+// What the stage tests share: the awkward shapes every stage must handle, and comparisons of a stage's
+// outputs with the previous stage's and with the fp64 oracle.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "catch.hpp"
+#include "common/harness.hpp"
+#include "common/numeric.hpp"
+#include "oracle.hpp"
+
+namespace attn::testing {
+
+/// Relative Frobenius errors of each output against a reference run (or the oracle).
+struct Errors {
+  ErrorStats o, lse, dq, dk, dv;
+  double worst_gradient() const { return std::max({dq.rel_frobenius, dk.rel_frobenius, dv.rel_frobenius}); }
+};
+
+Errors compare_runs(const StageRun& actual, const StageRun& reference);
+Errors compare_with_oracle(const StageRun& actual, const oracle::Result& reference);
+
+/// A named problem for a test table.
+struct Shape {
+  std::string name;
+  AttentionProblem problem;
+};
+
+/// The awkward shapes of the foundation issue, small enough for CI: N = 1, N not a multiple of any chunk or
+/// tile, Nq != Nk both ways, causal with Nq > Nk (rows that see no key), D in {16, 32, 64, 128, 256},
+/// GQA and MQA, B * H > 1.
+std::vector<Shape> awkward_shapes();
+
+/// "B=1 Hq=2 ... D=64 causal" plus the shape's name, for Catch2 sections and failure messages.
+std::string label(const Shape& shape);
+
+}  // namespace attn::testing

@@ -1,0 +1,428 @@
+// attn: the command-line entry point to the ladder.
+//   attn list                      the stages in ladder order and the tiers built
+//   attn run --stage S [...]       one stage on one problem: time, TFLOP/s, extra memory, errors
+//   attn ladder [--tier ...]       every stage on one default problem, one row each (the main job)
+// Small defaults for `run`, so that `gdb --args build/bin/attn run --stage naive` stops in a readable problem.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/harness.hpp"
+#include "common/numeric.hpp"
+#include "common/registry.hpp"
+#include "tests/oracle.hpp"
+#ifdef ATTN_HAVE_CUDA
+#include "common/cuda_utils.hpp"
+#endif
+
+namespace {
+
+using namespace attn;
+
+struct UsageError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+const char* kUsage =
+    "usage: attn list\n"
+    "       attn run --stage NAME [--tier cpu|gpu] [problem] [--backward] [--json] [--repeats N] [--seed N]\n"
+    "                [--layout bhnd|bnhd] [--opt NAME=VALUE]... [--sram-bytes N] [--io]\n"
+    "       attn ladder [--tier cpu|gpu|all] [problem] [--backward] [--json] [--repeats N]\n"
+    "problem: --batch N --heads N --kv-heads N --seq-q N --seq-k N (or --seq N) --head-dim N --causal\n"
+    "         --scale X --dtype f32|bf16|f16 --q-std X (scale of Q's entries; large values give large logits)\n";
+
+// Command-line flags, parsed once; every value is checked when it is read.
+struct Flags {
+  std::vector<std::string> args;
+  std::vector<bool> used;
+
+  explicit Flags(std::vector<std::string> list) : args(std::move(list)), used(args.size(), false) {}
+
+  std::optional<std::string> value(const std::string& name) {
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (args[i] != name) continue;
+      if (i + 1 >= args.size()) throw UsageError(name + ": needs a value");
+      used[i] = used[i + 1] = true;
+      return args[i + 1];
+    }
+    return std::nullopt;
+  }
+  std::vector<std::string> values(const std::string& name) {
+    std::vector<std::string> found;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (args[i] != name) continue;
+      if (i + 1 >= args.size()) throw UsageError(name + ": needs a value");
+      used[i] = used[i + 1] = true;
+      found.push_back(args[i + 1]);
+    }
+    return found;
+  }
+  bool flag(const std::string& name) {
+    for (std::size_t i = 0; i < args.size(); ++i)
+      if (args[i] == name) return used[i] = true;
+    return false;
+  }
+  std::int64_t integer(const std::string& name, std::int64_t fallback) {
+    auto text = value(name);
+    if (!text) return fallback;
+    std::size_t end = 0;
+    long long parsed = 0;
+    try {
+      parsed = std::stoll(*text, &end);
+    } catch (const std::exception&) {
+      end = 0;
+    }
+    if (end == 0 || end != text->size()) throw UsageError(name + ": '" + *text + "' is not an integer");
+    return parsed;
+  }
+  double real(const std::string& name, double fallback) {
+    auto text = value(name);
+    if (!text) return fallback;
+    std::size_t end = 0;
+    double parsed = 0;
+    try {
+      parsed = std::stod(*text, &end);
+    } catch (const std::exception&) {
+      end = 0;
+    }
+    if (end == 0 || end != text->size()) throw UsageError(name + ": '" + *text + "' is not a number");
+    return parsed;
+  }
+  void reject_unknown() const {
+    for (std::size_t i = 0; i < args.size(); ++i)
+      if (!used[i]) throw UsageError("unknown or misplaced argument '" + args[i] + "'");
+  }
+};
+
+AttentionProblem read_problem(Flags& flags, AttentionProblem p) {
+  p.batch = flags.integer("--batch", p.batch);
+  p.q_heads = flags.integer("--heads", p.q_heads);
+  p.kv_heads = flags.integer("--kv-heads", p.q_heads);
+  const std::int64_t seq = flags.integer("--seq", p.seq_q);
+  p.seq_q = flags.integer("--seq-q", seq);
+  p.seq_k = flags.integer("--seq-k", seq);
+  p.head_dim = flags.integer("--head-dim", p.head_dim);
+  p.scale = flags.real("--scale", p.scale);
+  p.causal = flags.flag("--causal") || p.causal;
+  validate_problem(p);
+  return p;
+}
+
+StageOptions read_options(Flags& flags) {
+  StageOptions options;
+  for (const std::string& pair : flags.values("--opt")) {
+    const auto eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0) throw UsageError("--opt: '" + pair + "' is not NAME=VALUE");
+    Flags one({"--opt", pair.substr(eq + 1)});
+    options.values[pair.substr(0, eq)] = one.integer("--opt", 0);
+  }
+  if (auto sram = flags.value("--sram-bytes")) {
+    Flags one({"--sram-bytes", *sram});
+    options.values["sram_bytes"] = one.integer("--sram-bytes", 0);
+  }
+  if (flags.flag("--io")) options.values["count_io"] = 1;
+  return options;
+}
+
+std::string json_number(std::optional<double> value) {
+  if (!value || !std::isfinite(*value)) return "null";
+  std::ostringstream out;
+  out.precision(6);
+  out << *value;
+  return out.str();
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+// One row of `run` or `ladder`: a stage's figures and its errors against the previous stage and the oracle.
+struct Row {
+  std::string stage, tier, dtype, problem, note;
+  std::optional<double> time_ms, tflops, extra_bytes, speedup_prev, rel_err_prev, rel_err_oracle;
+  std::optional<double> bwd_ms, bwd_tflops, bwd_extra_bytes, bwd_rel_err_prev, bwd_rel_err_oracle;
+  std::map<std::string, double> counters;
+};
+
+void print_json(const Row& r) {
+  std::cout << "{\"stage\":" << json_string(r.stage) << ",\"tier\":" << json_string(r.tier)
+            << ",\"dtype\":" << json_string(r.dtype) << ",\"problem\":" << json_string(r.problem)
+            << ",\"time_ms\":" << json_number(r.time_ms) << ",\"tflops\":" << json_number(r.tflops)
+            << ",\"extra_bytes\":" << json_number(r.extra_bytes) << ",\"speedup_prev\":" << json_number(r.speedup_prev)
+            << ",\"rel_err_prev\":" << json_number(r.rel_err_prev) << ",\"rel_err_oracle\":" << json_number(r.rel_err_oracle)
+            << ",\"bwd_time_ms\":" << json_number(r.bwd_ms) << ",\"bwd_tflops\":" << json_number(r.bwd_tflops)
+            << ",\"bwd_extra_bytes\":" << json_number(r.bwd_extra_bytes)
+            << ",\"bwd_rel_err_prev\":" << json_number(r.bwd_rel_err_prev)
+            << ",\"bwd_rel_err_oracle\":" << json_number(r.bwd_rel_err_oracle);
+  for (const auto& [name, value] : r.counters) std::cout << "," << json_string(name) << ":" << json_number(value);
+  std::cout << ",\"note\":" << (r.note.empty() ? "null" : json_string(r.note)) << "}\n";
+}
+
+std::string cell(std::optional<double> value, const char* format) {
+  if (!value) return "-";
+  char text[48];
+  std::snprintf(text, sizeof text, format, *value);
+  return text;
+}
+
+void print_table_header(bool backward) {
+  std::printf("%-17s %-4s %-5s %10s %9s %10s %8s %10s %10s", "stage", "tier", "dtype", "fwd ms", "TFLOP/s", "extra mem",
+              "speedup", "err prev", "err fp64");
+  if (backward) std::printf(" %10s %9s %10s %10s", "bwd ms", "TFLOP/s", "bwd extra", "bwd err");
+  std::printf("\n");
+}
+
+void print_table_row(const Row& r, bool backward) {
+  std::printf("%-17s %-4s %-5s %10s %9s %10s %8s %10s %10s", r.stage.c_str(), r.tier.c_str(), r.dtype.c_str(),
+              cell(r.time_ms, "%.3f").c_str(), cell(r.tflops, "%.3f").c_str(),
+              r.extra_bytes ? format_bytes(*r.extra_bytes).c_str() : "-", cell(r.speedup_prev, "%.2fx").c_str(),
+              cell(r.rel_err_prev, "%.2e").c_str(), cell(r.rel_err_oracle, "%.2e").c_str());
+  if (backward)
+    std::printf(" %10s %9s %10s %10s", cell(r.bwd_ms, "%.3f").c_str(), cell(r.bwd_tflops, "%.3f").c_str(),
+                r.bwd_extra_bytes ? format_bytes(*r.bwd_extra_bytes).c_str() : "-",
+                cell(r.bwd_rel_err_prev, "%.2e").c_str());
+  if (!r.note.empty()) std::printf("  (%s)", r.note.c_str());
+  std::printf("\n");
+  for (const auto& [name, value] : r.counters) std::printf("    %s = %.6g\n", name.c_str(), value);
+}
+
+double worst(const ErrorStats& a, const ErrorStats& b, const ErrorStats& c) {
+  return std::max({a.rel_frobenius, b.rel_frobenius, c.rel_frobenius});
+}
+
+// Runs one stage; fills its row, comparing with the previous stage's outputs (when given) and the oracle.
+Row run_row(const Stage& stage, Tier tier, const ProblemData& data, const RunSettings& settings, const StageRun* previous,
+            const std::optional<oracle::Result>& exact, StageRun* keep) {
+  Row row;
+  row.stage = stage.name;
+  row.tier = tier_name(tier);
+  row.dtype = dtype_name(tier == Tier::cpu ? DType::f32 : data.dtype);
+  row.problem = data.problem.describe();
+  StageRun run = run_stage(stage, tier, data, settings);
+  row.time_ms = run.forward_ms;
+  row.tflops = data.problem.forward_flops() / (run.forward_ms * 1e-3) / 1e12;
+  row.extra_bytes = static_cast<double>(run.forward_extra_bytes);
+  row.counters = run.counters;
+  if (previous != nullptr) {
+    row.speedup_prev = previous->forward_ms / run.forward_ms;
+    row.rel_err_prev = compare(run.o.span(), previous->o.span()).rel_frobenius;
+  }
+  if (exact) row.rel_err_oracle = compare(run.o.span(), std::span<const double>(exact->o)).rel_frobenius;
+  if (settings.backward) {
+    row.bwd_ms = run.backward_ms;
+    row.bwd_tflops = data.problem.backward_flops() / (run.backward_ms * 1e-3) / 1e12;
+    row.bwd_extra_bytes = static_cast<double>(run.backward_extra_bytes);
+    if (previous != nullptr && previous->dq.size() > 0)
+      row.bwd_rel_err_prev = worst(compare(run.dq.span(), previous->dq.span()), compare(run.dk.span(), previous->dk.span()),
+                                   compare(run.dv.span(), previous->dv.span()));
+    if (exact)
+      row.bwd_rel_err_oracle = worst(compare(run.dq.span(), std::span<const double>(exact->dq)),
+                                     compare(run.dk.span(), std::span<const double>(exact->dk)),
+                                     compare(run.dv.span(), std::span<const double>(exact->dv)));
+  }
+  if (keep != nullptr) *keep = std::move(run);
+  return row;
+}
+
+void print_machine(Tier tier) {
+  if (tier == Tier::cpu) {
+    std::printf("# CPU: %d OpenMP threads\n", omp_get_max_threads());
+    return;
+  }
+#ifdef ATTN_HAVE_CUDA
+  std::printf("# GPU: %s\n", cuda::device_description().c_str());
+#endif
+}
+
+bool gpu_present() {
+#ifdef ATTN_HAVE_CUDA
+  return cuda::device_available();
+#else
+  return false;
+#endif
+}
+
+int command_list() {
+  std::printf("%-3s %-17s %-5s %-45s %s\n", "#", "stage", "tiers", "paper", "adds");
+  int rung = 1;
+  for (const Stage& stage : ladder()) {
+    std::string tiers;
+    for (const TierEntry& entry : stage.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(tier_name(entry.tier));
+    std::printf("%-3d %-17s %-5s %-45s %s\n", rung++, stage.name.c_str(), tiers.c_str(), stage.paper.c_str(),
+                stage.adds.c_str());
+  }
+  std::printf("# GPU tier %s\n", gpu_present() ? "built, device present" :
+#ifdef ATTN_HAVE_CUDA
+                                                "built, no device on this machine"
+#else
+                                                "not built (no CUDA toolkit at configure time)"
+#endif
+  );
+  return 0;
+}
+
+int command_run(Flags& flags) {
+  const std::string name = flags.value("--stage").value_or("");
+  if (name.empty()) throw UsageError("--stage: required (see `attn list`)");
+  const Stage& stage = find_stage(name);
+  const Tier tier = parse_tier(flags.value("--tier").value_or("cpu"));
+  AttentionProblem defaults;
+  defaults.batch = 1;
+  defaults.q_heads = 2;
+  defaults.seq_q = defaults.seq_k = 256;
+  defaults.head_dim = 64;
+  const AttentionProblem problem = read_problem(flags, defaults);
+  const DType dtype = parse_dtype(flags.value("--dtype").value_or(tier == Tier::cpu ? "f32" : "bf16"));
+  const Layout layout = flags.value("--layout").value_or("bhnd") == "bnhd" ? Layout::bnhd : Layout::bhnd;
+  const auto seed = static_cast<std::uint64_t>(flags.integer("--seed", 1));
+  const float q_std = static_cast<float>(flags.real("--q-std", 1.0));
+  RunSettings settings;
+  settings.backward = flags.flag("--backward");
+  settings.repeats = static_cast<int>(flags.integer("--repeats", 3));
+  settings.options = read_options(flags);
+  const bool json = flags.flag("--json");
+  flags.reject_unknown();
+
+  const ProblemData data = make_problem_data(problem, dtype, layout, seed, q_std);
+  std::optional<oracle::Result> exact;
+  if (oracle::affordable(problem)) exact = oracle::attention(data, settings.backward);
+  // The previous stage (same tier) on the same inputs, for the error column.
+  StageRun previous_run;
+  const Stage* previous = previous_stage(stage.name, tier);
+  bool have_previous = false;
+  if (previous != nullptr) {
+    try {
+      RunSettings once = settings;
+      once.repeats = 1;
+      once.warmup = 0;
+      once.options = StageOptions{};
+      previous_run = run_stage(*previous, tier, data, once);
+      have_previous = true;
+    } catch (const ProblemTooLarge&) {
+    }
+  }
+  Row row = run_row(stage, tier, data, settings, have_previous ? &previous_run : nullptr, exact, nullptr);
+  if (json) {
+    print_json(row);
+  } else {
+    print_machine(tier);
+    std::printf("# %s, %s layout%s\n", problem.describe().c_str(), layout_name(layout),
+                previous ? (", errors against " + previous->name + (have_previous ? "" : " (too large to run)")).c_str() : "");
+    print_table_header(settings.backward);
+    print_table_row(row, settings.backward);
+  }
+  return 0;
+}
+
+int command_ladder(Flags& flags) {
+  const std::string tier_text = flags.value("--tier").value_or("all");
+  std::vector<Tier> tiers;
+  if (tier_text == "all") {
+    tiers.push_back(Tier::cpu);
+    if (gpu_present()) tiers.push_back(Tier::gpu);
+  } else {
+    tiers.push_back(parse_tier(tier_text));
+  }
+  // The default problems: big enough to fill each machine, small enough that naive still fits.
+  AttentionProblem cpu_problem;
+  cpu_problem.batch = 1;
+  cpu_problem.q_heads = cpu_problem.kv_heads = 8;
+  cpu_problem.seq_q = cpu_problem.seq_k = 2048;
+  cpu_problem.head_dim = 64;
+  AttentionProblem gpu_problem;
+  gpu_problem.batch = 4;
+  gpu_problem.q_heads = gpu_problem.kv_heads = 16;
+  gpu_problem.seq_q = gpu_problem.seq_k = 4096;
+  gpu_problem.head_dim = 128;
+  const bool custom = std::any_of(flags.args.begin(), flags.args.end(), [](const std::string& a) {
+    return a == "--batch" || a == "--heads" || a == "--kv-heads" || a == "--seq" || a == "--seq-q" || a == "--seq-k" ||
+           a == "--head-dim" || a == "--causal" || a == "--scale";
+  });
+  std::optional<AttentionProblem> chosen;
+  if (custom) chosen = read_problem(flags, cpu_problem);
+  const std::optional<std::string> dtype_text = flags.value("--dtype");
+  RunSettings settings;
+  settings.backward = flags.flag("--backward");
+  settings.repeats = static_cast<int>(flags.integer("--repeats", 3));
+  const bool json = flags.flag("--json");
+  flags.reject_unknown();
+
+  for (Tier tier : tiers) {
+    const AttentionProblem problem = chosen ? *chosen : (tier == Tier::cpu ? cpu_problem : gpu_problem);
+    const DType dtype = tier == Tier::cpu ? DType::f32 : parse_dtype(dtype_text.value_or("bf16"));
+    const ProblemData data = make_problem_data(problem, dtype);
+    std::optional<oracle::Result> exact;
+    if (oracle::affordable(problem)) exact = oracle::attention(data, settings.backward);
+    if (!json) {
+      print_machine(tier);
+      std::printf("# %s tier ladder: %s, %s, %d timed runs (median)\n", tier_name(tier), problem.describe().c_str(),
+                  dtype_name(dtype), settings.repeats);
+      print_table_header(settings.backward);
+    }
+    StageRun previous;
+    bool have_previous = false;
+    for (const Stage& stage : ladder()) {
+      if (stage.find(tier) == nullptr) continue;
+      Row row;
+      StageRun run;
+      try {
+        row = run_row(stage, tier, data, settings, have_previous ? &previous : nullptr, exact, &run);
+        previous = std::move(run);
+        have_previous = true;
+      } catch (const std::exception& e) {  // too large, or a head dim this stage does not support: say so, go on
+        row.stage = stage.name;
+        row.tier = tier_name(tier);
+        row.dtype = dtype_name(dtype);
+        row.problem = problem.describe();
+        row.note = std::string("skipped: ") + e.what();
+      }
+      if (json)
+        print_json(row);
+      else
+        print_table_row(row, settings.backward);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? 2 : 0;
+  }
+  const std::string command = args[0];
+  Flags flags(std::vector<std::string>(args.begin() + 1, args.end()));
+  try {
+    if (command == "list") {
+      flags.reject_unknown();
+      return command_list();
+    }
+    if (command == "run") return command_run(flags);
+    if (command == "ladder") return command_ladder(flags);
+    throw UsageError("unknown command '" + command + "' (list, run, ladder)");
+  } catch (const ProblemTooLarge& e) {
+    std::fprintf(stderr, "attn: problem too large: %s\n", e.what());
+    return 2;
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "attn: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "attn: error: %s\n", e.what());
+    return 1;
+  }
+}
