@@ -75,6 +75,9 @@ void validate_problem_for(const AttentionProblem& p, DType dtype, const TierCaps
     for (int d : caps.head_dims) list += (list.empty() ? "" : ", ") + std::to_string(d);
     reject("head_dim", std::to_string(p.head_dim) + " is not supported by " + who + " (supported: " + list + ")");
   }
+  if (caps.max_seq_q > 0 && p.seq_q > caps.max_seq_q)
+    reject("seq_q", std::to_string(p.seq_q) + " exceeds the limit " + std::to_string(caps.max_seq_q) + " of " + who +
+                        " (a decode kernel: one query token per sequence)");
 }
 
 void validate_call(const AttentionProblem& p, const AttentionTensors& t, const TierCaps& caps, const std::string& who,

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,7 @@ struct TierCaps {
   std::vector<int> head_dims;        ///< if not empty, only these head dims
   bool has_backward = true;
   std::size_t pointer_alignment = 0;  ///< required alignment of every pointer in bytes (0: the element size)
+  std::int64_t max_seq_q = 0;         ///< if > 0, at most this many query rows (decode kernels: 1)
 };
 
 /// Shape rules that hold for every stage: all sizes >= 1, q_heads a multiple of kv_heads, finite scale.

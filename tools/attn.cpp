@@ -5,6 +5,7 @@
 // Small defaults for `run`, so that `gdb --args build/bin/attn run --stage naive` stops in a readable problem.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +22,12 @@
 #ifdef ATTN_HAVE_CUDA
 #include "common/cuda_utils.hpp"
 #endif
+#ifdef ATTN_STAGE_paged
+#include "paged/paged.hpp"
+#define PAGED_SIM_NAME ", paged-sim"
+#else
+#define PAGED_SIM_NAME ""
+#endif
 
 namespace {
 
@@ -35,6 +42,7 @@ const char* kUsage =
     "       attn run --stage NAME [--tier cpu|gpu] [problem] [--backward] [--json] [--repeats N] [--seed N]\n"
     "                [--layout bhnd|bnhd] [--opt NAME=VALUE]... [--sram-bytes N] [--io]\n"
     "       attn ladder [--tier cpu|gpu|all] [problem] [--backward] [--json] [--repeats N]\n"
+    "       attn paged-sim [--help]   (with the paged stage: the KV-cache serving simulation)\n"
     "problem: --batch N --heads N --kv-heads N --seq-q N --seq-k N (or --seq N) --head-dim N --causal\n"
     "         --scale X --dtype f32|bf16|f16 --q-std X (scale of Q's entries; large values give large logits)\n";
 
@@ -105,8 +113,8 @@ AttentionProblem read_problem(Flags& flags, AttentionProblem p) {
   p.batch = flags.integer("--batch", p.batch);
   p.q_heads = flags.integer("--heads", p.q_heads);
   p.kv_heads = flags.integer("--kv-heads", p.q_heads);
-  const std::int64_t seq = flags.integer("--seq", p.seq_q);
-  p.seq_q = flags.integer("--seq-q", seq);
+  const std::int64_t seq = flags.integer("--seq", p.seq_k);
+  p.seq_q = flags.integer("--seq-q", flags.args.end() != std::find(flags.args.begin(), flags.args.end(), "--seq") ? seq : p.seq_q);
   p.seq_k = flags.integer("--seq-k", seq);
   p.head_dim = flags.integer("--head-dim", p.head_dim);
   p.scale = flags.real("--scale", p.scale);
@@ -210,7 +218,12 @@ Row run_row(const Stage& stage, Tier tier, const ProblemData& data, const RunSet
   row.tier = tier_name(tier);
   row.dtype = dtype_name(tier == Tier::cpu ? DType::f32 : data.dtype);
   row.problem = data.problem.describe();
-  StageRun run = run_stage(stage, tier, data, settings);
+  RunSettings own = settings;
+  if (settings.backward && !stage.find(tier)->caps.has_backward) {  // e.g. a decode kernel: forward only
+    own.backward = false;
+    row.note = "no backward pass";
+  }
+  StageRun run = run_stage(stage, tier, data, own);
   row.time_ms = run.forward_ms;
   row.tflops = data.problem.forward_flops() / (run.forward_ms * 1e-3) / 1e12;
   row.extra_bytes = static_cast<double>(run.forward_extra_bytes);
@@ -220,7 +233,7 @@ Row run_row(const Stage& stage, Tier tier, const ProblemData& data, const RunSet
     row.rel_err_prev = compare(run.o.span(), previous->o.span()).rel_frobenius;
   }
   if (exact) row.rel_err_oracle = compare(run.o.span(), std::span<const double>(exact->o)).rel_frobenius;
-  if (settings.backward) {
+  if (own.backward) {
     row.bwd_ms = run.backward_ms;
     row.bwd_tflops = data.problem.backward_flops() / (run.backward_ms * 1e-3) / 1e12;
     row.bwd_extra_bytes = static_cast<double>(run.backward_extra_bytes);
@@ -283,6 +296,8 @@ int command_run(Flags& flags) {
   defaults.q_heads = 2;
   defaults.seq_q = defaults.seq_k = 256;
   defaults.head_dim = 64;
+  const TierEntry* entry = stage.find(tier);
+  if (entry != nullptr && entry->caps.max_seq_q > 0) defaults.seq_q = entry->caps.max_seq_q;  // a decode stage
   const AttentionProblem problem = read_problem(flags, defaults);
   const DType dtype = parse_dtype(flags.value("--dtype").value_or(tier == Tier::cpu ? "f32" : "bf16"));
   const Layout layout = flags.value("--layout").value_or("bhnd") == "bnhd" ? Layout::bnhd : Layout::bhnd;
@@ -373,14 +388,37 @@ int command_ladder(Flags& flags) {
     }
     StageRun previous;
     bool have_previous = false;
+    const Stage* previous_stage_run = nullptr;
     for (const Stage& stage : ladder()) {
-      if (stage.find(tier) == nullptr) continue;
+      const TierEntry* entry = stage.find(tier);
+      if (entry == nullptr) continue;
       Row row;
       StageRun run;
       try {
-        row = run_row(stage, tier, data, settings, have_previous ? &previous : nullptr, exact, &run);
-        previous = std::move(run);
-        have_previous = true;
+        if (entry->caps.max_seq_q > 0 && problem.seq_q > entry->caps.max_seq_q) {
+          // A decode stage (one query token per sequence): same batch, heads and context, seq_q = 1, compared
+          // with the previous stage run on that decode problem.
+          AttentionProblem decode = problem;
+          decode.seq_q = entry->caps.max_seq_q;
+          decode.batch = std::max<std::int64_t>(problem.batch, 16);
+          const ProblemData decode_data = make_problem_data(decode, dtype);
+          std::optional<StageRun> reference;
+          if (previous_stage_run != nullptr) {
+            RunSettings once;
+            reference = run_stage(*previous_stage_run, tier, decode_data, once);
+          }
+          std::optional<oracle::Result> decode_exact;
+          if (oracle::affordable(decode)) decode_exact = oracle::attention(decode_data, false);
+          RunSettings forward_only = settings;
+          forward_only.backward = false;
+          row = run_row(stage, tier, decode_data, forward_only, reference ? &*reference : nullptr, decode_exact, nullptr);
+          row.note = "decode problem: " + decode.describe() + (reference ? ", errors against " + previous_stage_run->name : "");
+        } else {
+          row = run_row(stage, tier, data, settings, have_previous ? &previous : nullptr, exact, &run);
+          previous = std::move(run);
+          have_previous = true;
+          previous_stage_run = &stage;
+        }
       } catch (const std::exception& e) {  // too large, or a head dim this stage does not support: say so, go on
         row.stage = stage.name;
         row.tier = tier_name(tier);
@@ -414,7 +452,10 @@ int main(int argc, char** argv) {
     }
     if (command == "run") return command_run(flags);
     if (command == "ladder") return command_ladder(flags);
-    throw UsageError("unknown command '" + command + "' (list, run, ladder)");
+#ifdef ATTN_STAGE_paged
+    if (command == "paged-sim") return paged::sim_command(flags.args);
+#endif
+    throw UsageError("unknown command '" + command + "' (list, run, ladder" PAGED_SIM_NAME ")");
   } catch (const ProblemTooLarge& e) {
     std::fprintf(stderr, "attn: problem too large: %s\n", e.what());
     return 2;

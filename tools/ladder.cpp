@@ -1,17 +1,44 @@
 // The ladder: every stage in the order the chapters build on each other. This is the one place that names
-// them; tests, benchmarks and the `attn` program walk this list.
+// them; tests, benchmarks and the `attn` program walk this list. CMake defines ATTN_STAGE_<name> for each
+// stage it built (see ATTN_STAGES in the top-level CMakeLists.txt).
 #include <stdexcept>
 
 #include "common/registry.hpp"
-// #include "memory_efficient/memory_efficient.hpp"
+#ifdef ATTN_STAGE_naive
 #include "naive/naive.hpp"
+#endif
+#ifdef ATTN_STAGE_memory_efficient
+#include "memory_efficient/memory_efficient.hpp"
+#endif
+#ifdef ATTN_STAGE_flash_v1
+#include "flash_v1/flash_v1.hpp"
+#endif
+#ifdef ATTN_STAGE_flash_v2
+#include "flash_v2/flash_v2.hpp"
+#endif
+#ifdef ATTN_STAGE_paged
+#include "paged/paged.hpp"
+#endif
 
 namespace attn {
 
 const std::vector<Stage>& ladder() {
   static const std::vector<Stage> stages = {
+#ifdef ATTN_STAGE_naive
       naive::describe(),
-      // memory_efficient::describe(),
+#endif
+#ifdef ATTN_STAGE_memory_efficient
+      memory_efficient::describe(),
+#endif
+#ifdef ATTN_STAGE_flash_v1
+      flash_v1::describe(),
+#endif
+#ifdef ATTN_STAGE_flash_v2
+      flash_v2::describe(),
+#endif
+#ifdef ATTN_STAGE_paged
+      paged::describe(),
+#endif
   };
   return stages;
 }
