@@ -19,6 +19,12 @@ namespace attn {
 ProblemData make_problem_data(const AttentionProblem& problem, DType dtype, Layout layout, std::uint64_t seed,
                               float q_stddev) {
   validate_problem(problem);
+  // The host copies made here, and about as much again for a run's outputs: refuse early rather than be killed.
+  const double input_bytes = 4.0 * (2.0 * problem.q_elements() + 2.0 * problem.kv_elements());
+  const double available = static_cast<double>(available_bytes(Tier::cpu));
+  if (2.0 * input_bytes > 0.9 * available)
+    throw ProblemTooLarge(problem.describe() + ": the fp32 host copies of its inputs and outputs need " +
+                          format_bytes(2.0 * input_bytes) + "; " + format_bytes(available) + " available");
   ProblemData data;
   data.problem = problem;
   data.dtype = dtype;
