@@ -7,6 +7,7 @@
 #include <catch2/catch_test_macros.hpp>
 #include <catch2/generators/catch_generators.hpp>
 #include <catch2/matchers/catch_matchers_string.hpp>
+using Catch::Approx;  // Catch2 2.x has Approx in the global namespace; the tests use it unqualified
 #else
 #include <catch2/catch.hpp>
 #endif
