@@ -57,7 +57,8 @@ float round_to_dtype(float value, DType dtype) {
 }
 
 void round_to_dtype(std::span<float> values, DType dtype) {
-  for (float& value : values) value = round_to_dtype(value, dtype);
+#pragma omp parallel for schedule(static)
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = round_to_dtype(values[i], dtype);
 }
 
 void encode(std::span<const float> values, DType dtype, void* out) {
@@ -67,6 +68,7 @@ void encode(std::span<const float> values, DType dtype, void* out) {
     return;
   }
   std::uint16_t* dst = static_cast<std::uint16_t*>(out);
+#pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < values.size(); ++i)
     dst[i] = dtype == DType::bf16 ? float_to_bf16_bits(values[i]) : float_to_f16_bits(values[i]);
 }
@@ -78,6 +80,7 @@ void decode(const void* in, DType dtype, std::span<float> out) {
     return;
   }
   const std::uint16_t* src = static_cast<const std::uint16_t*>(in);
+#pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < out.size(); ++i)
     out[i] = dtype == DType::bf16 ? bf16_bits_to_float(src[i]) : f16_bits_to_float(src[i]);
 }
@@ -100,6 +103,8 @@ double uniform_open01(std::uint64_t bits) {  // in (0, 1): never 0, so log() bel
 
 void fill_normal(std::span<float> values, std::uint64_t seed, float stddev) {
   const std::uint64_t stream = mix(seed ^ 0x5851f42d4c957f2dull);
+  // Element i depends only on (seed, i), so the threads' split does not change the numbers.
+#pragma omp parallel for schedule(static)
   for (std::size_t i = 0; i < values.size(); i += 2) {
     // Box-Muller: two uniforms give two independent normals.
     const double u1 = uniform_open01(mix(stream + 2 * i));
