@@ -1,0 +1,664 @@
+// flash_v1, GPU tier: FlashAttention's Algorithm 1 (forward) and Algorithm 4 (backward) on tensor cores
+// (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16, keeping the paper's structure: one thread block per
+// (batch, head), K/V blocks in the outer loop, Q blocks in the inner loop, O / l / m read from and written back
+// to global memory ("HBM") on every inner step. Compare with flash_v2/flash_v2_cuda.cu, which swaps the loops.
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
+#include "common/mma.cuh"
+#include "common/validate.hpp"
+#include "flash_v1/flash_v1.hpp"
+
+namespace attn::flash_v1 {
+namespace {
+
+using mma::a_from_accumulators;
+using mma::exp2_fast;
+using mma::load_a;
+using mma::load_a_transposed;
+using mma::load_b_pair;
+using mma::load_b_pair_transposed;
+using mma::load_tile_async;
+using mma::mma_m16n8k16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;
+  const void* d_o = nullptr;
+  void* o_out = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* lse = nullptr;
+  // The "HBM" arrays of Algorithm 1 (fp32 scratch): O [batch, q_heads, seq_q, D], l and m [batch, q_heads, seq_q].
+  float* o_hbm = nullptr;
+  float* l_hbm = nullptr;
+  float* m_hbm = nullptr;
+  // Backward scratch: dQ in fp32 (Alg. 4 keeps dQ in HBM), L_i in log2 units, D_i.
+  float* dq_hbm = nullptr;
+  float* lse_log2 = nullptr;
+  float* delta = nullptr;
+  long long q_batch = 0, q_head = 0, q_seq = 0;
+  long long kv_batch = 0, kv_head = 0, kv_seq = 0;
+  int q_heads = 1, group_size = 1, seq_q = 1, seq_k = 1;
+  float scale = 1.0f, scale_log2 = 1.0f;
+  bool causal = false;
+};
+
+__device__ __forceinline__ bool masked(const Params& p, int query, int key) {
+  return key >= p.seq_k || query >= p.seq_q || (p.causal && key > query + (p.seq_k - p.seq_q));
+}
+
+// Rows of 16-bit elements padded by 16 bytes: conflict-free ldmatrix (see flash_v2_cuda.cu).
+constexpr int padded(int columns) { return columns + 8; }
+
+// The blocks. Algorithm 1 line 1 sizes them from the on-chip memory M (Bc = ceil(M / 4d), Br = min(Bc, d));
+// on tensor cores the natural unit is a warp's 16-row mma tile, so Br = 16 rows x 8 warps and Bc = 64, which
+// with M = 227 KB of shared memory stays well inside the paper's bound.
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBr = 16 * kWarps;  // rows of a Q block; warp w owns rows 16 w .. 16 w + 15 of every block
+constexpr int kBc = 64;           // rows of a K/V block
+
+template <int HeadDim>
+constexpr int forward_smem_bytes() {
+  return (2 * kBc + 2 * kBr) * padded(HeadDim) * 2;  // K_j, V_j, two stages of Q_i
+}
+
+// ============================================================================================================
+// Forward: Algorithm 1.
+// ============================================================================================================
+
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+  constexpr int kStride = padded(HeadDim);
+  constexpr int kNTiles = kBc / 8, kDTiles = HeadDim / 8;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);
+  T* v_tile = k_tile + kBc * kStride;
+  T* q_tiles = v_tile + kBc * kStride;  // two stages: Q_{i+1} is fetched while Q_i is used
+
+  const int head = blockIdx.x, batch = blockIdx.y;
+  const int kv_head = head / p.group_size;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int causal_offset = p.seq_k - p.seq_q;
+  const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
+  const long long row_base = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q;
+  float* o_hbm = p.o_hbm + row_base * HeadDim;
+  float* l_hbm = p.l_hbm + row_base;
+  float* m_hbm = p.m_hbm + row_base;
+  const int Tr = cuda::ceil_div(p.seq_q, kBr), Tc = cuda::ceil_div(p.seq_k, kBc);
+
+  // Each thread always handles the same elements of O, l and m (rows 16 w + group (+8) of every Q block, columns
+  // 2t, 2t+1 of every 8-column tile), so its reads and writes of them in HBM need no barrier; l and m are read and
+  // written by lane 0 of each group and passed to the other three by shuffles.
+  auto row_of = [&](int i, int half) { return i * kBr + warp * 16 + group + 8 * half; };
+
+  // Line 2: O = 0, l = 0, m = -inf in HBM.
+  for (int i = 0; i < Tr; ++i)
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_of(i, half);
+      if (row >= p.seq_q) continue;
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t) = float2{0.0f, 0.0f};
+      if (t == 0) l_hbm[row] = 0.0f, m_hbm[row] = -kInf;
+    }
+
+  // Line 5: for j = 1..Tc.
+  for (int j = 0; j < Tc; ++j) {
+    const int key0 = j * kBc;
+    // Causal (Algorithm 2): Q blocks whose rows all lie above this block's first key are skipped.
+    const int first_i = p.causal ? max(0, key0 - causal_offset) / kBr : 0;
+    __syncthreads();  // every warp is done with K_{j-1}, V_{j-1} and the Q stages
+    // Line 6: load K_j, V_j to on-chip memory (with the first Q_i).
+    load_tile_async<kBc, HeadDim, kStride, kThreads>(k_tile, k + key0 * p.kv_seq, p.kv_seq, p.seq_k - key0);
+    load_tile_async<kBc, HeadDim, kStride, kThreads>(v_tile, v + key0 * p.kv_seq, p.kv_seq, p.seq_k - key0);
+    load_tile_async<kBr, HeadDim, kStride, kThreads>(q_tiles, q + first_i * kBr * p.q_seq, p.q_seq,
+                                                     p.seq_q - first_i * kBr);
+    mma::cp_async_commit();
+
+    // Line 7: for i = 1..Tr.
+    for (int i = first_i; i < Tr; ++i) {
+      const int stage = (i - first_i) % 2;
+      if (i + 1 < Tr) {
+        __syncthreads();  // the stage Q_{i+1} goes to was read by step i - 1
+        load_tile_async<kBr, HeadDim, kStride, kThreads>(q_tiles + (stage ^ 1) * kBr * kStride,
+                                                         q + (i + 1) * kBr * p.q_seq, p.q_seq, p.seq_q - (i + 1) * kBr);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* q_tile = q_tiles + stage * kBr * kStride;
+
+      // Line 8: load O_i, l_i, m_i (this thread's share) from HBM. Issued first so that their latency overlaps
+      // the S_ij product below.
+      float o_i[kDTiles][4];
+      float l_i[2], m_i[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = row_of(i, half);
+        const bool in_bounds = row < p.seq_q;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const float2 pair = in_bounds ? *reinterpret_cast<const float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t)
+                                        : float2{0.0f, 0.0f};
+          o_i[dt][2 * half] = pair.x;
+          o_i[dt][2 * half + 1] = pair.y;
+        }
+        l_i[half] = __shfl_sync(0xffffffffu, t == 0 && in_bounds ? l_hbm[row] : 0.0f, lane & ~3);
+        m_i[half] = __shfl_sync(0xffffffffu, t == 0 && in_bounds ? m_hbm[row] : -kInf, lane & ~3);
+      }
+
+      // Line 9: S_ij = Q_i K_j^T (scaled inside the exponentials below).
+      float s[kNTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < HeadDim / 16; ++kk) {
+        std::uint32_t a[4];
+        load_a(a, q_tile, kStride, warp * 16, kk * 16);
+#pragma unroll
+        for (int np = 0; np < kNTiles / 2; ++np) {
+          std::uint32_t b[4];
+          load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
+          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      if (key0 + kBc > p.seq_k || (p.causal && key0 + kBc - 1 > i * kBr + causal_offset)) {
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (masked(p, row_of(i, e / 2), key0 + nt * 8 + 2 * t + e % 2)) s[nt][e] = -kInf;
+      }
+
+      // Line 10: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij).
+      float m_block[2], l_block[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float row_max = -kInf;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+        m_block[half] = mma::group_max(row_max);
+        const float shift = m_block[half] == -kInf ? 0.0f : m_block[half] * p.scale_log2;  // masked rows stay 0
+        float row_sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            s[nt][e] = exp2_fast(s[nt][e] * p.scale_log2 - shift);
+            row_sum += s[nt][e];
+          }
+        l_block[half] = mma::group_sum(row_sum);
+      }
+
+      // P~_ij V_j on tensor cores, into fresh accumulators.
+      float pv[kDTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < kBc / 16; ++kk) {
+        std::uint32_t a[4];
+        a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          std::uint32_t b[4];
+          load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
+          mma_m16n8k16<T>(pv[2 * dp], a, b[0], b[1]);
+          mma_m16n8k16<T>(pv[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // Line 11: m_new = max(m_i, m~_ij), l_new = exp(m_i - m_new) l_i + exp(m~_ij - m_new) l~_ij.
+        const float m_new = fmaxf(m_i[half], m_block[half]);
+        const float old_weight = m_i[half] == -kInf ? 0.0f : exp2_fast((m_i[half] - m_new) * p.scale_log2);
+        const float block_weight = m_block[half] == -kInf ? 0.0f : exp2_fast((m_block[half] - m_new) * p.scale_log2);
+        const float l_new = old_weight * l_i[half] + block_weight * l_block[half];
+        // Line 12: O_i = diag(l_new)^-1 (diag(l_i) exp(m_i - m_new) O_i + exp(m~_ij - m_new) P~_ij V_j), to HBM.
+        const float inverse = l_new > 0.0f ? 1.0f / l_new : 0.0f;
+        const float old_factor = l_i[half] * old_weight * inverse, block_factor = block_weight * inverse;
+        const int row = row_of(i, half);
+        if (row >= p.seq_q) continue;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt)
+          *reinterpret_cast<float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t) =
+              float2{old_factor * o_i[dt][2 * half] + block_factor * pv[dt][2 * half],
+                     old_factor * o_i[dt][2 * half + 1] + block_factor * pv[dt][2 * half + 1]};
+        // Line 13: l_i = l_new, m_i = m_new, to HBM.
+        if (t == 0) l_hbm[row] = l_new, m_hbm[row] = m_new;
+      }
+    }
+  }
+
+  // Line 16: return O, rounded to the output type, with L = m + log(l) for the backward (the harness stores only
+  // L; the paper keeps l and m). Rows that saw no key were never updated: O = 0, l = 0, L = -inf.
+  __syncthreads();  // lane 0's last writes of l, m before lanes 1-3 read them
+  T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
+  float* lse = p.lse + row_base;
+  for (int i = 0; i < Tr; ++i)
+    for (int half = 0; half < 2; ++half) {
+      const int row = row_of(i, half);
+      if (row >= p.seq_q) continue;
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const float2 pair = *reinterpret_cast<const float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t);
+        *reinterpret_cast<std::uint32_t*>(o + row * p.q_seq + dt * 8 + 2 * t) = mma::pack2<T>(pair.x, pair.y);
+      }
+      if (t == 0) lse[row] = l_hbm[row] > 0.0f ? m_hbm[row] * p.scale + logf(l_hbm[row]) : -kInf;
+    }
+}
+
+// ============================================================================================================
+// Backward: Algorithm 4.
+// ============================================================================================================
+
+// D_i = rowsum(dO_i * O_i) (Algorithm 4 forms it inside the loop; computing it once beforehand is the same
+// number) and L_i in log2 units, +inf where a row sees no key so that exp2(s - L) = 0 there.
+template <class T, int HeadDim>
+__global__ void backward_prepare_kernel(const Params p, long long rows) {
+  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const long long i = row % p.seq_q, bh = row / p.seq_q;
+  const long long head = bh % p.q_heads, batch = bh / p.q_heads;
+  const long long offset = batch * p.q_batch + head * p.q_head + i * p.q_seq;
+  const T* o = static_cast<const T*>(p.o) + offset;
+  const T* d_o = static_cast<const T*>(p.d_o) + offset;
+  float sum = 0.0f;
+  for (int d = lane; d < HeadDim; d += 32) sum += cuda::to_float(o[d]) * cuda::to_float(d_o[d]);
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  if (lane == 0) {
+    p.delta[row] = sum;
+    p.lse_log2[row] = p.lse[row] == -kInf ? kInf : p.lse[row] * kLog2e;
+  }
+}
+
+// Backward blocks: Bc = 64 keys (4 warps of 16 keys), Br = 64 query rows.
+constexpr int kBackwardWarps = 4;
+constexpr int kBackwardThreads = 32 * kBackwardWarps;
+constexpr int kBackwardBc = 16 * kBackwardWarps;
+constexpr int kBackwardBr = 64;
+
+template <int HeadDim>
+constexpr int backward_smem_bytes() {
+  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i).
+  return (2 * kBackwardBc + 4 * kBackwardBr) * padded(HeadDim) * 2 + kBackwardBc * padded(kBackwardBr) * 2 +
+         4 * kBackwardBr * 4;
+}
+
+/// Algorithm 4, one thread block per (batch, KV head): the outer loop over K/V blocks j keeps dK_j, dV_j in
+/// registers; the inner loop over Q blocks i (of every query head sharing the KV head, so that dK and dV sum over
+/// the group) recomputes P_ij and reads, updates and writes dQ_i in HBM. The block owns every dQ row of its
+/// heads, and each thread always updates the same elements, so no atomics are needed.
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(kBackwardThreads) backward_kernel(const Params p) {
+  constexpr int Br = kBackwardBr, Bc = kBackwardBc;
+  constexpr int kStride = padded(HeadDim), kDsStride = padded(Br);
+  constexpr int kQTiles = Br / 8, kDTiles = HeadDim / 8;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);
+  T* v_tile = k_tile + Bc * kStride;
+  T* q_tiles = v_tile + Bc * kStride;
+  T* do_tiles = q_tiles + 2 * Br * kStride;
+  T* ds_tile = do_tiles + 2 * Br * kStride;
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);
+  float* delta_tiles = lse_tiles + 2 * Br;
+
+  const int kv_head = blockIdx.x, batch = blockIdx.y;
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int warp_key0 = warp * 16;
+  const int causal_offset = p.seq_k - p.seq_q;
+  const int Tr = cuda::ceil_div(p.seq_q, Br), Tc = cuda::ceil_div(p.seq_k, Bc);
+
+  // Algorithm 4's outer loop: for j = 1..Tc.
+  for (int j = 0; j < Tc; ++j) {
+    const int key0 = j * Bc;
+    const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
+    const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
+    const int first_i = p.causal ? max(0, key0 - causal_offset) / Br : 0;
+    const int blocks_per_head = Tr - first_i;
+    const int steps = p.group_size * blocks_per_head;
+    auto head_of = [&](int step) { return kv_head * p.group_size + step / blocks_per_head; };
+    auto row0_of = [&](int step) { return (first_i + step % blocks_per_head) * Br; };
+    auto load_q_block = [&](int step, int stage) {
+      const int head = head_of(step), row0 = row0_of(step);
+      const long long offset = batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
+      load_tile_async<Br, HeadDim, kStride, kBackwardThreads>(q_tiles + stage * Br * kStride,
+                                                              static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
+      load_tile_async<Br, HeadDim, kStride, kBackwardThreads>(do_tiles + stage * Br * kStride,
+                                                              static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
+      const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
+      for (int r = threadIdx.x; r < Br; r += kBackwardThreads) {
+        const bool in_bounds = row0 + r < p.seq_q;
+        mma::cp_async_4(lse_tiles + stage * Br + r, p.lse_log2 + (in_bounds ? row_offset + r : 0), in_bounds);
+        mma::cp_async_4(delta_tiles + stage * Br + r, p.delta + (in_bounds ? row_offset + r : 0), in_bounds);
+      }
+    };
+
+    __syncthreads();  // every warp is done with the previous K_j, V_j and stages
+    // Load K_j, V_j; dK_j = dV_j = 0 (in registers).
+    load_tile_async<Bc, HeadDim, kStride, kBackwardThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
+    load_tile_async<Bc, HeadDim, kStride, kBackwardThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
+    load_q_block(0, 0);
+    mma::cp_async_commit();
+    float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
+
+    // Inner loop: for i = 1..Tr (for each query head of the group).
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step % 2;
+      if (step + 1 < steps) {
+        load_q_block(step + 1, stage ^ 1);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+      const int head = head_of(step), row0 = row0_of(step);
+      const T* q_tile = q_tiles + stage * Br * kStride;
+      const T* do_tile = do_tiles + stage * Br * kStride;
+      const float* lse_log2 = lse_tiles + stage * Br;
+      const float* delta = delta_tiles + stage * Br;
+
+      // Recompute S_ij^T = K_j Q_i^T (keys in rows), P_ij = diag(l_i)^-1 exp(S_ij - m_i) = exp(S_ij - L_i).
+      float s[kQTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < HeadDim / 16; ++kk) {
+        std::uint32_t a[4];
+        load_a(a, k_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+        for (int np = 0; np < kQTiles / 2; ++np) {
+          std::uint32_t b[4];
+          load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
+          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int column = nt * 8 + 2 * t + e % 2;
+          const int key = key0 + warp_key0 + group + 8 * (e / 2);
+          s[nt][e] = masked(p, row0 + column, key) ? 0.0f : exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
+        }
+
+      // dV_j += P_ij^T dO_i.
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk) {
+        std::uint32_t a[4];
+        a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          std::uint32_t b[4];
+          load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
+          mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
+          mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      // dP_ij^T = V_j dO_i^T.
+      float ds[kQTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < HeadDim / 16; ++kk) {
+        std::uint32_t a[4];
+        load_a(a, v_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+        for (int np = 0; np < kQTiles / 2; ++np) {
+          std::uint32_t b[4];
+          load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
+          mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
+          mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      // dS_ij = P_ij * (dP_ij - D_i) (the scale goes on dQ and dK at the end).
+#pragma unroll
+      for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
+      // dK_j += dS_ij^T Q_i.
+#pragma unroll
+      for (int kk = 0; kk < Br / 16; ++kk) {
+        std::uint32_t a[4];
+        a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          std::uint32_t b[4];
+          load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
+          mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
+          mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      // dQ_i += dS_ij K_j, read from and written back to HBM. dS^T goes through shared memory so that
+      // each warp can take whole query rows: warp w owns rows 16 w .. 16 w + 15 of dQ_i, all columns.
+#pragma unroll
+      for (int nt = 0; nt < kQTiles; ++nt) {
+        T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
+        *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
+      }
+      __syncthreads();
+      float dq[kDTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        std::uint32_t a[4];
+        load_a_transposed(a, ds_tile, kDsStride, kk * 16, warp * 16);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          std::uint32_t b[4];
+          load_b_pair_transposed(b, k_tile, kStride, kk * 16, dp * 16);
+          mma_m16n8k16<T>(dq[2 * dp], a, b[0], b[1]);
+          mma_m16n8k16<T>(dq[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      float* dq_rows = p.dq_hbm + (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q * HeadDim;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int query = row0 + warp * 16 + group + 8 * half;
+        if (query >= p.seq_q) continue;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          float2* at = reinterpret_cast<float2*>(dq_rows + static_cast<long long>(query) * HeadDim + dt * 8 + 2 * t);
+          const float2 old = *at;
+          *at = float2{old.x + dq[dt][2 * half], old.y + dq[dt][2 * half + 1]};
+        }
+      }
+      __syncthreads();  // the next step overwrites this step's stage and dS tile
+    }
+
+    // Write dK_j, dV_j to HBM.
+    T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
+    T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = key0 + warp_key0 + group + 8 * half;
+      if (key >= p.seq_k) continue;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        const long long at = key * p.kv_seq + dt * 8 + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(dk + at) =
+            mma::pack2<T>(acc_dk[dt][2 * half] * p.scale, acc_dk[dt][2 * half + 1] * p.scale);
+        *reinterpret_cast<std::uint32_t*>(dv + at) = mma::pack2<T>(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]);
+      }
+    }
+  }
+}
+
+/// dQ = scale * dQ_hbm, rounded to T, in dQ's layout.
+template <class T, int HeadDim>
+__global__ void store_dq_kernel(const Params p, long long elements) {
+  const long long index = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= elements) return;
+  const int d = static_cast<int>(index % HeadDim);
+  const long long row = index / HeadDim;
+  const long long i = row % p.seq_q, bh = row / p.seq_q;
+  const long long head = bh % p.q_heads, batch = bh / p.q_heads;
+  static_cast<T*>(p.dq)[batch * p.q_batch + head * p.q_head + i * p.q_seq + d] =
+      cuda::from_float<T>(p.dq_hbm[index] * p.scale);
+}
+
+// ============================================================================================================
+// Host side.
+// ============================================================================================================
+
+const char* const kWho = "flash_v1/gpu";
+
+void require_aligned_rows(const Strides& s, const AttentionProblem& p, std::int64_t heads, std::int64_t seq,
+                          const char* name) {
+  auto misaligned = [](std::int64_t stride, std::int64_t extent) { return extent > 1 && stride % 8 != 0; };
+  if (misaligned(s.batch, p.batch) || misaligned(s.head, heads) || misaligned(s.seq, seq))
+    throw std::invalid_argument(std::string(name) + "_strides: " + kWho +
+                                " copies rows in 16-byte chunks, so every stride must be a multiple of 8 elements "
+                                "(got batch " + std::to_string(s.batch) + ", head " + std::to_string(s.head) +
+                                ", seq " + std::to_string(s.seq) + ")");
+}
+
+void validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, bool backward) {
+  validate_call(p, t, gpu_caps(), kWho, backward);
+  require_aligned_rows(t.q_strides, p, p.q_heads, p.seq_q, "q");
+  require_aligned_rows(t.kv_strides, p, p.kv_heads, p.seq_k, "kv");
+  if (p.seq_q > (1 << 30) || p.seq_k > (1 << 30))
+    throw std::invalid_argument("seq_q: sequence lengths above 2^30 are not supported by " + std::string(kWho));
+}
+
+Params make_params(const AttentionProblem& p, const AttentionTensors& t) {
+  Params params;
+  params.q = t.q;
+  params.k = t.k;
+  params.v = t.v;
+  params.o = t.o;
+  params.o_out = t.o;
+  params.d_o = t.d_o;
+  params.dq = t.dq;
+  params.dk = t.dk;
+  params.dv = t.dv;
+  params.lse = t.lse;
+  params.q_batch = t.q_strides.batch;
+  params.q_head = t.q_strides.head;
+  params.q_seq = t.q_strides.seq;
+  params.kv_batch = t.kv_strides.batch;
+  params.kv_head = t.kv_strides.head;
+  params.kv_seq = t.kv_strides.seq;
+  params.q_heads = static_cast<int>(p.q_heads);
+  params.group_size = static_cast<int>(p.group_size());
+  params.seq_q = static_cast<int>(p.seq_q);
+  params.seq_k = static_cast<int>(p.seq_k);
+  params.scale = p.softmax_scale();
+  params.scale_log2 = params.scale * kLog2e;
+  params.causal = p.causal;
+  return params;
+}
+
+template <class Body>
+void dispatch_head_dim(std::int64_t head_dim, Body&& body) {
+  switch (head_dim) {
+    case 32: body(std::integral_constant<int, 32>{}); return;
+    case 64: body(std::integral_constant<int, 64>{}); return;
+    case 96: body(std::integral_constant<int, 96>{}); return;
+    case 128: body(std::integral_constant<int, 128>{}); return;
+  }
+  throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not supported by " + kWho);
+}
+
+template <class T, int D>
+void forward_typed(const Params& params, int batch) {
+  auto kernel = forward_kernel<T, D>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, forward_smem_bytes<D>()));
+  kernel<<<dim3(params.q_heads, batch), kThreads, forward_smem_bytes<D>()>>>(params);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+template <class T, int D>
+void backward_typed(const Params& params, int batch, int kv_heads) {
+  const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
+  backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
+  ATTN_CUDA_CHECK_LAUNCH();
+  auto kernel = backward_kernel<T, D>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, backward_smem_bytes<D>()));
+  kernel<<<dim3(kv_heads, batch), kBackwardThreads, backward_smem_bytes<D>()>>>(params);
+  ATTN_CUDA_CHECK_LAUNCH();
+  const long long elements = rows * D;
+  store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+std::size_t forward_scratch_bytes(const AttentionProblem& p) {
+  return (static_cast<std::size_t>(p.q_elements()) + 2 * static_cast<std::size_t>(p.lse_elements())) * sizeof(float);
+}
+std::size_t backward_scratch_bytes(const AttentionProblem& p) {
+  return (static_cast<std::size_t>(p.q_elements()) + 2 * static_cast<std::size_t>(p.lse_elements())) * sizeof(float);
+}
+
+}  // namespace
+
+TierCaps gpu_caps() {
+  TierCaps caps;
+  caps.dtypes = {DType::bf16, DType::f16};
+  caps.max_head_dim = 128;
+  caps.head_dims = {32, 64, 96, 128};
+  caps.has_backward = true;
+  caps.pointer_alignment = 16;
+  return caps;
+}
+
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions&) {
+  validate_gpu_call(p, t, false);
+  Params params = make_params(p, t);
+  // Algorithm 1's O, l and m "in HBM": fp32 arrays, so that re-reading O on every step does not round it.
+  DeviceBuffer<float> o_hbm(static_cast<std::size_t>(p.q_elements()));
+  DeviceBuffer<float> l_hbm(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<float> m_hbm(static_cast<std::size_t>(p.lse_elements()));
+  params.o_hbm = o_hbm.data();
+  params.l_hbm = l_hbm.data();
+  params.m_hbm = m_hbm.data();
+  cuda::dispatch_dtype(t.dtype, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>)
+      dispatch_head_dim(p.head_dim, [&](auto d) { forward_typed<T, decltype(d)::value>(params, static_cast<int>(p.batch)); });
+  });
+}
+
+void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions&) {
+  validate_gpu_call(p, t, true);
+  Params params = make_params(p, t);
+  DeviceBuffer<float> dq_hbm(static_cast<std::size_t>(p.q_elements()));
+  DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
+  params.dq_hbm = dq_hbm.data();
+  params.lse_log2 = lse_log2.data();
+  params.delta = delta.data();
+  ATTN_CUDA_CHECK(cudaMemsetAsync(dq_hbm.data(), 0, dq_hbm.bytes()));  // Algorithm 4 starts with dQ = 0 in HBM
+  cuda::dispatch_dtype(t.dtype, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>)
+      dispatch_head_dim(p.head_dim, [&](auto d) {
+        backward_typed<T, decltype(d)::value>(params, static_cast<int>(p.batch), static_cast<int>(p.kv_heads));
+      });
+  });
+}
+
+TierEntry gpu_tier() {
+  TierEntry gpu;
+  gpu.tier = Tier::gpu;
+  gpu.caps = gpu_caps();
+  gpu.forward = forward_gpu;
+  gpu.backward = backward_gpu;
+  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
+    return backward ? backward_scratch_bytes(p) : forward_scratch_bytes(p);
+  };
+  return gpu;
+}
+
+}  // namespace attn::flash_v1

@@ -1,0 +1,872 @@
+// flash_v2, GPU tier: FlashAttention-2 on tensor cores (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16.
+// Forward: FA2 Algorithm 1, one thread block per (batch, head, Q block), 4 warps splitting the Q block (split-Q),
+// K/V tiles double-buffered through shared memory with cp.async. Backward: FA2 Algorithm 2, one thread block per
+// (batch, KV head, K/V block), dQ by fp32 atomics (or, with "deterministic" = 1, by a separate pass).
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
+#include "common/mma.cuh"
+#include "common/validate.hpp"
+#include "flash_v2/flash_v2.hpp"
+
+namespace attn::flash_v2 {
+namespace {
+
+using mma::a_from_accumulators;
+using mma::exp2_fast;
+using mma::load_a;
+using mma::load_a_transposed;
+using mma::load_b_pair;
+using mma::load_b_pair_transposed;
+using mma::load_tile_async;
+using mma::mma_m16n8k16;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// Everything a kernel needs about the problem, strides in elements.
+struct Params {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* o = nullptr;
+  const void* d_o = nullptr;
+  void* o_out = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* lse = nullptr;       // [batch, q_heads, seq_q], natural log
+  float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
+  float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
+  float* dq_accum = nullptr;  // backward scratch: dQ in fp32, [batch, q_heads, seq_q, head_dim]
+  long long q_batch = 0, q_head = 0, q_seq = 0;
+  long long kv_batch = 0, kv_head = 0, kv_seq = 0;
+  int q_heads = 1, group_size = 1, seq_q = 1, seq_k = 1;
+  float scale = 1.0f;       // softmax scale
+  float scale_log2 = 1.0f;  // scale * log2(e): exp(scale * s) = exp2(scale_log2 * s)
+  bool causal = false;
+};
+
+// Causal masking is aligned bottom-right: query i sees key j iff j <= i + (seq_k - seq_q).
+__device__ __forceinline__ bool masked(const Params& p, int query, int key) {
+  return key >= p.seq_k || query >= p.seq_q || (p.causal && key > query + (p.seq_k - p.seq_q));
+}
+
+// Padded shared-memory rows: a row of D 16-bit elements plus 16 bytes, so the 8 rows one ldmatrix phase reads
+// start 16 bytes apart modulo 128 and fall in 8 different 4-bank groups (no bank conflicts) for every D here.
+constexpr int padded(int columns) { return columns + 8; }
+
+// ============================================================================================================
+// Forward: FA2 Algorithm 1.
+// ============================================================================================================
+
+template <int HeadDim, int Br, int Bc>
+struct ForwardShape {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRowsPerWarp = Br / kWarps;  // split-Q: each warp owns whole rows of the Q block
+  static constexpr int kMTiles = kRowsPerWarp / 16;  // 16-row mma tiles per warp
+  static constexpr int kNTiles = Bc / 8;             // 8-column tiles of S_ij
+  static constexpr int kDTiles = HeadDim / 8;        // 8-column tiles of O_i
+  static constexpr int kStride = padded(HeadDim);
+  // Q_i, then two stages of (K_j, V_j).
+  static constexpr int kSmemBytes = (Br + 4 * Bc) * kStride * 2;
+  static_assert(kRowsPerWarp % 16 == 0 && Bc % 16 == 0 && HeadDim % 16 == 0, "tiles are made of 16 x 16 blocks");
+};
+
+/// FA2 Alg. 1 lines 8-10 for this thread's rows, on the scores s (raw Q K^T) of one K/V block: new running
+/// max, rescale of O and of the running sum by exp(m_old - m_new), and s replaced by P~ = exp(scale s - m_new).
+/// row_sum stays a per-thread partial sum (the 4 lanes of a row are summed once, at the end).
+template <int MTiles, int NTiles, int DTiles>
+__device__ __forceinline__ void online_softmax(float (&s)[MTiles][NTiles][4], float (&o)[MTiles][DTiles][4],
+                                               float (&row_max)[MTiles][2], float (&row_sum)[MTiles][2],
+                                               float scale_log2) {
+#pragma unroll
+  for (int mt = 0; mt < MTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // accumulator rows `group` and `group + 8`
+      float block_max = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < NTiles; ++nt) block_max = fmaxf(block_max, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+      block_max = mma::group_max(block_max);
+      const float m_new = fmaxf(row_max[mt][half], block_max);
+      // A row that has seen only masked keys keeps m = -inf; subtracting 0 then keeps every term 0, not NaN.
+      const float m_scaled = m_new == -kInf ? 0.0f : m_new * scale_log2;
+      const float rescale = exp2_fast(row_max[mt][half] * scale_log2 - m_scaled);
+      row_max[mt][half] = m_new;
+      row_sum[mt][half] *= rescale;
+#pragma unroll
+      for (int dt = 0; dt < DTiles; ++dt) {
+        o[mt][dt][2 * half] *= rescale;
+        o[mt][dt][2 * half + 1] *= rescale;
+      }
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < NTiles; ++nt) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[mt][nt][e] = exp2_fast(s[mt][nt][e] * scale_log2 - m_scaled);  // one FFMA + one MUFU.EX2
+          sum += s[mt][nt][e];
+        }
+      }
+      row_sum[mt][half] += sum;
+    }
+  }
+}
+
+template <class T, int HeadDim, int Br, int Bc>
+__global__ void __launch_bounds__(128) forward_kernel(const Params p) {
+  using Shape = ForwardShape<HeadDim, Br, Bc>;
+  constexpr int kStride = Shape::kStride;
+  constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles, kDTiles = Shape::kDTiles;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);  // Q_i: Br x D
+  T* k_tiles = q_tile + Br * kStride;              // K_j: 2 stages of Bc x D
+  T* v_tiles = k_tiles + 2 * Bc * kStride;         // V_j: 2 stages of Bc x D
+
+  // Causal: the last Q blocks have the most K/V blocks to visit; starting them first shortens the tail.
+  const int q_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / p.group_size;
+  const int row0 = q_block * Br;  // first query row of Q_i
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int warp_row0 = warp * Shape::kRowsPerWarp;  // first row of this warp inside the block
+  const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
+  T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
+  float* lse = p.lse + (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q;
+
+  // Causal: K/V blocks wholly above the diagonal are never loaded (FA2 Section 3.1, "causal masking").
+  int kv_blocks = cuda::ceil_div(p.seq_k, Bc);
+  if (p.causal) {
+    const int last_visible_key = row0 + Br - 1 + (p.seq_k - p.seq_q);  // of the block's last row
+    kv_blocks = last_visible_key < 0 ? 0 : min(kv_blocks, last_visible_key / Bc + 1);
+  }
+  if (kv_blocks == 0) {  // every row of this Q block sees no key: O = 0, LSE = -inf
+    for (int i = threadIdx.x; i < Br * HeadDim; i += Shape::kThreads)
+      if (row0 + i / HeadDim < p.seq_q) o[(row0 + i / HeadDim) * p.q_seq + i % HeadDim] = cuda::from_float<T>(0.0f);
+    for (int i = threadIdx.x; i < Br; i += Shape::kThreads)
+      if (row0 + i < p.seq_q) lse[row0 + i] = -kInf;
+    return;
+  }
+
+  auto load_kv_block = [&](int j, int stage) {
+    const int valid = p.seq_k - j * Bc;
+    load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k + j * Bc * p.kv_seq,
+                                                           p.kv_seq, valid);
+    load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v + j * Bc * p.kv_seq,
+                                                           p.kv_seq, valid);
+  };
+  // Alg. 1 line 4: load Q_i (rows past seq_q read as zeros); K_0, V_0 come in the same group.
+  load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, p.seq_q - row0);
+  load_kv_block(0, 0);
+  mma::cp_async_commit();
+
+  // Alg. 1 line 5: O_i = 0, l_i = 0, m_i = -inf, in registers.
+  float acc_o[kMTiles][kDTiles][4] = {};
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+
+  // Alg. 1 line 6: for j = 1..Tc (only the blocks left of the diagonal when causal).
+  for (int j = 0; j < kv_blocks; ++j) {
+    const int stage = j % 2;
+    if (j + 1 < kv_blocks) {
+      __syncthreads();  // every warp is done with block j - 1, whose stage the next copy overwrites
+      load_kv_block(j + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();  // block j has landed; block j + 1 is still on its way
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_tile = k_tiles + stage * Bc * kStride;
+    const T* v_tile = v_tiles + stage * Bc * kStride;
+
+    // Alg. 1 line 8: S_ij = Q_i K_j^T on tensor cores (the scale is applied inside the exponential).
+    float s[kMTiles][kNTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) load_a(a[mt], q_tile, kStride, warp_row0 + mt * 16, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+          mma_m16n8k16<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // Masking: only the last block (keys past seq_k) and blocks crossing the causal diagonal need it.
+    const int key0 = j * Bc;
+    if (key0 + Bc > p.seq_k || (p.causal && key0 + Bc - 1 > row0 + (p.seq_k - p.seq_q))) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int query = row0 + warp_row0 + mt * 16 + group + 8 * (e / 2);
+            const int key = key0 + nt * 8 + 2 * t + e % 2;
+            if (key >= p.seq_k || (p.causal && key > query + (p.seq_k - p.seq_q))) s[mt][nt][e] = -kInf;
+          }
+    }
+
+    // Alg. 1 lines 9-10: m_i, P~_ij = exp(S_ij - m_i), l_i, and O_i rescaled by exp(m_old - m_new).
+    online_softmax(s, acc_o, row_max, row_sum, p.scale_log2);
+
+    // Alg. 1 line 10: O_i += P~_ij V_j, P~ straight from the S accumulators (rounded to T) as the A operand.
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      std::uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) a_from_accumulators<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
+          mma_m16n8k16<T>(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+  }
+
+  // Alg. 1 lines 12-13: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); rows that saw no key get 0 and -inf.
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = mma::group_sum(row_sum[mt][half]);
+      const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
+      const int row = row0 + warp_row0 + mt * 16 + group + 8 * half;
+      if (row >= p.seq_q) continue;
+      T* o_row = o + row * p.q_seq;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<std::uint32_t*>(o_row + dt * 8 + 2 * t) =
+            mma::pack2<T>(acc_o[mt][dt][2 * half] * inverse, acc_o[mt][dt][2 * half + 1] * inverse);
+      if (t == 0) lse[row] = l > 0.0f ? row_max[mt][half] * p.scale + logf(l) : -kInf;
+    }
+  }
+}
+
+template <class T, int HeadDim, int Br, int Bc>
+void launch_forward(const Params& p, int batch) {
+  using Shape = ForwardShape<HeadDim, Br, Bc>;
+  auto kernel = forward_kernel<T, HeadDim, Br, Bc>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  const dim3 grid(cuda::ceil_div(p.seq_q, Br), p.q_heads, batch);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(p);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+// ============================================================================================================
+// Backward: FA2 Algorithm 2.
+// ============================================================================================================
+
+// Pre-pass (Alg. 2 line 4): D_i = rowsum(dO_i * O_i), and L_i in log2 units (+inf for a row that sees no key,
+// so that exp2(s - L) is 0 there rather than inf). dq_accum is cleared separately, by cudaMemsetAsync.
+template <class T, int HeadDim>
+__global__ void backward_prepare_kernel(const Params p, long long rows) {
+  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int i = static_cast<int>(row % p.seq_q);
+  const long long bh = row / p.seq_q;
+  const int head = static_cast<int>(bh % p.q_heads), batch = static_cast<int>(bh / p.q_heads);
+  const long long offset = batch * p.q_batch + head * p.q_head + i * p.q_seq;
+  const T* o = static_cast<const T*>(p.o) + offset;
+  const T* d_o = static_cast<const T*>(p.d_o) + offset;
+  float sum = 0.0f;
+  for (int d = lane; d < HeadDim; d += 32) sum += cuda::to_float(o[d]) * cuda::to_float(d_o[d]);
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  if (lane == 0) {
+    p.delta[row] = sum;
+    const float lse = p.lse[row];
+    p.lse_log2[row] = lse == -kInf ? kInf : lse * kLog2e;
+  }
+}
+
+template <int HeadDim, int Br, int Bc>
+struct BackwardShape {
+  static constexpr int kWarps = Bc / 16;  // each warp owns 16 keys of K_j, V_j (and rows of dK_j, dV_j)
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kQTiles = Br / 8;  // 8-query column tiles of S_ij^T
+  static constexpr int kDTiles = HeadDim / 8;
+  static constexpr int kStride = padded(HeadDim);
+  static constexpr int kDsStride = padded(Br);
+  // dQ_i = dS_ij K_j split over the warps: kDqRowTiles 16-row tiles by kDqSplits column slices.
+  static constexpr int kDqRowTiles = Br / 16;
+  static constexpr int kDqSplits = kWarps / kDqRowTiles;
+  static constexpr int kDqDTiles = kDTiles / kDqSplits;
+  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i).
+  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 4 * Br * 4;
+  static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
+};
+
+/// Alg. 2 lines 6-18 for one K/V block: dK_j and dV_j accumulate in registers over every Q block that sees
+/// the block, of every query head that shares its KV head (GQA/MQA: dK, dV are summed over the group).
+/// With accumulate_dq, dQ_i += dS_ij K_j goes to p.dq_accum by fp32 atomics (line 15).
+template <class T, int HeadDim, int Br, int Bc>
+__global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
+    backward_kernel(const Params p, bool accumulate_dq) {
+  using Shape = BackwardShape<HeadDim, Br, Bc>;
+  constexpr int kStride = Shape::kStride, kDsStride = Shape::kDsStride;
+  constexpr int kQTiles = Shape::kQTiles, kDTiles = Shape::kDTiles;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
+  T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
+  T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
+  T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
+  T* ds_tile = do_tiles + 2 * Br * kStride;        // dS_ij^T: Bc x Br, for dQ
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);  // L_i (log2): 2 stages of Br
+  float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
+
+  const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int key0 = kv_block * Bc;
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int warp_key0 = warp * 16;
+  const int causal_offset = p.seq_k - p.seq_q;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
+
+  // Causal: Q blocks wholly above the diagonal see none of these keys and are skipped.
+  const int first_q_block = p.causal ? max(0, key0 - causal_offset) / Br : 0;
+  const int q_blocks_per_head = cuda::ceil_div(p.seq_q, Br) - first_q_block;
+  const int steps = p.group_size * q_blocks_per_head;  // (query head of the group, Q block) pairs
+
+  auto head_of = [&](int step) { return kv_head * p.group_size + step / q_blocks_per_head; };
+  auto row0_of = [&](int step) { return (first_q_block + step % q_blocks_per_head) * Br; };
+  auto load_q_block = [&](int step, int stage) {
+    const int head = head_of(step), row0 = row0_of(step);
+    const long long offset = batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
+    load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tiles + stage * Br * kStride,
+                                                           static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
+    load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(do_tiles + stage * Br * kStride,
+                                                           static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
+    const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
+    for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
+      const bool in_bounds = row0 + i < p.seq_q;
+      mma::cp_async_4(lse_tiles + stage * Br + i, p.lse_log2 + (in_bounds ? row_offset + i : 0), in_bounds);
+      mma::cp_async_4(delta_tiles + stage * Br + i, p.delta + (in_bounds ? row_offset + i : 0), in_bounds);
+    }
+  };
+
+  // Alg. 2 lines 6-7: load K_j, V_j; dK_j = dV_j = 0 in registers.
+  load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
+  load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
+  load_q_block(0, 0);
+  mma::cp_async_commit();
+  float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
+
+  // Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % 2;
+    if (step + 1 < steps) {
+      load_q_block(step + 1, stage ^ 1);  // its stage was last read before the barrier ending step - 1
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int head = head_of(step), row0 = row0_of(step);
+    const T* q_tile = q_tiles + stage * Br * kStride;
+    const T* do_tile = do_tiles + stage * Br * kStride;
+    const float* lse_log2 = lse_tiles + stage * Br;
+    const float* delta = delta_tiles + stage * Br;
+
+    // Line 10: S_ij^T = K_j Q_i^T, this warp's 16 keys by all Br queries (the transpose keeps keys in rows,
+    // which is what dV_j and dK_j need as the A operand).
+    float s[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a(a, k_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked.
+    const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
+                            (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int column = nt * 8 + 2 * t + e % 2;  // query, inside the block
+        const int key = key0 + warp_key0 + group + 8 * (e / 2);
+        const float prob = exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
+        s[nt][e] = needs_mask && masked(p, row0 + column, key) ? 0.0f : prob;
+      }
+
+    // Line 12: dV_j += P_ij^T dO_i.
+#pragma unroll
+    for (int kk = 0; kk < Br / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
+        mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Line 13: dP_ij^T = V_j dO_i^T.
+    float ds[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a(a, v_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
+        mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i)   (the softmax scale is applied to dK and dQ at the end).
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
+
+    // Line 16: dK_j += dS_ij^T Q_i.
+#pragma unroll
+    for (int kk = 0; kk < Br / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
+        mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+
+    // Line 15: dQ_i += dS_ij K_j, summed across the thread blocks of all K/V blocks by fp32 atomics. dS_ij^T goes
+    // through shared memory because dQ needs it with queries in rows.
+    if (accumulate_dq) {
+#pragma unroll
+      for (int nt = 0; nt < kQTiles; ++nt) {
+        T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
+        *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
+      }
+      __syncthreads();
+      const int row_tile = warp % Shape::kDqRowTiles;
+      const int column0 = (warp / Shape::kDqRowTiles) * Shape::kDqDTiles * 8;
+      float dq[Shape::kDqDTiles][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < Bc / 16; ++kk) {
+        std::uint32_t a[4];
+        load_a_transposed(a, ds_tile, kDsStride, kk * 16, row_tile * 16);
+#pragma unroll
+        for (int dp = 0; dp < Shape::kDqDTiles / 2; ++dp) {
+          std::uint32_t b[4];
+          load_b_pair_transposed(b, k_tile, kStride, kk * 16, column0 + dp * 16);
+          mma_m16n8k16<T>(dq[2 * dp], a, b[0], b[1]);
+          mma_m16n8k16<T>(dq[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      float* dq_rows = p.dq_accum + ((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) * HeadDim;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int query = row0 + row_tile * 16 + group + 8 * half;
+        if (query >= p.seq_q) continue;
+#pragma unroll
+        for (int dt = 0; dt < Shape::kDqDTiles; ++dt) {
+          float* out = dq_rows + static_cast<long long>(query) * HeadDim + column0 + dt * 8 + 2 * t;
+          atomicAdd(out, dq[dt][2 * half]);
+          atomicAdd(out + 1, dq[dt][2 * half + 1]);
+        }
+      }
+    }
+    __syncthreads();  // the next step overwrites this step's stage and dS tile
+  }
+
+  // Line 18: write dK_j (times the softmax scale, which S = scale Q K^T puts on every dS) and dV_j.
+  T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
+  T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int key = key0 + warp_key0 + group + 8 * half;
+    if (key >= p.seq_k) continue;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const long long at = key * p.kv_seq + dt * 8 + 2 * t;
+      *reinterpret_cast<std::uint32_t*>(dk + at) =
+          mma::pack2<T>(acc_dk[dt][2 * half] * p.scale, acc_dk[dt][2 * half + 1] * p.scale);
+      *reinterpret_cast<std::uint32_t*>(dv + at) = mma::pack2<T>(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]);
+    }
+  }
+}
+
+/// dQ = scale * dq_accum, rounded to T, in dQ's layout.
+template <class T, int HeadDim>
+__global__ void store_dq_kernel(const Params p, long long elements) {
+  const long long index = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= elements) return;
+  const int d = static_cast<int>(index % HeadDim);
+  const long long row = index / HeadDim;
+  const long long i = row % p.seq_q, bh = row / p.seq_q;
+  const long long head = bh % p.q_heads, batch = bh / p.q_heads;
+  static_cast<T*>(p.dq)[batch * p.q_batch + head * p.q_head + i * p.q_seq + d] =
+      cuda::from_float<T>(p.dq_accum[index] * p.scale);
+}
+
+/// The deterministic alternative to line 15's atomics: a second pass with the loops of the forward (one
+/// thread block per Q block, each warp owning 16 query rows, K/V blocks streamed), recomputing P_ij and dS_ij
+/// to form dQ_i = scale * sum_j dS_ij K_j in registers. Same sums in the same order on every run.
+template <class T, int HeadDim, int Br, int Bc>
+__global__ void __launch_bounds__(128) dq_kernel(const Params p) {
+  constexpr int kStride = padded(HeadDim);
+  constexpr int kNTiles = Bc / 8, kDTiles = HeadDim / 8;
+  static_assert(Br == 64, "4 warps of 16 query rows");
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);  // Q_i
+  T* do_tile = q_tile + Br * kStride;              // dO_i
+  T* k_tiles = do_tile + Br * kStride;             // K_j: 2 stages
+  T* v_tiles = k_tiles + 2 * Bc * kStride;         // V_j: 2 stages
+
+  const int q_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / p.group_size;
+  const int row0 = q_block * Br;
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const long long q_offset = batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
+  const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q;
+
+  int kv_blocks = cuda::ceil_div(p.seq_k, Bc);
+  if (p.causal) {
+    const int last_visible_key = row0 + Br - 1 + (p.seq_k - p.seq_q);
+    kv_blocks = last_visible_key < 0 ? 0 : min(kv_blocks, last_visible_key / Bc + 1);
+  }
+  auto load_kv_block = [&](int j, int stage) {
+    load_tile_async<Bc, HeadDim, kStride, 128>(k_tiles + stage * Bc * kStride, k + j * Bc * p.kv_seq, p.kv_seq,
+                                               p.seq_k - j * Bc);
+    load_tile_async<Bc, HeadDim, kStride, 128>(v_tiles + stage * Bc * kStride, v + j * Bc * p.kv_seq, p.kv_seq,
+                                               p.seq_k - j * Bc);
+  };
+  load_tile_async<Br, HeadDim, kStride, 128>(q_tile, static_cast<const T*>(p.q) + q_offset, p.q_seq, p.seq_q - row0);
+  load_tile_async<Br, HeadDim, kStride, 128>(do_tile, static_cast<const T*>(p.d_o) + q_offset, p.q_seq,
+                                             p.seq_q - row0);
+  if (kv_blocks > 0) load_kv_block(0, 0);
+  mma::cp_async_commit();
+
+  // This thread's two rows: L_i (log2) and D_i.
+  float row_lse[2], row_delta[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int query = row0 + warp * 16 + group + 8 * half;
+    row_lse[half] = query < p.seq_q ? p.lse_log2[row_offset + query] : kInf;
+    row_delta[half] = query < p.seq_q ? p.delta[row_offset + query] : 0.0f;
+  }
+  float acc_dq[kDTiles][4] = {};
+
+  for (int j = 0; j < kv_blocks; ++j) {
+    const int stage = j % 2;
+    if (j + 1 < kv_blocks) {
+      __syncthreads();
+      load_kv_block(j + 1, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_tile = k_tiles + stage * Bc * kStride;
+    const T* v_tile = v_tiles + stage * Bc * kStride;
+
+    // S_ij = Q_i K_j^T and dP_ij = dO_i V_j^T, this warp's 16 rows.
+    float s[kNTiles][4] = {}, dp[kNTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a_q[4], a_do[4];
+      load_a(a_q, q_tile, kStride, warp * 16, kk * 16);
+      load_a(a_do, do_tile, kStride, warp * 16, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(s[2 * np], a_q, b[0], b[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], a_q, b[2], b[3]);
+        load_b_pair(b, v_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(dp[2 * np], a_do, b[0], b[1]);
+        mma_m16n8k16<T>(dp[2 * np + 1], a_do, b[2], b[3]);
+      }
+    }
+    // P_ij = exp(scale S_ij - L_i); dS_ij = P_ij * (dP_ij - D_i).
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = row0 + warp * 16 + group + 8 * (e / 2);
+        const int key = j * Bc + nt * 8 + 2 * t + e % 2;
+        const float prob = masked(p, query, key) ? 0.0f : exp2_fast(s[nt][e] * p.scale_log2 - row_lse[e / 2]);
+        s[nt][e] = prob * (dp[nt][e] - row_delta[e / 2]);
+      }
+    // dQ_i += dS_ij K_j.
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp2 = 0; dp2 < kDTiles / 2; ++dp2) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, k_tile, kStride, kk * 16, dp2 * 16);
+        mma_m16n8k16<T>(acc_dq[2 * dp2], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc_dq[2 * dp2 + 1], a, b[2], b[3]);
+      }
+    }
+  }
+
+  mma::cp_async_wait<0>();  // (only Q_i and dO_i are in flight when no K/V block is visible)
+  T* dq = static_cast<T*>(p.dq) + q_offset;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int local = warp * 16 + group + 8 * half;
+    if (row0 + local >= p.seq_q) continue;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt)
+      *reinterpret_cast<std::uint32_t*>(dq + local * p.q_seq + dt * 8 + 2 * t) =
+          mma::pack2<T>(acc_dq[dt][2 * half] * p.scale, acc_dq[dt][2 * half + 1] * p.scale);
+  }
+}
+
+// ============================================================================================================
+// Host side: validation, block sizes per head dim, launches.
+// ============================================================================================================
+
+const char* const kWho = "flash_v2/gpu";
+
+// 16-byte copies need every row to start 16-byte aligned: strides that are multiples of 8 elements.
+void require_aligned_rows(const Strides& s, const AttentionProblem& p, std::int64_t heads, std::int64_t seq,
+                          const char* name) {
+  auto misaligned = [](std::int64_t stride, std::int64_t extent) { return extent > 1 && stride % 8 != 0; };
+  if (misaligned(s.batch, p.batch) || misaligned(s.head, heads) || misaligned(s.seq, seq))
+    throw std::invalid_argument(std::string(name) + "_strides: " + kWho +
+                                " copies rows in 16-byte chunks, so every stride must be a multiple of 8 elements "
+                                "(got batch " + std::to_string(s.batch) + ", head " + std::to_string(s.head) +
+                                ", seq " + std::to_string(s.seq) + ")");
+}
+
+void validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, bool backward) {
+  validate_call(p, t, gpu_caps(), kWho, backward);
+  require_aligned_rows(t.q_strides, p, p.q_heads, p.seq_q, "q");
+  require_aligned_rows(t.kv_strides, p, p.kv_heads, p.seq_k, "kv");
+  if (backward && p.head_dim > 128)
+    throw std::invalid_argument("head_dim: " + std::to_string(p.head_dim) + " exceeds the limit 128 of " + kWho +
+                                " backward (dK and dV of 16 keys by D do not fit one warp's registers)");
+  if (p.seq_q > (1 << 30) || p.seq_k > (1 << 30))
+    throw std::invalid_argument("seq_q: sequence lengths above 2^30 are not supported by " + std::string(kWho));
+}
+
+Params make_params(const AttentionProblem& p, const AttentionTensors& t) {
+  Params params;
+  params.q = t.q;
+  params.k = t.k;
+  params.v = t.v;
+  params.o = t.o;
+  params.o_out = t.o;
+  params.d_o = t.d_o;
+  params.dq = t.dq;
+  params.dk = t.dk;
+  params.dv = t.dv;
+  params.lse = t.lse;
+  params.q_batch = t.q_strides.batch;
+  params.q_head = t.q_strides.head;
+  params.q_seq = t.q_strides.seq;
+  params.kv_batch = t.kv_strides.batch;
+  params.kv_head = t.kv_strides.head;
+  params.kv_seq = t.kv_strides.seq;
+  params.q_heads = static_cast<int>(p.q_heads);
+  params.group_size = static_cast<int>(p.group_size());
+  params.seq_q = static_cast<int>(p.seq_q);
+  params.seq_k = static_cast<int>(p.seq_k);
+  params.scale = p.softmax_scale();
+  params.scale_log2 = params.scale * kLog2e;
+  params.causal = p.causal;
+  return params;
+}
+
+/// Calls body(std::integral_constant<int, D>{}) for the supported head dims.
+template <class Body>
+void dispatch_head_dim(std::int64_t head_dim, Body&& body) {
+  switch (head_dim) {
+    case 32: body(std::integral_constant<int, 32>{}); return;
+    case 64: body(std::integral_constant<int, 64>{}); return;
+    case 96: body(std::integral_constant<int, 96>{}); return;
+    case 128: body(std::integral_constant<int, 128>{}); return;
+    case 256: body(std::integral_constant<int, 256>{}); return;
+  }
+  throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not supported by " + kWho);
+}
+
+// Forward block sizes: Br = 128 query rows (32 per warp, so each K/V fragment read from shared memory feeds two
+// mma tiles); Bc = 128 keys for D <= 64 and 64 above (option "block_cols"; S_ij and O_i share the registers;
+// at D = 128, Bc = 32 halves S_ij, see forward_block_cols); D = 256 halves Br to keep O_i (D floats per row) in
+// registers.
+template <class T, int D>
+void forward_typed(const Params& params, int batch, int block_cols) {
+  if constexpr (D == 256) {
+    launch_forward<T, D, 64, 64>(params, batch);
+  } else if constexpr (D <= 64) {
+    if (block_cols == 128)
+      launch_forward<T, D, 128, 128>(params, batch);
+    else
+      launch_forward<T, D, 128, 64>(params, batch);
+  } else if constexpr (D == 128) {
+    if (block_cols == 32)
+      launch_forward<T, D, 128, 32>(params, batch);
+    else
+      launch_forward<T, D, 128, 64>(params, batch);
+  } else {
+    launch_forward<T, D, 128, 64>(params, batch);
+  }
+}
+
+constexpr int kBackwardBr = 64;  // query rows per inner step
+constexpr int kDqPassBc = 64;    // keys per step of the deterministic dQ pass
+
+template <class T, int D, int Bc>
+void backward_typed(const Params& params, int batch, int kv_heads, bool deterministic) {
+  if constexpr (D <= 128) {
+    const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
+    backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
+    ATTN_CUDA_CHECK_LAUNCH();
+
+    using Shape = BackwardShape<D, kBackwardBr, Bc>;
+    auto kernel = backward_kernel<T, D, kBackwardBr, Bc>;
+    ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+    const dim3 grid(cuda::ceil_div(params.seq_k, Bc), kv_heads, batch);
+    kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params, !deterministic);
+    ATTN_CUDA_CHECK_LAUNCH();
+
+    if (deterministic) {
+      constexpr int kSmem = (2 * kBackwardBr + 4 * kDqPassBc) * padded(D) * 2;
+      auto pass = dq_kernel<T, D, kBackwardBr, kDqPassBc>;
+      ATTN_CUDA_CHECK(cudaFuncSetAttribute(pass, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+      const dim3 dq_grid(cuda::ceil_div(params.seq_q, kBackwardBr), params.q_heads, batch);
+      pass<<<dq_grid, 128, kSmem>>>(params);
+      ATTN_CUDA_CHECK_LAUNCH();
+    } else {
+      const long long elements = rows * D;
+      store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
+      ATTN_CUDA_CHECK_LAUNCH();
+    }
+  }
+}
+
+/// Option "block_cols" (forward Bc): 64, or 128 where D <= 64 (S_ij of 32 x 128 per warp still fits registers
+/// next to O_i), the default there: measured 10% faster at D = 64 (README, GPU tier); or 32 where D = 128
+/// (S_ij of 32 x 32 per warp: 32 floats per thread instead of 64 next to the 128 of O_i, no register spill).
+int forward_block_cols(const AttentionProblem& p, const StageOptions& options) {
+  const std::int64_t value = options.get("block_cols", p.head_dim <= 64 ? 128 : 64);
+  if (value == 64 || (value == 128 && p.head_dim <= 64) || (value == 32 && p.head_dim == 128))
+    return static_cast<int>(value);
+  throw std::invalid_argument("block_cols: " + std::to_string(value) + " is not supported by " + kWho +
+                              " (64, 128 when head_dim <= 64, or 32 when head_dim = 128)");
+}
+
+/// Option "backward_block_cols" (keys per backward thread block, 16 per warp): 64 or 128, the default: 8 warps
+/// instead of 4 per SM and half the dQ atomics, measured 22-34% faster (README, GPU tier).
+int backward_block_cols(const StageOptions& options) {
+  const std::int64_t value = options.get("backward_block_cols", 128);
+  if (value == 64 || value == 128) return static_cast<int>(value);
+  throw std::invalid_argument("backward_block_cols: " + std::to_string(value) + " is not supported by " + kWho +
+                              " (64 or 128)");
+}
+
+std::size_t backward_scratch_bytes(const AttentionProblem& p) {
+  return static_cast<std::size_t>(p.q_elements()) * sizeof(float) +      // dQ accumulator
+         2 * static_cast<std::size_t>(p.lse_elements()) * sizeof(float);  // L_i (log2) and D_i
+}
+
+}  // namespace
+
+TierCaps gpu_caps() {
+  TierCaps caps;
+  caps.dtypes = {DType::bf16, DType::f16};
+  caps.max_head_dim = 256;
+  caps.head_dims = {32, 64, 96, 128, 256};
+  caps.has_backward = true;
+  caps.pointer_alignment = 16;
+  return caps;
+}
+
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+  validate_gpu_call(p, t, false);
+  const int block_cols = forward_block_cols(p, options);
+  const Params params = make_params(p, t);
+  cuda::dispatch_dtype(t.dtype, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>)
+      dispatch_head_dim(p.head_dim, [&](auto d) {
+        forward_typed<T, decltype(d)::value>(params, static_cast<int>(p.batch), block_cols);
+      });
+  });
+}
+
+void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+  validate_gpu_call(p, t, true);
+  const bool deterministic = options.get("deterministic", 0) != 0;
+  const int block_cols = backward_block_cols(options);
+  Params params = make_params(p, t);
+  DeviceBuffer<float> dq_accum(deterministic ? 0 : static_cast<std::size_t>(p.q_elements()));
+  DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
+  params.dq_accum = dq_accum.data();
+  params.lse_log2 = lse_log2.data();
+  params.delta = delta.data();
+  if (!deterministic) ATTN_CUDA_CHECK(cudaMemsetAsync(dq_accum.data(), 0, dq_accum.bytes()));
+  cuda::dispatch_dtype(t.dtype, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>)
+      dispatch_head_dim(p.head_dim, [&](auto d) {
+        constexpr int D = decltype(d)::value;
+        if (block_cols == 128)
+          backward_typed<T, D, 128>(params, static_cast<int>(p.batch), static_cast<int>(p.kv_heads), deterministic);
+        else
+          backward_typed<T, D, 64>(params, static_cast<int>(p.batch), static_cast<int>(p.kv_heads), deterministic);
+      });
+  });
+}
+
+TierEntry gpu_tier() {
+  TierEntry gpu;
+  gpu.tier = Tier::gpu;
+  gpu.caps = gpu_caps();
+  gpu.forward = forward_gpu;
+  gpu.backward = backward_gpu;
+  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
+    return backward ? backward_scratch_bytes(p) : std::size_t{0};
+  };
+  return gpu;
+}
+
+}  // namespace attn::flash_v2
