@@ -47,6 +47,17 @@ void check_strides(const Strides& s, std::int64_t batch, std::int64_t heads, std
   }
 }
 
+// Kernels that copy rows in 16-byte chunks need every row to start on such a boundary.
+void check_stride_multiple(const Strides& s, std::int64_t batch, std::int64_t heads, std::int64_t seq,
+                           std::int64_t multiple, const char* name, const std::string& who) {
+  auto off = [&](std::int64_t stride, std::int64_t extent) { return extent > 1 && stride % multiple != 0; };
+  if (multiple > 1 && (off(s.batch, batch) || off(s.head, heads) || off(s.seq, seq)))
+    reject(std::string(name) + "_strides", "every stride must be a multiple of " + std::to_string(multiple) +
+                                               " elements for " + who + ", which copies rows in 16-byte chunks (got batch " +
+                                               std::to_string(s.batch) + ", head " + std::to_string(s.head) + ", seq " +
+                                               std::to_string(s.seq) + ")");
+}
+
 }  // namespace
 
 void validate_problem(const AttentionProblem& p) {
@@ -75,6 +86,9 @@ void validate_problem_for(const AttentionProblem& p, DType dtype, const TierCaps
     for (int d : caps.head_dims) list += (list.empty() ? "" : ", ") + std::to_string(d);
     reject("head_dim", std::to_string(p.head_dim) + " is not supported by " + who + " (supported: " + list + ")");
   }
+  if (caps.max_seq > 0 && std::max(p.seq_q, p.seq_k) > caps.max_seq)
+    reject(p.seq_q > caps.max_seq ? "seq_q" : "seq_k", std::to_string(std::max(p.seq_q, p.seq_k)) +
+                                                           " exceeds the limit " + std::to_string(caps.max_seq) + " of " + who);
   if (caps.max_seq_q > 0 && p.seq_q > caps.max_seq_q)
     reject("seq_q", std::to_string(p.seq_q) + " exceeds the limit " + std::to_string(caps.max_seq_q) + " of " + who +
                         " (a decode kernel: one query token per sequence)");
@@ -87,6 +101,8 @@ void validate_call(const AttentionProblem& p, const AttentionTensors& t, const T
   const std::size_t alignment = caps.pointer_alignment ? caps.pointer_alignment : dtype_size(t.dtype);
   check_strides(t.q_strides, p.batch, p.q_heads, p.seq_q, p.head_dim, "q");
   check_strides(t.kv_strides, p.batch, p.kv_heads, p.seq_k, p.head_dim, "kv");
+  check_stride_multiple(t.q_strides, p.batch, p.q_heads, p.seq_q, caps.stride_multiple, "q", who);
+  check_stride_multiple(t.kv_strides, p.batch, p.kv_heads, p.seq_k, caps.stride_multiple, "kv", who);
   check_pointer(t.q, "q", alignment);
   check_pointer(t.k, "k", alignment);
   check_pointer(t.v, "v", alignment);

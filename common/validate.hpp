@@ -19,6 +19,8 @@ struct TierCaps {
   bool has_backward = true;
   std::size_t pointer_alignment = 0;  ///< required alignment of every pointer in bytes (0: the element size)
   std::int64_t max_seq_q = 0;         ///< if > 0, at most this many query rows (decode kernels: 1)
+  std::int64_t max_seq = 0;           ///< if > 0, seq_q and seq_k at most this (32-bit row indices in kernels)
+  std::int64_t stride_multiple = 1;   ///< every stride a multiple of this many elements (16-byte row copies: 8)
 };
 
 /// Shape rules that hold for every stage: all sizes >= 1, q_heads a multiple of kv_heads, finite scale.

@@ -515,22 +515,8 @@ __global__ void store_dq_kernel(const Params p, long long elements) {
 
 const char* const kWho = "flash_v1/gpu";
 
-void require_aligned_rows(const Strides& s, const AttentionProblem& p, std::int64_t heads, std::int64_t seq,
-                          const char* name) {
-  auto misaligned = [](std::int64_t stride, std::int64_t extent) { return extent > 1 && stride % 8 != 0; };
-  if (misaligned(s.batch, p.batch) || misaligned(s.head, heads) || misaligned(s.seq, seq))
-    throw std::invalid_argument(std::string(name) + "_strides: " + kWho +
-                                " copies rows in 16-byte chunks, so every stride must be a multiple of 8 elements "
-                                "(got batch " + std::to_string(s.batch) + ", head " + std::to_string(s.head) +
-                                ", seq " + std::to_string(s.seq) + ")");
-}
-
 void validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, bool backward) {
   validate_call(p, t, gpu_caps(), kWho, backward);
-  require_aligned_rows(t.q_strides, p, p.q_heads, p.seq_q, "q");
-  require_aligned_rows(t.kv_strides, p, p.kv_heads, p.seq_k, "kv");
-  if (p.seq_q > (1 << 30) || p.seq_k > (1 << 30))
-    throw std::invalid_argument("seq_q: sequence lengths above 2^30 are not supported by " + std::string(kWho));
 }
 
 Params make_params(const AttentionProblem& p, const AttentionTensors& t) {
@@ -606,6 +592,8 @@ std::size_t backward_scratch_bytes(const AttentionProblem& p) {
 TierCaps gpu_caps() {
   TierCaps caps;
   caps.dtypes = {DType::bf16, DType::f16};
+  caps.stride_multiple = 8;  // K/V and Q rows are copied in 16-byte chunks (cp.async / ldmatrix)
+  caps.max_seq = 1 << 30;    // row indices are 32-bit in the kernels
   caps.max_head_dim = 128;
   caps.head_dims = {32, 64, 96, 128};
   caps.has_backward = true;

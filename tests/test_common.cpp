@@ -162,6 +162,28 @@ TEST_CASE("validator: strides that make rows overlap are rejected", "[common][va
   CHECK(starts_with(rejection(heads), "q_strides:"));
 }
 
+TEST_CASE("validator: a tier that copies rows in 16-byte chunks rejects strides not a multiple of 8", "[common][validate]") {
+  TierCaps caps;
+  caps.stride_multiple = 8;
+  ValidCall padded;  // rows padded to 24 elements: every stride a multiple of 8, accepted
+  padded.t.q_strides = {24 * padded.p.seq_q * padded.p.q_heads, 24 * padded.p.seq_q, 24};
+  CHECK(rejection(padded, caps) == "");
+  ValidCall odd;  // rows 20 elements apart (80 bytes): not 16-byte aligned
+  odd.t.kv_strides = {20 * odd.p.seq_k * odd.p.kv_heads, 20 * odd.p.seq_k, 20};
+  const std::string message = rejection(odd, caps);
+  INFO(message);
+  CHECK(starts_with(message, "kv_strides: every stride must be a multiple of 8 elements for test/cpu"));
+}
+
+TEST_CASE("validator: sequences longer than the tier's limit are rejected, naming which", "[common][validate]") {
+  ValidCall call;
+  TierCaps caps;
+  caps.max_seq = call.p.seq_k - 1;
+  CHECK(starts_with(rejection(call, caps), call.p.seq_q > caps.max_seq ? "seq_q: " : "seq_k: "));
+  caps.max_seq = std::max(call.p.seq_q, call.p.seq_k);
+  CHECK(rejection(call, caps) == "");
+}
+
 TEST_CASE("validator: backward on a tier without one is rejected", "[common][validate]") {
   ValidCall call;
   TierCaps caps;
