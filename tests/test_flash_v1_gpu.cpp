@@ -235,25 +235,6 @@ TEST_CASE("flash_v1/gpu gives the same dQ, dK, dV bit for bit on every run (no a
 
 namespace {
 
-// Aligned stand-ins for device pointers: validation rejects these calls before any memory is touched.
-alignas(256) unsigned char fake_memory[8][256];
-
-AttentionTensors fake_tensors(const AttentionProblem& p, DType dtype) {
-  AttentionTensors t;
-  t.dtype = dtype;
-  t.q_strides = make_strides(Layout::bhnd, p.q_heads, p.seq_q, p.head_dim);
-  t.kv_strides = make_strides(Layout::bhnd, p.kv_heads, p.seq_k, p.head_dim);
-  t.q = fake_memory[0];
-  t.k = fake_memory[1];
-  t.v = fake_memory[2];
-  t.o = fake_memory[3];
-  t.lse = reinterpret_cast<float*>(fake_memory[4]);
-  t.d_o = fake_memory[5];
-  t.dq = fake_memory[6];
-  t.dk = fake_memory[7];
-  t.dv = fake_memory[7] + 128;
-  return t;
-}
 
 AttentionProblem small_problem(std::int64_t head_dim) {
   AttentionProblem p;
@@ -263,15 +244,6 @@ AttentionProblem small_problem(std::int64_t head_dim) {
   return p;
 }
 
-template <class Call>
-std::string invalid_argument_message(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no std::invalid_argument thrown)";
-}
 
 }  // namespace
 
@@ -310,7 +282,7 @@ TEST_CASE("flash_v1/gpu rejects what its kernels cannot take, naming the argumen
   CHECK(long_sequence.rfind("seq_q: ", 0) == 0);
 
   AttentionTensors unaligned_pointer = fake_tensors(p, DType::bf16);
-  unaligned_pointer.k = fake_memory[1] + 8;
+  unaligned_pointer.k = static_cast<const unsigned char*>(unaligned_pointer.k) + 8;
   const std::string pointer = invalid_argument_message([&] { flash_v1::forward_gpu(p, unaligned_pointer, options); });
   INFO(pointer);
   CHECK(pointer.rfind("k: ", 0) == 0);

@@ -57,16 +57,6 @@ RunSettings settings_for(const ChunkCase& chunks, bool backward) {
   return settings;
 }
 
-// The message of the std::invalid_argument that `body` throws ("" when it throws none).
-template <class Body>
-std::string invalid_argument_message(Body&& body) {
-  try {
-    body();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
-}
 
 }  // namespace
 

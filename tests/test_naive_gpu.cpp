@@ -237,15 +237,6 @@ AttentionProblem small_problem() {
   return p;
 }
 
-template <class Call>
-std::string invalid_argument_message(Call&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "(no std::invalid_argument thrown)";
-}
 
 }  // namespace
 

@@ -57,4 +57,22 @@ std::vector<Shape> awkward_shapes() {
 
 std::string label(const Shape& shape) { return shape.name + " [" + shape.problem.describe() + "]"; }
 
+AttentionTensors fake_tensors(const AttentionProblem& p, DType dtype) {
+  alignas(256) static unsigned char fake_memory[8][256];
+  AttentionTensors t;
+  t.dtype = dtype;
+  t.q_strides = make_strides(Layout::bhnd, p.q_heads, p.seq_q, p.head_dim);
+  t.kv_strides = make_strides(Layout::bhnd, p.kv_heads, p.seq_k, p.head_dim);
+  t.q = fake_memory[0];
+  t.k = fake_memory[1];
+  t.v = fake_memory[2];
+  t.o = fake_memory[3];
+  t.lse = reinterpret_cast<float*>(fake_memory[4]);
+  t.d_o = fake_memory[5];
+  t.dq = fake_memory[6];
+  t.dk = fake_memory[7];
+  t.dv = fake_memory[7] + 128;
+  return t;
+}
+
 }  // namespace attn::testing

@@ -2,6 +2,7 @@
 // outputs with the previous stage's and with the fp64 oracle.
 #pragma once
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -34,5 +35,21 @@ std::vector<Shape> awkward_shapes();
 
 /// "B=1 Hq=2 ... D=64 causal" plus the shape's name, for Catch2 sections and failure messages.
 std::string label(const Shape& shape);
+
+/// The message of the std::invalid_argument that `call` throws ("" when it throws none), for tests that check
+/// a rule's message names the argument.
+template <class Call>
+std::string invalid_argument_message(Call&& call) {
+  try {
+    call();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return "";
+}
+
+/// Tensors for `problem` (bhnd strides) whose pointers are 256-byte aligned stand-ins, never dereferenced: for
+/// tests of rules that a tier checks before touching memory.
+AttentionTensors fake_tensors(const AttentionProblem& problem, DType dtype);
 
 }  // namespace attn::testing
