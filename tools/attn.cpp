@@ -268,12 +268,12 @@ bool gpu_present() {
 }
 
 int command_list() {
-  std::printf("%-3s %-17s %-5s %-45s %s\n", "#", "stage", "tiers", "paper", "adds");
+  std::printf("%-3s %-17s %-7s %-45s %s\n", "#", "stage", "tiers", "paper", "adds");
   int rung = 1;
   for (const Stage& stage : ladder()) {
     std::string tiers;
     for (const TierEntry& entry : stage.tiers) tiers += (tiers.empty() ? "" : ",") + std::string(tier_name(entry.tier));
-    std::printf("%-3d %-17s %-5s %-45s %s\n", rung++, stage.name.c_str(), tiers.c_str(), stage.paper.c_str(),
+    std::printf("%-3d %-17s %-7s %-45s %s\n", rung++, stage.name.c_str(), tiers.c_str(), stage.paper.c_str(),
                 stage.adds.c_str());
   }
   std::printf("# GPU tier %s\n", gpu_present() ? "built, device present" :
