@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "common/attention_params.cuh"
 #include "common/cuda_device.cuh"
 #include "common/cuda_utils.hpp"
 #include "common/mma.cuh"
@@ -26,36 +27,17 @@ using mma::load_b_pair_transposed;
 using mma::load_tile_async;
 using mma::mma_m16n8k16;
 
-constexpr float kLog2e = 1.4426950408889634f;
+using cuda::kLog2e;
+using cuda::masked;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Everything a kernel needs about the problem, strides in elements.
-struct Params {
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const void* o = nullptr;
-  const void* d_o = nullptr;
-  void* o_out = nullptr;
-  void* dq = nullptr;
-  void* dk = nullptr;
-  void* dv = nullptr;
-  float* lse = nullptr;       // [batch, q_heads, seq_q], natural log
+// The shared arguments (common/attention_params.cuh) plus this stage's scratch.
+struct Params : cuda::AttentionParams {
   float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32, [batch, q_heads, seq_q, head_dim]
-  long long q_batch = 0, q_head = 0, q_seq = 0;
-  long long kv_batch = 0, kv_head = 0, kv_seq = 0;
-  int q_heads = 1, group_size = 1, seq_q = 1, seq_k = 1;
-  float scale = 1.0f;       // softmax scale
-  float scale_log2 = 1.0f;  // scale * log2(e): exp(scale * s) = exp2(scale_log2 * s)
-  bool causal = false;
 };
-
-// Causal masking is aligned bottom-right: query i sees key j iff j <= i + (seq_k - seq_q).
-__device__ __forceinline__ bool masked(const Params& p, int query, int key) {
-  return key >= p.seq_k || query >= p.seq_q || (p.causal && key > query + (p.seq_k - p.seq_q));
-}
 
 // Padded shared-memory rows: a row of D 16-bit elements plus 16 bytes, so the 8 rows one ldmatrix phase reads
 // start 16 bytes apart modulo 128 and fall in 8 different 4-bank groups (no bank conflicts) for every D here.
@@ -674,29 +656,7 @@ void validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, boo
 
 Params make_params(const AttentionProblem& p, const AttentionTensors& t) {
   Params params;
-  params.q = t.q;
-  params.k = t.k;
-  params.v = t.v;
-  params.o = t.o;
-  params.o_out = t.o;
-  params.d_o = t.d_o;
-  params.dq = t.dq;
-  params.dk = t.dk;
-  params.dv = t.dv;
-  params.lse = t.lse;
-  params.q_batch = t.q_strides.batch;
-  params.q_head = t.q_strides.head;
-  params.q_seq = t.q_strides.seq;
-  params.kv_batch = t.kv_strides.batch;
-  params.kv_head = t.kv_strides.head;
-  params.kv_seq = t.kv_strides.seq;
-  params.q_heads = static_cast<int>(p.q_heads);
-  params.group_size = static_cast<int>(p.group_size());
-  params.seq_q = static_cast<int>(p.seq_q);
-  params.seq_k = static_cast<int>(p.seq_k);
-  params.scale = p.softmax_scale();
-  params.scale_log2 = params.scale * kLog2e;
-  params.causal = p.causal;
+  static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
   return params;
 }
 
