@@ -16,6 +16,9 @@
 #ifdef ATTN_STAGE_flash_v2
 #include "flash_v2/flash_v2.hpp"
 #endif
+#ifdef ATTN_STAGE_flash_v3
+#include "flash_v3/flash_v3.hpp"
+#endif
 #ifdef ATTN_STAGE_paged
 #include "paged/paged.hpp"
 #endif
@@ -35,6 +38,9 @@ const std::vector<Stage>& ladder() {
 #endif
 #ifdef ATTN_STAGE_flash_v2
       flash_v2::describe(),
+#endif
+#ifdef ATTN_STAGE_flash_v3
+      flash_v3::describe(),
 #endif
 #ifdef ATTN_STAGE_paged
       paged::describe(),
