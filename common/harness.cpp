@@ -2,12 +2,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
 #include <vector>
 
 #include "common/numeric.hpp"
+#include "common/progress.hpp"
 #include "common/timer.hpp"
 #include "common/validate.hpp"
 #ifdef ATTN_HAVE_CUDA
@@ -20,11 +22,12 @@ ProblemData make_problem_data(const AttentionProblem& problem, DType dtype, Layo
                               float q_stddev) {
   validate_problem(problem);
   // The host copies made here, and about as much again for a run's outputs: refuse early rather than be killed.
-  const double input_bytes = 4.0 * (2.0 * problem.q_elements() + 2.0 * problem.kv_elements());
+  const double input_bytes = static_cast<double>(problem_data_bytes(problem));
   const double available = static_cast<double>(available_bytes(Tier::cpu));
   if (2.0 * input_bytes > 0.9 * available)
     throw ProblemTooLarge(problem.describe() + ": the fp32 host copies of its inputs and outputs need " +
                           format_bytes(2.0 * input_bytes) + "; " + format_bytes(available) + " available");
+  progress::begin("generating inputs");
   ProblemData data;
   data.problem = problem;
   data.dtype = dtype;
@@ -39,6 +42,18 @@ ProblemData make_problem_data(const AttentionProblem& problem, DType dtype, Layo
   fill_normal(data.d_o.span(), seed * 4 + 3);
   for (HostBuffer<float>* tensor : {&data.q, &data.k, &data.v, &data.d_o}) round_to_dtype(tensor->span(), dtype);
   return data;
+}
+
+std::size_t problem_data_bytes(const AttentionProblem& p) {
+  return sizeof(float) * static_cast<std::size_t>(2 * p.q_elements() + 2 * p.kv_elements());
+}
+
+std::int64_t StageRun::nonfinite_values() const {
+  std::int64_t count = 0;
+  for (const HostBuffer<float>* tensor : {&o, &dq, &dk, &dv})
+    for (float x : *tensor) count += std::isfinite(x) ? 0 : 1;
+  for (float x : lse) count += std::isnan(x) || x == std::numeric_limits<float>::infinity() ? 1 : 0;
+  return count;
 }
 
 std::size_t available_bytes(Tier tier) {
@@ -75,21 +90,63 @@ namespace {
 
 const float kPoison = std::numeric_limits<float>::quiet_NaN();
 
-// The bytes a run needs: inputs and outputs in the tier's dtype, plus the stage's own scratch estimate.
-void check_fits(const Stage& stage, const TierEntry& entry, const ProblemData& data, DType dtype, bool backward) {
-  const AttentionProblem& p = data.problem;
-  const double tensors = static_cast<double>(dtype_size(dtype)) *
-                             (2.0 * p.q_elements() + 2.0 * p.kv_elements() + (backward ? 2.0 * p.q_elements() + 2.0 * p.kv_elements() : 0.0)) +
+// The bytes a run needs on the tier's memory: inputs and outputs in the tier's dtype, plus the stage's own
+// scratch estimate for these options. (The CPU tier's inputs are the ProblemData itself, already allocated.)
+void check_fits(const Stage& stage, const TierEntry& entry, const AttentionProblem& p, DType dtype, bool backward,
+                const StageOptions& options) {
+  const double outputs = static_cast<double>(dtype_size(dtype)) *
+                             (1.0 * p.q_elements() + (backward ? 1.0 * p.q_elements() + 2.0 * p.kv_elements() : 0.0)) +
                          4.0 * p.lse_elements();
-  const double scratch = entry.extra_bytes ? static_cast<double>(entry.extra_bytes(p, dtype, backward)) : 0.0;
+  const double inputs = static_cast<double>(dtype_size(dtype)) *
+                        (1.0 * p.q_elements() + 2.0 * p.kv_elements() + (backward ? 1.0 * p.q_elements() : 0.0));
+  const double tensors = outputs + (entry.tier == Tier::gpu ? inputs : 0.0);
+  const double scratch = entry.extra_bytes ? static_cast<double>(entry.extra_bytes(p, dtype, backward, options)) : 0.0;
   const double available = static_cast<double>(available_bytes(entry.tier));
   if (tensors + scratch > 0.9 * available)
     throw ProblemTooLarge(stage.name + "/" + tier_name(entry.tier) + ": " + p.describe() + " needs " +
-                          format_bytes(scratch) + " of extra memory plus " + format_bytes(tensors) +
-                          " for inputs and outputs; " + format_bytes(available) + " available");
+                          format_bytes(scratch) + " of extra memory plus " + format_bytes(tensors) + " for " +
+                          (entry.tier == Tier::gpu ? "inputs and outputs; " : "outputs; ") + format_bytes(available) +
+                          " available");
 }
 
 }  // namespace
+
+std::size_t run_host_bytes(const TierEntry& entry, const AttentionProblem& p, DType dtype, bool backward,
+                           const StageOptions& options) {
+  const double outputs = sizeof(float) * (1.0 * p.q_elements() + 1.0 * p.lse_elements() +
+                                          (backward ? 1.0 * p.q_elements() + 2.0 * p.kv_elements() : 0.0));
+  double scratch = 0.0;
+  if (entry.tier == Tier::cpu && entry.extra_bytes)
+    scratch = static_cast<double>(entry.extra_bytes(p, DType::f32, backward, options));
+  else if (entry.tier == Tier::gpu)
+    scratch = static_cast<double>(dtype_size(dtype)) * static_cast<double>(std::max(p.q_elements(), p.kv_elements()));  // staging
+  const double total = outputs + scratch;
+  return total >= 1.8e19 ? std::numeric_limits<std::size_t>::max() : static_cast<std::size_t>(total);
+}
+
+void check_can_run(const Stage& stage, Tier tier, const AttentionProblem& problem, DType dtype, bool backward,
+                   const StageOptions& options) {
+  const std::string who = stage.name + "/" + tier_name(tier);
+  const TierEntry* entry = stage.find(tier);
+  if (entry == nullptr && tier == Tier::gpu) {
+#ifdef ATTN_HAVE_CUDA
+    throw std::invalid_argument("tier: " + stage.name + " has no gpu tier");
+#else
+    throw std::invalid_argument("tier: gpu needs a CUDA device: no CUDA device in this build (the CUDA toolkit was "
+                                "not found at configure time, so the GPU tier was not built)");
+#endif
+  }
+  if (entry == nullptr) throw std::invalid_argument("tier: " + stage.name + " has no " + tier_name(tier) + " tier");
+  const DType compute = tier == Tier::cpu ? DType::f32 : dtype;
+  validate_problem_for(problem, compute, entry->caps, who);
+  if (backward && !entry->backward) throw std::invalid_argument("backward: " + who + " has no backward pass");
+  check_option_names(*entry, options, who);
+#ifdef ATTN_HAVE_CUDA
+  if (tier == Tier::gpu && !cuda::device_available())
+    throw std::invalid_argument("tier: gpu needs a CUDA device: no CUDA device on this machine");
+#endif
+  check_fits(stage, *entry, problem, compute, backward, options);
+}
 
 // The tier-specific half of PreparedRun: where the tensors live and how a pass is timed.
 class PreparedRun::Impl {
@@ -97,6 +154,7 @@ class PreparedRun::Impl {
   virtual ~Impl() = default;
   virtual double run(const PassFn& pass, bool backward_pass, StageOptions& options, std::size_t& extra) = 0;
   virtual StageRun outputs() const = 0;
+  virtual StageRun take_outputs() { return outputs(); }
 };
 
 namespace {
@@ -141,6 +199,16 @@ class CpuRun final : public PreparedRun::Impl {
     const double ms = timer.stop_ms();
     extra = std::max(extra, scope.extra_bytes());
     return ms;
+  }
+
+  StageRun take_outputs() override {
+    StageRun run;
+    run.o = std::move(o_);
+    run.lse = std::move(lse_);
+    run.dq = std::move(dq_);
+    run.dk = std::move(dk_);
+    run.dv = std::move(dv_);
+    return run;
   }
 
   StageRun outputs() const override {
@@ -265,32 +333,37 @@ class GpuRun final : public PreparedRun::Impl {
 
 }  // namespace
 
-PreparedRun::PreparedRun(const Stage& stage, Tier tier, const ProblemData& data, bool backward) {
-  const TierEntry* entry = stage.find(tier);
-  if (entry == nullptr) throw std::runtime_error(stage.name + " has no " + tier_name(tier) + " tier in this build");
-  const DType dtype = tier == Tier::cpu ? DType::f32 : data.dtype;
-  const std::string who = stage.name + "/" + tier_name(tier);
-  validate_problem_for(data.problem, dtype, entry->caps, who);
-  if (backward && !entry->backward) throw std::invalid_argument("backward: " + who + " has no backward pass");
-  check_fits(stage, *entry, data, dtype, backward);
-  entry_ = entry;
+PreparedRun::PreparedRun(const Stage& stage, Tier tier, const ProblemData& data, bool backward, const StageOptions& options) {
+  check_can_run(stage, tier, data.problem, data.dtype, backward, options);
+  entry_ = stage.find(tier);
+  who_ = stage.name + "/" + tier_name(tier);
   if (tier == Tier::cpu) {
     impl_ = std::make_unique<CpuRun>(data, backward);
     return;
   }
 #ifdef ATTN_HAVE_CUDA
-  if (!cuda::device_available()) throw std::runtime_error(who + ": no CUDA device on this machine");
   impl_ = std::make_unique<GpuRun>(data, backward);
-#else
-  throw std::runtime_error(who + ": this build has no GPU tier");
 #endif
 }
 
 PreparedRun::~PreparedRun() = default;
 
-double PreparedRun::forward(StageOptions& options) { return impl_->run(entry_->forward, false, options, forward_extra_); }
+double PreparedRun::forward(StageOptions& options) {
+  check_option_names(*entry_, options, who_);
+  return impl_->run(entry_->forward, false, options, forward_extra_);
+}
 
-double PreparedRun::backward(StageOptions& options) { return impl_->run(entry_->backward, true, options, backward_extra_); }
+double PreparedRun::backward(StageOptions& options) {
+  check_option_names(*entry_, options, who_);
+  return impl_->run(entry_->backward, true, options, backward_extra_);
+}
+
+StageRun PreparedRun::take_outputs() {
+  StageRun run = impl_->take_outputs();
+  run.forward_extra_bytes = forward_extra_;
+  run.backward_extra_bytes = backward_extra_;
+  return run;
+}
 
 StageRun PreparedRun::outputs() const {
   StageRun run = impl_->outputs();
@@ -301,17 +374,23 @@ StageRun PreparedRun::outputs() const {
 
 StageRun run_stage(const Stage& stage, Tier tier, const ProblemData& data, const RunSettings& settings) {
   if (settings.repeats < 1 || settings.warmup < 0) throw std::invalid_argument("repeats: must be >= 1 (warmup >= 0)");
-  PreparedRun prepared(stage, tier, data, settings.backward);
+  PreparedRun prepared(stage, tier, data, settings.backward, settings.options);
   StageOptions options = settings.options;
   std::vector<double> forward_times, backward_times;
-  for (int r = 0; r < settings.warmup + settings.repeats; ++r) {
+  const std::string who = stage.name + "/" + tier_name(tier);
+  const int runs = settings.warmup + settings.repeats;
+  for (int r = 0; r < runs; ++r) {
+    const std::string which = runs > 1 ? " (run " + std::to_string(r + 1) + " of " + std::to_string(runs) + ")" : "";
+    progress::begin(who + " forward" + which);
     const double forward_ms = prepared.forward(options);
+    if (settings.backward) progress::begin(who + " backward" + which);
     const double backward_ms = settings.backward ? prepared.backward(options) : 0.0;
     if (r < settings.warmup) continue;
     forward_times.push_back(forward_ms);
     backward_times.push_back(backward_ms);
   }
-  StageRun run = prepared.outputs();
+  progress::begin("");
+  StageRun run = prepared.take_outputs();
   run.forward_ms = median(forward_times);
   run.backward_ms = median(backward_times);
   run.counters = options.counters;

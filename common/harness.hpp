@@ -46,6 +46,10 @@ struct StageRun {
   std::size_t forward_extra_bytes = 0;   ///< peak bytes the pass allocated beyond inputs and outputs
   std::size_t backward_extra_bytes = 0;
   std::map<std::string, double> counters;  ///< whatever the stage reported (IO bytes, skipped blocks...)
+
+  /// NaN or infinite values in o, dq, dk, dv, plus NaN or +inf in lse (-inf is the LSE of a row that sees no
+  /// key). The stages propagate non-finite inputs and overflow as PyTorch does; callers report this count.
+  std::int64_t nonfinite_values() const;
 };
 
 /// Thrown when a problem needs more memory than the machine has; the message gives both figures.
@@ -57,12 +61,28 @@ class ProblemTooLarge : public std::runtime_error {
 /// Bytes that can still be allocated on the tier's memory (host: available RAM; GPU: free device memory).
 std::size_t available_bytes(Tier tier);
 
+/// Host bytes of a problem's ProblemData (fp32 q, k, v, d_o).
+std::size_t problem_data_bytes(const AttentionProblem& problem);
+/// Host bytes run_stage holds at its peak for this stage: the fp32 outputs it hands back, plus (CPU tier) the
+/// stage's scratch for these options. The GPU tier's device bytes are checked separately, on the device.
+std::size_t run_host_bytes(const TierEntry& entry, const AttentionProblem& problem, DType dtype, bool backward,
+                           const StageOptions& options = {});
+
+/// Everything that can be known before making inputs: the stage has the tier in this build (and, for the GPU
+/// tier, the machine has a CUDA device), the problem passes the tier's rules, the options are ones the tier
+/// reads, and the tensors plus the stage's scratch fit the tier's memory. Throws std::invalid_argument (naming
+/// the argument; "no CUDA device" for a GPU tier without one) or ProblemTooLarge (with the bytes needed).
+/// `dtype` is the data's dtype (the CPU tier computes in f32 whatever it is).
+void check_can_run(const Stage& stage, Tier tier, const AttentionProblem& problem, DType dtype, bool backward,
+                   const StageOptions& options = {});
+
 /// A stage's tier set up on one problem's data (device copies made, outputs allocated) so that passes can be
 /// run and timed repeatedly: run_stage uses it once, the benchmarks in their loops.
 class PreparedRun {
  public:
-  /// Validates, checks that the problem fits (else ProblemTooLarge), allocates and uploads.
-  PreparedRun(const Stage& stage, Tier tier, const ProblemData& data, bool backward);
+  /// check_can_run (validates, checks that the problem fits), then allocates and uploads. `options` are the
+  /// ones the passes will get (for the scratch estimate; every pass checks its options' names again).
+  PreparedRun(const Stage& stage, Tier tier, const ProblemData& data, bool backward, const StageOptions& options = {});
   ~PreparedRun();
   PreparedRun(const PreparedRun&) = delete;
   PreparedRun& operator=(const PreparedRun&) = delete;
@@ -76,20 +96,23 @@ class PreparedRun {
   std::size_t backward_extra_bytes() const { return backward_extra_; }
   /// Copies the outputs back to fp32 host buffers (dq, dk, dv only after a backward).
   StageRun outputs() const;
+  /// The same, moving the CPU tier's buffers out instead of copying them (no more passes can run after it).
+  StageRun take_outputs();
 
   class Impl;
 
  private:
   std::unique_ptr<Impl> impl_;
   const TierEntry* entry_ = nullptr;
+  std::string who_;
   std::size_t forward_extra_ = 0;
   std::size_t backward_extra_ = 0;
 };
 
 /// Runs stage/tier on data. The GPU tier runs in data.dtype; the CPU tier computes in fp32 on the same
 /// (rounded) inputs. Outputs are poisoned (NaN) before every run, so an element a stage forgets to write shows
-/// up in compare(). Throws std::invalid_argument for an invalid problem, ProblemTooLarge when the inputs,
-/// outputs and the stage's own estimate of its scratch do not fit, std::runtime_error when the tier is absent.
+/// up in compare(). Throws what check_can_run throws, before allocating anything. While it runs, the
+/// progress phase (common/progress.hpp) names the stage, tier and pass.
 StageRun run_stage(const Stage& stage, Tier tier, const ProblemData& data, const RunSettings& settings);
 
 /// "1.23 GB", "512 KB" for tables.

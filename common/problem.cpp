@@ -41,6 +41,12 @@ Strides make_strides(Layout layout, std::int64_t heads, std::int64_t seq, std::i
 
 const char* layout_name(Layout layout) { return layout == Layout::bhnd ? "bhnd" : "bnhd"; }
 
+Layout parse_layout(std::string_view text) {
+  if (text == "bhnd") return Layout::bhnd;
+  if (text == "bnhd") return Layout::bnhd;
+  throw std::invalid_argument("layout: '" + std::string(text) + "' is not one of bhnd, bnhd");
+}
+
 float AttentionProblem::softmax_scale() const {
   return scale != 0.0 ? static_cast<float>(scale) : static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
 }
@@ -51,10 +57,12 @@ std::int64_t AttentionProblem::visible_keys(std::int64_t i) const {
 }
 
 double AttentionProblem::visible_pairs() const {
-  if (!causal) return static_cast<double>(seq_q) * static_cast<double>(seq_k);
-  double pairs = 0;
-  for (std::int64_t i = 0; i < seq_q; ++i) pairs += static_cast<double>(visible_keys(i));
-  return pairs;
+  const double nq = static_cast<double>(seq_q), nk = static_cast<double>(seq_k);
+  if (!causal) return nq * nk;
+  // Row i sees min(nk, max(0, i + nk - nq + 1)) keys: a triangle of rows that see 1..min(nq, nk) keys, plus
+  // (when nk > nq) a rectangle of nq rows that all see the first nk - nq keys. Closed form: no loop over rows.
+  const double rows = std::min(nq, nk);
+  return rows * (rows + 1) / 2 + (nk > nq ? nq * (nk - nq) : 0.0);
 }
 
 double AttentionProblem::forward_flops() const {

@@ -35,6 +35,8 @@ struct Strides {
 enum class Layout { bhnd, bnhd };
 Strides make_strides(Layout layout, std::int64_t heads, std::int64_t seq, std::int64_t dim);
 const char* layout_name(Layout layout);
+/// Parses "bhnd" or "bnhd"; throws std::invalid_argument otherwise.
+Layout parse_layout(std::string_view text);
 
 /// Shapes and flags of one attention call.
 ///
@@ -99,7 +101,8 @@ struct AttentionTensors {
 };
 
 /// Stage-specific knobs (chunk sizes, SRAM bytes, block sizes...) by name, plus counters a stage may report
-/// back (bytes moved, blocks skipped...). A stage reads the options it knows and ignores the others.
+/// back (bytes moved, blocks skipped...). Each tier declares the names it reads (TierEntry::option_names) and
+/// the harness refuses any other.
 struct StageOptions {
   std::map<std::string, std::int64_t> values;
   std::map<std::string, double> counters;

@@ -2,6 +2,7 @@
 // tools/ladder.cpp lists them in ladder order. Tests, benchmarks and the `attn` CLI walk that list.
 #pragma once
 
+#include <concepts>
 #include <cstddef>
 #include <functional>
 #include <string>
@@ -15,8 +16,31 @@ namespace attn {
 /// Runs one pass. GPU entry points may return before the device finishes (the caller synchronises).
 using PassFn = std::function<void(const AttentionProblem&, const AttentionTensors&, StageOptions&)>;
 /// Extra bytes the pass will allocate for this problem (its scratch, not inputs or outputs), so that a
-/// caller can refuse a problem that cannot fit before trying.
-using ExtraBytesFn = std::function<std::size_t(const AttentionProblem&, DType, bool backward)>;
+/// caller can refuse a problem that cannot fit before trying. A stage whose scratch depends on its options
+/// (block or chunk sizes) gives a function that also takes the StageOptions; one that does not, a function of
+/// (problem, dtype, backward). Either way the caller passes the options the run will use.
+class ExtraBytesFn {
+ public:
+  using Full = std::function<std::size_t(const AttentionProblem&, DType, bool backward, const StageOptions&)>;
+  ExtraBytesFn() = default;
+  template <class F>
+    requires std::invocable<const F&, const AttentionProblem&, DType, bool, const StageOptions&>
+  ExtraBytesFn(F f) : fn_(std::move(f)) {}
+  template <class F>
+    requires(std::invocable<const F&, const AttentionProblem&, DType, bool> &&
+             !std::invocable<const F&, const AttentionProblem&, DType, bool, const StageOptions&>)
+  ExtraBytesFn(F f)
+      : fn_([f = std::move(f)](const AttentionProblem& p, DType dtype, bool backward, const StageOptions&) {
+          return f(p, dtype, backward);
+        }) {}
+  std::size_t operator()(const AttentionProblem& p, DType dtype, bool backward, const StageOptions& options = {}) const {
+    return fn_(p, dtype, backward, options);
+  }
+  explicit operator bool() const { return static_cast<bool>(fn_); }
+
+ private:
+  Full fn_;
+};
 
 struct TierEntry {
   Tier tier = Tier::cpu;
@@ -24,7 +48,14 @@ struct TierEntry {
   PassFn forward;
   PassFn backward;  ///< empty when the tier has no backward
   ExtraBytesFn extra_bytes;
+  /// The names of the StageOptions values this tier reads ("block_rows", ...). The harness refuses any other
+  /// name, so that a misspelled option is an error instead of being ignored.
+  std::vector<std::string> option_names;
 };
+
+/// Throws std::invalid_argument naming the first option in `options` that `entry` does not read, and the
+/// names it does read. `who` is "stage/tier".
+void check_option_names(const TierEntry& entry, const StageOptions& options, const std::string& who);
 
 struct Stage {
   std::string name;    ///< directory name: "naive", "memory_efficient", ...

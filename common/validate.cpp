@@ -4,7 +4,11 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
+#include <utility>
 
 namespace attn {
 namespace {
@@ -58,6 +62,33 @@ void check_stride_multiple(const Strides& s, std::int64_t batch, std::int64_t he
                                                std::to_string(s.seq) + ")");
 }
 
+// A product of sizes, saturating at kMaxElements + 1 instead of wrapping.
+std::int64_t saturating_product(std::initializer_list<std::int64_t> factors) {
+  std::int64_t product = 1;
+  for (std::int64_t f : factors) {
+    if (product > kMaxElements / f) return kMaxElements + 1;
+    product *= f;
+  }
+  return product;
+}
+
+// Every element count (and the B x Hq x Nq x Nk scores) must stay below kMaxElements, so that byte counts and
+// offsets computed in 64 bits never wrap. Names the largest factor: the argument a user would shrink.
+void check_size_product(const std::string& what, std::initializer_list<std::pair<const char*, std::int64_t>> factors) {
+  std::int64_t product = 1;
+  std::string formula, values;
+  std::pair<const char*, std::int64_t> largest{"", 0};
+  for (auto [name, value] : factors) {
+    product = saturating_product({product, value});
+    formula += (formula.empty() ? "" : " x ") + std::string(name);
+    values += (values.empty() ? "" : " x ") + std::to_string(value);
+    if (value > largest.second) largest = {name, value};
+  }
+  if (product > kMaxElements)
+    reject(largest.first, std::to_string(largest.second) + " is too large: " + what + " = " + formula + " = " + values +
+                              " exceeds 2^58 elements (64-bit byte counts would overflow)");
+}
+
 }  // namespace
 
 void validate_problem(const AttentionProblem& p) {
@@ -71,6 +102,14 @@ void validate_problem(const AttentionProblem& p) {
     reject("q_heads", std::to_string(p.q_heads) + " must be a multiple of kv_heads (" + std::to_string(p.kv_heads) + ")");
   if (!std::isfinite(p.scale) || p.scale < 0.0)
     reject("scale", "must be finite and > 0 (0 selects 1/sqrt(head_dim))");
+  if (p.scale > std::numeric_limits<float>::max()) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%g", p.scale);
+    reject("scale", std::string(text) + " overflows fp32 (the stages compute in fp32; at most 3.4e38)");
+  }
+  check_size_product("Q's elements", {{"batch", p.batch}, {"q_heads", p.q_heads}, {"seq_q", p.seq_q}, {"head_dim", p.head_dim}});
+  check_size_product("K's elements", {{"batch", p.batch}, {"kv_heads", p.kv_heads}, {"seq_k", p.seq_k}, {"head_dim", p.head_dim}});
+  check_size_product("the scores", {{"batch", p.batch}, {"q_heads", p.q_heads}, {"seq_q", p.seq_q}, {"seq_k", p.seq_k}});
 }
 
 void validate_problem_for(const AttentionProblem& p, DType dtype, const TierCaps& caps, const std::string& who) {

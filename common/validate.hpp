@@ -23,7 +23,12 @@ struct TierCaps {
   std::int64_t stride_multiple = 1;   ///< every stride a multiple of this many elements (16-byte row copies: 8)
 };
 
-/// Shape rules that hold for every stage: all sizes >= 1, q_heads a multiple of kv_heads, finite scale.
+/// The largest element count of any tensor, and of the B x Hq x Nq x Nk scores: 2^58, so that a count times
+/// an element size (up to 8 bytes), and every offset, fits a signed 64-bit integer with room to spare.
+inline constexpr std::int64_t kMaxElements = std::int64_t{1} << 58;
+
+/// Shape rules that hold for every stage: all sizes >= 1, q_heads a multiple of kv_heads, a scale finite in
+/// fp32, and every size product (Q, K/V, the scores) at most kMaxElements, so that no count wraps.
 void validate_problem(const AttentionProblem& problem);
 
 /// Problem rules plus the tier's limits (dtype, head dim). `who` names the stage and tier in messages.

@@ -11,6 +11,7 @@
 
 #include "common/cpu_tiles.hpp"
 #include "common/memory.hpp"
+#include "common/progress.hpp"
 #include "common/simd.hpp"
 #include "common/validate.hpp"
 #include "flash_v1/flash_v1.hpp"
@@ -135,6 +136,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const Settings s = read_settings(p, options);  // line 1: Br, Bc
   const std::int64_t D = p.head_dim, Br = s.Br, Bc = s.Bc;
   const std::int64_t Tr = blocks_of(p.seq_q, Br), Tc = blocks_of(p.seq_k, Bc);  // lines 3-4
+  progress::expect(static_cast<double>(p.batch * p.q_heads * Tc));
   const std::int64_t q_seq = t.q_strides.seq, kv_seq = t.kv_strides.seq;
   // l and m live in HBM next to O (line 2): that is this stage's O(N) extra memory.
   HostBuffer<float> l_hbm(p.batch * p.q_heads * p.seq_q), m_hbm(p.batch * p.q_heads * p.seq_q);
@@ -162,6 +164,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
         io.add(p.seq_q * (D + 2));
 
         for (std::int64_t j = 0; j < Tc; ++j) {  // line 5: the OUTER loop runs over K/V blocks
+          progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Line 6: load K_j, V_j on chip (K_j transposed and scaled by tau for line 9's product).
           tiles::pack_transposed(k + key0 * kv_seq, keys, D, kv_seq, p.softmax_scale(), tile.Kt.data(), Bc, Bc);
@@ -232,6 +235,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   const Settings s = read_settings(p, options);  // line 2: Br, Bc
   const std::int64_t D = p.head_dim, Br = s.Br, Bc = s.Bc, group = p.group_size();
   const std::int64_t Tr = blocks_of(p.seq_q, Br), Tc = blocks_of(p.seq_k, Bc);  // lines 3-4
+  progress::expect(static_cast<double>(p.batch * p.kv_heads * Tc));
   const std::int64_t q_seq = t.q_strides.seq, kv_seq = t.kv_strides.seq;
   const float tau = p.softmax_scale();
   double io_bytes = 0;
@@ -256,6 +260,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
         io.add(group * p.seq_q * D);
 
         for (std::int64_t j = 0; j < Tc; ++j) {  // line 6: the outer loop over K/V blocks
+          progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Line 7: load K_j, V_j (plus their transposes, for S_ij and dP_ij); line 8: dK~_j = dV~_j = 0.
           load_rows(k + key0 * kv_seq, kv_seq, keys, D, tile.K.data(), io);
@@ -333,6 +338,7 @@ Stage describe() {
   cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) {
     return static_cast<std::size_t>(2 * p.batch * p.q_heads * p.seq_q) * sizeof(float);
   };
+  cpu.option_names = {"sram_bytes", "block_rows", "block_cols", "count_io"};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

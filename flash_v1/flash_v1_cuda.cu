@@ -608,6 +608,7 @@ TierEntry gpu_tier() {
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : forward_scratch_bytes(p);
   };
+  gpu.option_names = {};  // none
   return gpu;
 }
 

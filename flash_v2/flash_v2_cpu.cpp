@@ -11,6 +11,7 @@
 
 #include "common/cpu_tiles.hpp"
 #include "common/memory.hpp"
+#include "common/progress.hpp"
 #include "common/simd.hpp"
 #include "common/validate.hpp"
 #include "flash_v2/flash_v2.hpp"
@@ -166,6 +167,7 @@ Head head_pointers(const AttentionProblem& p, const AttentionTensors& t, std::in
 void forward_split_query(const AttentionProblem& p, const AttentionTensors& t, const Settings& s) {
   const std::int64_t Tr = blocks_of(p.seq_q, s.Br);
   const std::int64_t items = p.batch * p.q_heads * Tr;
+  progress::expect(static_cast<double>(items));
 #pragma omp parallel
   {
     QueryBlock block(s.Br, s.Bc, p.head_dim);
@@ -173,6 +175,7 @@ void forward_split_query(const AttentionProblem& p, const AttentionTensors& t, c
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < items; ++item) {
       const std::int64_t bh = item / Tr, i = item % Tr;  // Alg. 1 line 3: for each Q block i (in parallel)
+      progress::advance();
       const Head head = head_pointers(p, t, bh / p.q_heads, bh % p.q_heads);
       const std::int64_t row0 = i * s.Br, rows = std::min(s.Br, p.seq_q - row0);
       start_query_block(p, head.q, t.q_strides.seq, row0, rows, block);
@@ -308,6 +311,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   HostBuffer<float> dq_buffers(s.dq == DqAccumulation::thread_buffers ? threads * group * head_block : 0);
   const std::int64_t Tc = blocks_of(p.seq_k, Bc);
   double reduction_seconds = 0;
+  progress::expect(static_cast<double>(p.batch * p.kv_heads * Tc));
 
   for (std::int64_t b = 0; b < p.batch; ++b)
     for (std::int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
@@ -327,6 +331,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
         // Alg. 2 line 5: for each K/V block j, in parallel (FA2's parallelism over the sequence in the backward).
 #pragma omp for schedule(dynamic, 1)
         for (std::int64_t j = 0; j < Tc; ++j) {
+          progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Lines 6-7: load K_j, V_j (transposed, for S and dP); dK_j = dV_j = 0.
           tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, scale, tile.Kt.data(), Bc, Bc);
@@ -404,15 +409,17 @@ Stage describe() {
   // Per-thread tiles are O(Br Bc + (Br + Bc) D); the backward adds D = rowsum(dO * O) and, with the default
   // per-thread dQ buffers, threads x group x Nq x D floats: all O(N).
   // (An estimate for the default block sizes: the harness uses it only to refuse problems that cannot fit.)
-  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
+  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward, const StageOptions& options) {
     const std::int64_t threads = omp_get_max_threads(), D = p.head_dim;
-    const std::int64_t Br = kDefaultBr, Bc = kDefaultBc;
+    const Settings s = read_settings(p, options);  // the block sizes the run will use
+    const std::int64_t Br = s.Br, Bc = s.Bc;
     const std::int64_t forward_tiles = threads * (D * Br + Bc * Br + Br * D + 5 * Br);
     const std::int64_t backward_tiles = threads * (4 * D * Bc + 2 * Br * Bc + Br * D);
     const std::int64_t floats = backward ? backward_tiles + p.batch * p.q_heads * p.seq_q + threads * p.group_size() * p.seq_q * D
                                          : forward_tiles;
     return static_cast<std::size_t>(floats) * sizeof(float);
   };
+  cpu.option_names = {"block_rows", "block_cols", "split", "dq_atomic"};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

@@ -814,6 +814,7 @@ TierEntry gpu_tier() {
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : std::size_t{0};
   };
+  gpu.option_names = {"block_cols", "backward_block_cols", "deterministic"};
   return gpu;
 }
 

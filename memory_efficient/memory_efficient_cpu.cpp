@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common/memory.hpp"
+#include "common/progress.hpp"
 #include "common/simd.hpp"
 #include "common/validate.hpp"
 #include "memory_efficient/memory_efficient.hpp"
@@ -355,6 +356,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, const Chu
   const std::int64_t threads = worker_threads(p.batch * p.q_heads * plan.query_chunks);
   const std::int64_t per_thread = forward_scratch_floats(p, plan);
   HostBuffer<float> scratch(threads * per_thread);
+  progress::expect(static_cast<double>(p.batch * p.q_heads * plan.query_chunks));
 
 #pragma omp parallel num_threads(threads)
   {
@@ -369,6 +371,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, const Chu
       for (std::int64_t h = 0; h < p.q_heads; ++h) {
         for (std::int64_t qc = 0; qc < plan.query_chunks; ++qc) {
           const HeadSlice x{&p, &t, b, h, p.kv_head_of(h)};
+          progress::advance();
           const Range rows{qc * Cq, std::min(Cq, p.seq_q - qc * Cq)};
           // The inner map over key chunks: one summary each (chunks no row of this query chunk sees are skipped).
           const std::int64_t key_chunks = key_chunks_seen(p, rows, Ck);
@@ -395,6 +398,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, const Ch
   HostBuffer<float> scratch(threads * per_thread);
   // delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the softmax backward's row term: O(N), like the LSE.
   HostBuffer<float> delta(p.lse_elements());
+  progress::expect(static_cast<double>(p.batch * (p.q_heads * plan.query_chunks + p.kv_heads * plan.key_chunks)));
 
 #pragma omp parallel num_threads(threads)
   {
@@ -417,6 +421,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, const Ch
       for (std::int64_t h = 0; h < p.q_heads; ++h) {
         for (std::int64_t qc = 0; qc < plan.query_chunks; ++qc) {
           const HeadSlice x{&p, &t, b, h, p.kv_head_of(h)};
+          progress::advance();
           const float* delta_bh = delta.data() + (b * p.q_heads + h) * p.seq_q;
           const Range rows{qc * Cq, std::min(Cq, p.seq_q - qc * Cq)};
           for (std::int64_t r = 0; r < rows.count; ++r) std::fill(x.dq(rows.begin + r), x.dq(rows.begin + r) + D, 0.0f);
@@ -444,6 +449,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, const Ch
         for (std::int64_t kc = 0; kc < plan.key_chunks; ++kc) {
           const Range keys{kc * Ck, std::min(Ck, p.seq_k - kc * Ck)};
           const HeadSlice first_head{&p, &t, b, kv_head * p.group_size(), kv_head};
+          progress::advance();
           for (std::int64_t j = keys.begin; j < keys.begin + keys.count; ++j) {
             std::fill(first_head.dk(j), first_head.dk(j) + D, 0.0f);
             std::fill(first_head.dv(j), first_head.dv(j) + D, 0.0f);
@@ -489,12 +495,13 @@ Stage describe() {
   cpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_cpu(p, t, read_chunks(options));
   };
-  // The harness asks before a run (forward, and backward after it) whether the problem fits; the default
-  // chunks are what a run without options uses. (A run with other chunk sizes is still measured exactly: the
-  // harness tracks every allocation.)
-  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
-    return std::max(cpu_extra_bytes(p, Chunks{}, false), backward ? cpu_extra_bytes(p, Chunks{}, true) : 0);
+  // The harness asks before a run (forward, and backward after it) whether the problem fits, for the chunks
+  // the run will use.
+  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward, const StageOptions& options) {
+    const Chunks chunks = read_chunks(options);
+    return std::max(cpu_extra_bytes(p, chunks, false), backward ? cpu_extra_bytes(p, chunks, true) : 0);
   };
+  cpu.option_names = {"query_chunk", "key_chunk"};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

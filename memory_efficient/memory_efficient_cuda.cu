@@ -529,9 +529,11 @@ TierEntry gpu_tier() {
   gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_gpu(p, t, read_chunks(options));
   };
-  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
-    return std::max(gpu_extra_bytes(p, Chunks{}, false), backward ? gpu_extra_bytes(p, Chunks{}, true) : 0);
+  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward, const StageOptions& options) {
+    const Chunks chunks = read_chunks(options);
+    return std::max(gpu_extra_bytes(p, chunks, false), backward ? gpu_extra_bytes(p, chunks, true) : 0);
   };
+  gpu.option_names = {"query_chunk", "key_chunk"};
   return gpu;
 }
 

@@ -169,6 +169,7 @@ Stage describe() {
   cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) {
     return static_cast<std::size_t>(2 * p.batch * p.q_heads * p.seq_q * p.seq_k) * sizeof(float);
   };
+  cpu.option_names = {};  // none
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

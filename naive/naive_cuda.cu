@@ -483,6 +483,7 @@ TierEntry gpu_tier() {
     return backward ? std::max(forward_scratch_bytes(p, dtype), backward_scratch_bytes(p, dtype))
                     : forward_scratch_bytes(p, dtype);
   };
+  gpu.option_names = {"handwritten"};
   return gpu;
 }
 

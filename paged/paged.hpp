@@ -175,11 +175,18 @@ struct PagedProblem {
   /// Batch entry b's contiguous K and V rows, as new tokens for the reshape-and-cache step.
   NewTokens tokens_of(const AttentionTensors& tensors, std::int64_t b, std::size_t element_size) const;
 };
-/// Registry options: "block_size" (default 16, >= 1), "variant" and "partition".
+/// The largest "block_size" option: far above any serving system's (vLLM: 8 to 32), small enough that a
+/// pool's size cannot wrap.
+inline constexpr std::int64_t kMaxBlockSize = std::int64_t{1} << 20;
+/// Rejects, naming seq_k, a problem whose paging would wrap a 32-bit count: seq_k above 2^31 - 1 (context
+/// lengths) or batch x ceil(seq_k / block_size) above 2^31 - 1 (block ids).
+void validate_paging(const AttentionProblem& problem, std::int64_t block_size);
+/// Registry options: "block_size" (default 16, in [1, kMaxBlockSize]), "variant" and "partition".
 std::int64_t block_size_option(const StageOptions& options);
 DecodeOptions decode_options(const StageOptions& options);
-/// Scratch of one registry pass: the paged pool (at block size 16) and v2's partial results.
-std::size_t registry_extra_bytes(const AttentionProblem& problem, DType dtype);
+/// Scratch of one registry pass with these options: the paged K and V pools, v2's partial results and the
+/// block manager's tables.
+std::size_t registry_extra_bytes(const AttentionProblem& problem, DType dtype, const StageOptions& options = {});
 
 /// The registry entry. Its forward takes the contiguous K and V of the problem (seq_q must be 1), writes them
 /// into a paged cache (options "block_size", default 16, physical blocks in a seeded shuffled order,

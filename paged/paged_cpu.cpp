@@ -315,8 +315,19 @@ void decode_cpu(const DecodeBatch& batch, const DecodeTensors& t, const DecodeOp
 
 // ---- the registry entry -----------------------------------------------------------------------------------
 
+void validate_paging(const AttentionProblem& p, std::int64_t block_size) {
+  const std::int64_t int32_max = std::numeric_limits<std::int32_t>::max();
+  if (p.seq_k > int32_max)
+    reject("seq_k", std::to_string(p.seq_k) + " exceeds 2^31 - 1: paged keeps context lengths in 32 bits");
+  const std::int64_t blocks = p.batch * ceil_div(p.seq_k, block_size);
+  if (blocks > int32_max)
+    reject("seq_k", "batch x ceil(seq_k / block_size) = " + std::to_string(p.batch) + " x ceil(" + std::to_string(p.seq_k) +
+                        " / " + std::to_string(block_size) + ") = " + std::to_string(blocks) +
+                        " cache blocks exceeds 2^31 - 1 (block ids are 32-bit): use a larger block_size");
+}
+
 PagedProblem::PagedProblem(const AttentionProblem& p, std::int64_t block_size, std::uint64_t seed)
-    : geometry{p.batch * ceil_div(p.seq_k, block_size), block_size, p.kv_heads, p.head_dim},
+    : geometry{(validate_paging(p, block_size), p.batch * ceil_div(p.seq_k, block_size)), block_size, p.kv_heads, p.head_dim},
       manager(geometry.num_blocks, block_size, seed) {
   for (std::int64_t b = 0; b < p.batch; ++b) {
     sequences.push_back(manager.add_sequence());
@@ -333,7 +344,8 @@ NewTokens PagedProblem::tokens_of(const AttentionTensors& t, std::int64_t b, std
 
 std::int64_t block_size_option(const StageOptions& options) {
   const std::int64_t block_size = options.get("block_size", 16);
-  if (block_size < 1) reject("block_size", std::to_string(block_size) + " must be >= 1");
+  if (block_size < 1 || block_size > kMaxBlockSize)
+    reject("block_size", std::to_string(block_size) + " must be in [1, 2^20] (tokens per cache block)");
   return block_size;
 }
 
@@ -342,11 +354,21 @@ DecodeOptions decode_options(const StageOptions& options) {
                        options.get("tensor_cores", 1) != 0};
 }
 
-std::size_t registry_extra_bytes(const AttentionProblem& p, DType dtype) {
-  // The pool (default block size 16) plus v2's partials at the default partition of 1024 tokens.
-  const double pool = 2.0 * p.batch * ceil_div(p.seq_k, 16) * 16 * p.kv_heads * p.head_dim * dtype_size(dtype);
-  const double partials = 4.0 * p.batch * p.q_heads * ceil_div(p.seq_k, 1024) * (p.head_dim + 1);
-  return static_cast<std::size_t>(pool + partials);
+std::size_t registry_extra_bytes(const AttentionProblem& p, DType dtype, const StageOptions& options) {
+  // The K and V pools at the run's block size, v2's partials at its partition size (counted whether or not v2
+  // is chosen), and the block manager's tables. In double: a block size of 2^20 on a long context must give a
+  // figure to refuse, not a wrapped count.
+  const std::int64_t block_size = block_size_option(options);
+  validate_paging(p, block_size);
+  const std::int64_t partition = std::max<std::int64_t>(1, options.get("partition", 1024));
+  const double blocks = static_cast<double>(p.batch) * std::ceil(static_cast<double>(p.seq_k) / static_cast<double>(block_size));
+  const double pool = 2.0 * blocks * static_cast<double>(block_size) * static_cast<double>(p.kv_heads * p.head_dim) *
+                      static_cast<double>(dtype_size(dtype));
+  const double partials = 4.0 * static_cast<double>(p.batch * p.q_heads) *
+                          std::ceil(static_cast<double>(p.seq_k) / static_cast<double>(partition)) * static_cast<double>(p.head_dim + 1);
+  const double tables = 16.0 * blocks + 8.0 * static_cast<double>(p.batch) * static_cast<double>(p.seq_k);  // block manager, slots
+  const double total = pool + partials + tables;
+  return total >= 1.8e19 ? std::numeric_limits<std::size_t>::max() : static_cast<std::size_t>(total);
 }
 
 TierCaps cpu_caps() {
@@ -384,7 +406,10 @@ Stage describe() {
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
   cpu.forward = forward_cpu;
-  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) { return registry_extra_bytes(p, DType::f32); };
+  cpu.extra_bytes = [](const AttentionProblem& p, DType, bool, const StageOptions& options) {
+    return registry_extra_bytes(p, DType::f32, options);
+  };
+  cpu.option_names = {"block_size", "shuffle_seed", "variant", "partition"};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

@@ -679,7 +679,10 @@ TierEntry gpu_tier() {
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
   gpu.forward = forward_gpu;
-  gpu.extra_bytes = [](const AttentionProblem& p, DType dtype, bool) { return registry_extra_bytes(p, dtype); };
+  gpu.extra_bytes = [](const AttentionProblem& p, DType dtype, bool, const StageOptions& options) {
+    return registry_extra_bytes(p, dtype, options);
+  };
+  gpu.option_names = {"block_size", "shuffle_seed", "variant", "partition", "tensor_cores"};
   return gpu;
 }
 

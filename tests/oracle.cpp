@@ -3,6 +3,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/progress.hpp"
+
 namespace attn::oracle {
 
 Result attention(const ProblemData& data, bool backward) {
@@ -19,12 +21,15 @@ Result attention(const ProblemData& data, bool backward) {
     r.dk.assign(p.kv_elements(), 0.0);
     r.dv.assign(p.kv_elements(), 0.0);
   }
+  progress::begin("fp64 oracle");
+  progress::expect(static_cast<double>(p.batch * p.kv_heads));
   auto at = [](const Strides& s, std::int64_t b, std::int64_t h, std::int64_t n) { return b * s.batch + h * s.head + n * s.seq; };
 
   // One (batch, KV head) per iteration, so that the dk/dv sums over the group's query heads stay in one thread.
 #pragma omp parallel for collapse(2) schedule(dynamic)
   for (std::int64_t b = 0; b < p.batch; ++b) {
     for (std::int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
+      progress::advance();
       std::vector<double> prob(p.seq_k), dprob(p.seq_k);
       for (std::int64_t h = kv_head * p.group_size(); h < (kv_head + 1) * p.group_size(); ++h) {
         for (std::int64_t i = 0; i < p.seq_q; ++i) {

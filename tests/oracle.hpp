@@ -3,6 +3,7 @@
 // working one query row at a time.
 #pragma once
 
+#include <cstddef>
 #include <vector>
 
 #include "common/harness.hpp"
@@ -16,6 +17,12 @@ struct Result {
 
 /// Exact attention on data's (rounded) inputs, in fp64.
 Result attention(const ProblemData& data, bool backward);
+
+/// Host bytes of a Result: o and lse, plus dq, dk, dv with backward, all fp64.
+inline std::size_t result_bytes(const AttentionProblem& p, bool backward) {
+  return sizeof(double) * static_cast<std::size_t>(p.q_elements() + p.lse_elements() +
+                                                   (backward ? p.q_elements() + 2 * p.kv_elements() : 0));
+}
 
 /// Problems up to this many multiply-adds (B * Hq * Nq * Nk * D) are cheap enough for the oracle.
 inline constexpr double kMaxMultiplyAdds = 3e8;

@@ -85,7 +85,9 @@ TEST_CASE("memory_efficient/gpu matches the oracle, its CPU tier and naive/gpu i
         // This stage's CPU tier (fp32 on the same rounded inputs) and naive/gpu, once per problem.
         const StageRun cpu = run_stage(stage(), Tier::cpu, data, settings_for(kChunkCases.back(), true));
         StageRun naive_gpu;
-        if (previous != nullptr) naive_gpu = run_stage(*previous, Tier::gpu, data, settings_for(kChunkCases.back(), true));
+        RunSettings naive_settings = settings_for(kChunkCases.back(), true);
+        naive_settings.options = StageOptions{};  // naive takes no chunk options (and would refuse them)
+        if (previous != nullptr) naive_gpu = run_stage(*previous, Tier::gpu, data, naive_settings);
         for (const ChunkCase& chunks : kChunkCases) {
           INFO(label(shape) << " " << dtype_name(tol.dtype) << " layout " << layout_name(layout) << ", " << chunks.name);
           const StageRun run = run_stage(stage(), Tier::gpu, data, settings_for(chunks, true));

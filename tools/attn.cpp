@@ -4,12 +4,15 @@
 //   attn ladder [--tier ...]       every stage on one default problem, one row each (the main job)
 // Small defaults for `run`, so that `gdb --args build/bin/attn run --stage naive` stops in a readable problem.
 #include <omp.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <limits>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -17,6 +20,7 @@
 
 #include "common/harness.hpp"
 #include "common/numeric.hpp"
+#include "common/progress.hpp"
 #include "common/registry.hpp"
 #include "tests/oracle.hpp"
 #ifdef ATTN_HAVE_CUDA
@@ -40,11 +44,49 @@ struct UsageError : std::invalid_argument {
 const char* kUsage =
     "usage: attn list\n"
     "       attn run --stage NAME [--tier cpu|gpu] [problem] [--backward] [--json] [--repeats N] [--seed N]\n"
-    "                [--layout bhnd|bnhd] [--opt NAME=VALUE]... [--sram-bytes N] [--io]\n"
-    "       attn ladder [--tier cpu|gpu|all] [problem] [--backward] [--json] [--repeats N]\n"
+    "                [--layout bhnd|bnhd] [--opt NAME=VALUE]... [--sram-bytes N] [--io] [--progress]\n"
+    "       attn ladder [--tier cpu|gpu|all] [problem] [--backward] [--json] [--repeats N] [--progress]\n"
     "       attn paged-sim [--help]   (with the paged stage: the KV-cache serving simulation)\n"
+    "       attn run --help, attn ladder --help: each command's flags\n"
     "problem: --batch N --heads N --kv-heads N --seq-q N --seq-k N (or --seq N) --head-dim N --causal\n"
     "         --scale X --dtype f32|bf16|f16 --q-std X (scale of Q's entries; large values give large logits)\n";
+
+const char* kProblemFlags =
+    "  --batch N          batch size B (default 1)\n"
+    "  --heads N          query heads Hq\n"
+    "  --kv-heads N       K/V heads Hkv (default: Hq; Hq must be a multiple)\n"
+    "  --seq N            Nq = Nk = N; --seq-q N and --seq-k N set each\n"
+    "  --head-dim N       D\n"
+    "  --causal           causal mask, aligned to the bottom-right corner\n"
+    "  --scale X          softmax scale (default 1/sqrt(D); finite in fp32)\n"
+    "  --dtype T          f32, bf16 or f16: the GPU tier's dtype; inputs are rounded to it for both tiers\n";
+
+const char* kRunUsage =
+    "usage: attn run --stage NAME [flags]   one stage on one problem: time, TFLOP/s, extra memory, errors\n"
+    "  --stage NAME       a stage of `attn list`\n"
+    "  --tier cpu|gpu     default cpu\n"
+    "%s"
+    "  --q-std X          standard deviation of Q's entries (default 1; large values give large logits)\n"
+    "  --layout L         bhnd (default) or bnhd\n"
+    "  --backward         also run and time the backward pass\n"
+    "  --repeats N        timed runs, the median is reported (default 3, at most 1000000)\n"
+    "  --seed N           seed of the random inputs (default 1)\n"
+    "  --opt NAME=VALUE   a stage option (repeatable); each stage refuses names it does not read\n"
+    "  --sram-bytes N     flash_v1/cpu's on-chip memory M (the option sram_bytes)\n"
+    "  --io               flash_v1/cpu: count the bytes moved (the option count_io)\n"
+    "  --json             one JSON object instead of the table\n"
+    "  --progress         progress lines on stderr even with --json (they are on by default otherwise)\n"
+    "The error columns compare with the previous stage of the ladder and the fp64 oracle; a comparison that\n"
+    "cannot be made (the previous stage refuses the problem, or memory is short) is shown as '-' with a note.\n";
+
+const char* kLadderUsage =
+    "usage: attn ladder [flags]   every stage on one default problem (or the one given), one row each\n"
+    "  --tier cpu|gpu|all default all (gpu only when a CUDA device is present)\n"
+    "%s"
+    "  --backward         also run the backward passes\n"
+    "  --repeats N        timed runs per stage, the median is reported (default 3)\n"
+    "  --json             one JSON object per row\n"
+    "  --progress         progress lines on stderr even with --json\n";
 
 // Command-line flags, parsed once; every value is checked when it is read.
 struct Flags {
@@ -54,13 +96,10 @@ struct Flags {
   explicit Flags(std::vector<std::string> list) : args(std::move(list)), used(args.size(), false) {}
 
   std::optional<std::string> value(const std::string& name) {
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      if (args[i] != name) continue;
-      if (i + 1 >= args.size()) throw UsageError(name + ": needs a value");
-      used[i] = used[i + 1] = true;
-      return args[i + 1];
-    }
-    return std::nullopt;
+    std::vector<std::string> found = values(name);
+    if (found.size() > 1) throw UsageError(name + ": given " + std::to_string(found.size()) + " times (once at most)");
+    if (found.empty()) return std::nullopt;
+    return found.front();
   }
   std::vector<std::string> values(const std::string& name) {
     std::vector<std::string> found;
@@ -73,9 +112,21 @@ struct Flags {
     return found;
   }
   bool flag(const std::string& name) {
-    for (std::size_t i = 0; i < args.size(); ++i)
-      if (args[i] == name) return used[i] = true;
-    return false;
+    bool seen = false;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (args[i] != name) continue;
+      if (seen) throw UsageError(name + ": given twice (once at most)");
+      seen = used[i] = true;
+    }
+    return seen;
+  }
+  /// An integer in [minimum, maximum].
+  std::int64_t integer(const std::string& name, std::int64_t fallback, std::int64_t minimum, std::int64_t maximum) {
+    const std::int64_t parsed = integer(name, fallback);
+    if (parsed < minimum || parsed > maximum)
+      throw UsageError(name + ": " + std::to_string(parsed) + " is outside [" + std::to_string(minimum) + ", " +
+                       std::to_string(maximum) + "]");
+    return parsed;
   }
   std::int64_t integer(const std::string& name, std::int64_t fallback) {
     auto text = value(name);
@@ -84,6 +135,8 @@ struct Flags {
     long long parsed = 0;
     try {
       parsed = std::stoll(*text, &end);
+    } catch (const std::out_of_range&) {
+      throw UsageError(name + ": '" + *text + "' is outside the 64-bit integer range");
     } catch (const std::exception&) {
       end = 0;
     }
@@ -103,10 +156,19 @@ struct Flags {
     if (end == 0 || end != text->size()) throw UsageError(name + ": '" + *text + "' is not a number");
     return parsed;
   }
+  /// A real number that is finite, > 0 and representable in fp32 (for values the stages use as floats).
+  double positive_float(const std::string& name, double fallback) {
+    const double parsed = real(name, fallback);
+    if (!std::isfinite(parsed) || parsed <= 0.0 || parsed > std::numeric_limits<float>::max())
+      throw UsageError(name + ": " + *value(name) + " must be finite, > 0 and at most 3.4e38 (fp32)");
+    return parsed;
+  }
   void reject_unknown() const {
     for (std::size_t i = 0; i < args.size(); ++i)
       if (!used[i]) throw UsageError("unknown or misplaced argument '" + args[i] + "'");
   }
+  bool help() const { return std::find(args.begin(), args.end(), "--help") != args.end() ||
+                             std::find(args.begin(), args.end(), "-h") != args.end(); }
 };
 
 AttentionProblem read_problem(Flags& flags, AttentionProblem p) {
@@ -139,8 +201,13 @@ StageOptions read_options(Flags& flags) {
   return options;
 }
 
+// null: not computed (no previous stage, no oracle, a comparison not made). A computed value that is not
+// finite (an error against NaN outputs) is the string "NaN", "Infinity" or "-Infinity", as JSON has no such
+// numbers: a reader can tell "not computed" from "computed and not finite".
 std::string json_number(std::optional<double> value) {
-  if (!value || !std::isfinite(*value)) return "null";
+  if (!value) return "null";
+  if (std::isnan(*value)) return "\"NaN\"";
+  if (std::isinf(*value)) return *value > 0 ? "\"Infinity\"" : "\"-Infinity\"";
   std::ostringstream out;
   out.precision(6);
   out << *value;
@@ -162,7 +229,11 @@ struct Row {
   std::optional<double> time_ms, tflops, extra_bytes, speedup_prev, rel_err_prev, rel_err_oracle;
   std::optional<double> bwd_ms, bwd_tflops, bwd_extra_bytes, bwd_rel_err_prev, bwd_rel_err_oracle;
   std::map<std::string, double> counters;
+  std::optional<double> nonfinite_values;                       ///< NaN or inf in the outputs (StageRun::nonfinite_values)
+  std::optional<double> host_estimate_bytes, host_peak_bytes;  ///< `run` only: planned and measured host memory
 };
+
+void add_note(Row& row, const std::string& note) { row.note += (row.note.empty() ? "" : "; ") + note; }
 
 void print_json(const Row& r) {
   std::cout << "{\"stage\":" << json_string(r.stage) << ",\"tier\":" << json_string(r.tier)
@@ -173,7 +244,11 @@ void print_json(const Row& r) {
             << ",\"bwd_time_ms\":" << json_number(r.bwd_ms) << ",\"bwd_tflops\":" << json_number(r.bwd_tflops)
             << ",\"bwd_extra_bytes\":" << json_number(r.bwd_extra_bytes)
             << ",\"bwd_rel_err_prev\":" << json_number(r.bwd_rel_err_prev)
-            << ",\"bwd_rel_err_oracle\":" << json_number(r.bwd_rel_err_oracle);
+            << ",\"bwd_rel_err_oracle\":" << json_number(r.bwd_rel_err_oracle)
+            << ",\"nonfinite_values\":" << json_number(r.nonfinite_values);
+  if (r.host_estimate_bytes)
+    std::cout << ",\"host_estimate_bytes\":" << json_number(r.host_estimate_bytes)
+              << ",\"host_peak_bytes\":" << json_number(r.host_peak_bytes);
   for (const auto& [name, value] : r.counters) std::cout << "," << json_string(name) << ":" << json_number(value);
   std::cout << ",\"note\":" << (r.note.empty() ? "null" : json_string(r.note)) << "}\n";
 }
@@ -206,8 +281,35 @@ void print_table_row(const Row& r, bool backward) {
   for (const auto& [name, value] : r.counters) std::printf("    %s = %.6g\n", name.c_str(), value);
 }
 
-double worst(const ErrorStats& a, const ErrorStats& b, const ErrorStats& c) {
-  return std::max({a.rel_frobenius, b.rel_frobenius, c.rel_frobenius});
+// The backward's error: the relative Frobenius error of the whole gradient (dQ, dK, dV as one vector),
+//   sqrt(sum ||dX - dX_ref||^2) / sqrt(sum ||dX_ref||^2).
+// Not the worst of the three relative errors: with large logits the softmax saturates, dQ and dK of the
+// reference tend to zero (dS = P (dP - rowsum(P dP)) vanishes for a one-hot P) and their relative errors
+// measure only rounding against ~0, while dV = P^T dO keeps the gradient's scale. Each gradient's own error is
+// checked by the stage tests.
+template <class Reference>
+double gradient_error(const StageRun& run, const Reference& dq, const Reference& dk, const Reference& dv) {
+  double diff = 0.0, norm = 0.0;
+  bool bad = false;
+  auto add = [&](std::span<const float> actual, auto reference) {
+    const ErrorStats e = compare(actual, reference);
+    if (e.bad_values > 0) bad = true;
+    if (bad) return;
+    double ref_sq = 0.0;
+    for (std::size_t i = 0; i < reference.size(); ++i) ref_sq += static_cast<double>(reference[i]) * reference[i];
+    norm += ref_sq;
+    diff += e.rel_frobenius * e.rel_frobenius * ref_sq;
+    if (ref_sq == 0.0) {  // rel_frobenius is relative to zero: use the absolute error instead
+      double abs_sq = 0.0;
+      for (float x : actual) abs_sq += static_cast<double>(x) * x;
+      diff += abs_sq;
+    }
+  };
+  add(run.dq.span(), dq);
+  add(run.dk.span(), dk);
+  add(run.dv.span(), dv);
+  if (bad) return std::numeric_limits<double>::infinity();
+  return norm > 0.0 ? std::sqrt(diff / norm) : std::sqrt(diff);
 }
 
 // Runs one stage; fills its row, comparing with the previous stage's outputs (when given) and the oracle.
@@ -238,13 +340,14 @@ Row run_row(const Stage& stage, Tier tier, const ProblemData& data, const RunSet
     row.bwd_tflops = data.problem.backward_flops() / (run.backward_ms * 1e-3) / 1e12;
     row.bwd_extra_bytes = static_cast<double>(run.backward_extra_bytes);
     if (previous != nullptr && previous->dq.size() > 0)
-      row.bwd_rel_err_prev = worst(compare(run.dq.span(), previous->dq.span()), compare(run.dk.span(), previous->dk.span()),
-                                   compare(run.dv.span(), previous->dv.span()));
+      row.bwd_rel_err_prev = gradient_error(run, previous->dq.span(), previous->dk.span(), previous->dv.span());
     if (exact)
-      row.bwd_rel_err_oracle = worst(compare(run.dq.span(), std::span<const double>(exact->dq)),
-                                     compare(run.dk.span(), std::span<const double>(exact->dk)),
-                                     compare(run.dv.span(), std::span<const double>(exact->dv)));
+      row.bwd_rel_err_oracle = gradient_error(run, std::span<const double>(exact->dq), std::span<const double>(exact->dk),
+                                              std::span<const double>(exact->dv));
   }
+  row.nonfinite_values = static_cast<double>(run.nonfinite_values());
+  if (*row.nonfinite_values > 0)
+    add_note(row, std::to_string(static_cast<long long>(*row.nonfinite_values)) + " output values are NaN or infinite");
   if (keep != nullptr) *keep = std::move(run);
   return row;
 }
@@ -286,7 +389,31 @@ int command_list() {
   return 0;
 }
 
+// Bytes the process has had resident at most so far (Linux reports ru_maxrss in KB).
+double peak_resident_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return 1024.0 * static_cast<double>(usage.ru_maxrss);
+}
+
+// Reads the run/ladder settings shared by both commands: --backward, --repeats (1 to 10^6), the progress switch.
+RunSettings read_settings(Flags& flags) {
+  RunSettings settings;
+  settings.backward = flags.flag("--backward");
+  settings.repeats = static_cast<int>(flags.integer("--repeats", 3, 1, 1000000));
+  return settings;
+}
+
+// Progress lines go to stderr for work longer than a few seconds; --json silences them unless --progress.
+std::unique_ptr<progress::Reporter> progress_reporter(bool json, bool asked) {
+  return !json || asked ? std::make_unique<progress::Reporter>() : nullptr;
+}
+
 int command_run(Flags& flags) {
+  if (flags.help()) {
+    std::printf(kRunUsage, kProblemFlags);
+    return 0;
+  }
   const std::string name = flags.value("--stage").value_or("");
   if (name.empty()) throw UsageError("--stage: required (see `attn list`)");
   const Stage& stage = find_stage(name);
@@ -300,24 +427,62 @@ int command_run(Flags& flags) {
   if (entry != nullptr && entry->caps.max_seq_q > 0) defaults.seq_q = entry->caps.max_seq_q;  // a decode stage
   const AttentionProblem problem = read_problem(flags, defaults);
   const DType dtype = parse_dtype(flags.value("--dtype").value_or(tier == Tier::cpu ? "f32" : "bf16"));
-  const Layout layout = flags.value("--layout").value_or("bhnd") == "bnhd" ? Layout::bnhd : Layout::bhnd;
-  const auto seed = static_cast<std::uint64_t>(flags.integer("--seed", 1));
-  const float q_std = static_cast<float>(flags.real("--q-std", 1.0));
-  RunSettings settings;
-  settings.backward = flags.flag("--backward");
-  settings.repeats = static_cast<int>(flags.integer("--repeats", 3));
+  const Layout layout = parse_layout(flags.value("--layout").value_or("bhnd"));
+  const auto seed = static_cast<std::uint64_t>(flags.integer("--seed", 1, 0, std::numeric_limits<std::int64_t>::max()));
+  const float q_std = static_cast<float>(flags.positive_float("--q-std", 1.0));
+  RunSettings settings = read_settings(flags);
   settings.options = read_options(flags);
   const bool json = flags.flag("--json");
+  const bool show_progress = flags.flag("--progress");
   flags.reject_unknown();
+
+  // Everything the stage asked for can refuse is checked before any input is made, in its own name.
+  check_can_run(stage, tier, problem, dtype, settings.backward, settings.options);
+  entry = stage.find(tier);
+  const auto reporter = progress_reporter(json, show_progress);
+
+  // The host memory of the whole run: inputs, the stage's outputs and scratch, then (when they fit too) the
+  // fp64 oracle and the previous stage's run, whose outputs stay alive for the error column.
+  const double available = 0.9 * static_cast<double>(available_bytes(Tier::cpu));
+  const double inputs = static_cast<double>(problem_data_bytes(problem));
+  const double own = static_cast<double>(run_host_bytes(*entry, problem, dtype, settings.backward, settings.options));
+  double planned = inputs + own;
+  if (planned > available)
+    throw ProblemTooLarge(stage.name + "/" + tier_name(tier) + ": " + problem.describe() + " needs " +
+                          format_bytes(planned) + " of host memory (inputs " + format_bytes(inputs) +
+                          ", the stage's outputs and scratch " + format_bytes(own) + "); " + format_bytes(available / 0.9) +
+                          " available");
+  std::vector<std::string> notes;
+  const bool want_oracle = oracle::affordable(problem);
+  const double oracle_bytes = static_cast<double>(oracle::result_bytes(problem, settings.backward));
+  const bool run_oracle = want_oracle && planned + oracle_bytes <= available;
+  if (run_oracle) planned += oracle_bytes;
+  if (want_oracle && !run_oracle) notes.push_back("fp64 comparison not made: the oracle's " + format_bytes(oracle_bytes) + " do not fit");
+  // The previous stage (same tier) on the same inputs, for the error column: only when it can run this problem.
+  const Stage* previous = previous_stage(stage.name, tier);
+  std::string previous_refusal;
+  if (previous != nullptr) {
+    try {
+      check_can_run(*previous, tier, problem, dtype, settings.backward);
+      const TierEntry& previous_entry = *previous->find(tier);
+      const double kept = static_cast<double>(run_host_bytes(previous_entry, problem, dtype, settings.backward)) -
+                          (tier == Tier::cpu && previous_entry.extra_bytes
+                               ? static_cast<double>(previous_entry.extra_bytes(problem, DType::f32, settings.backward))
+                               : 0.0);
+      if (planned + kept > available)
+        throw ProblemTooLarge("its outputs (" + format_bytes(kept) + ") do not fit next to this run's");
+      planned += kept;
+    } catch (const std::exception& e) {
+      previous_refusal = e.what();
+    }
+  }
 
   const ProblemData data = make_problem_data(problem, dtype, layout, seed, q_std);
   std::optional<oracle::Result> exact;
-  if (oracle::affordable(problem)) exact = oracle::attention(data, settings.backward);
-  // The previous stage (same tier) on the same inputs, for the error column.
+  if (run_oracle) exact = oracle::attention(data, settings.backward);
   StageRun previous_run;
-  const Stage* previous = previous_stage(stage.name, tier);
   bool have_previous = false;
-  if (previous != nullptr) {
+  if (previous != nullptr && previous_refusal.empty()) {
     try {
       RunSettings once = settings;
       once.repeats = 1;
@@ -325,16 +490,28 @@ int command_run(Flags& flags) {
       once.options = StageOptions{};
       previous_run = run_stage(*previous, tier, data, once);
       have_previous = true;
-    } catch (const ProblemTooLarge&) {
+    } catch (const std::exception& e) {  // it refused after all (e.g. less memory free now): no comparison
+      previous_refusal = e.what();
     }
   }
+  if (previous != nullptr && !have_previous)
+    notes.push_back("comparison with " + previous->name + " not made: " + previous_refusal);
   Row row = run_row(stage, tier, data, settings, have_previous ? &previous_run : nullptr, exact, nullptr);
+  for (const std::string& note : notes) add_note(row, note);
+  row.host_estimate_bytes = planned;
+  row.host_peak_bytes = peak_resident_bytes();
+  if (row.nonfinite_values && *row.nonfinite_values > 0)
+    std::fprintf(stderr, "attn: warning: %s/%s: %.0f output values are NaN or infinite (non-finite inputs, or logits or "
+                 "outputs beyond fp32's range, propagate as in PyTorch)\n", stage.name.c_str(), tier_name(tier),
+                 *row.nonfinite_values);
   if (json) {
     print_json(row);
   } else {
     print_machine(tier);
     std::printf("# %s, %s layout%s\n", problem.describe().c_str(), layout_name(layout),
-                previous ? (", errors against " + previous->name + (have_previous ? "" : " (too large to run)")).c_str() : "");
+                previous ? (", errors against " + previous->name + (have_previous ? "" : " (not made)")).c_str() : "");
+    std::printf("# host memory: %s planned, %s peak resident\n", format_bytes(planned).c_str(),
+                format_bytes(*row.host_peak_bytes).c_str());
     print_table_header(settings.backward);
     print_table_row(row, settings.backward);
   }
@@ -342,6 +519,10 @@ int command_run(Flags& flags) {
 }
 
 int command_ladder(Flags& flags) {
+  if (flags.help()) {
+    std::printf(kLadderUsage, kProblemFlags);
+    return 0;
+  }
   const std::string tier_text = flags.value("--tier").value_or("all");
   std::vector<Tier> tiers;
   if (tier_text == "all") {
@@ -350,6 +531,13 @@ int command_ladder(Flags& flags) {
   } else {
     tiers.push_back(parse_tier(tier_text));
   }
+  if (std::find(tiers.begin(), tiers.end(), Tier::gpu) != tiers.end() && !gpu_present())
+#ifdef ATTN_HAVE_CUDA
+    throw UsageError("tier: gpu needs a CUDA device: no CUDA device on this machine");
+#else
+    throw UsageError("tier: gpu needs a CUDA device: no CUDA device in this build (the CUDA toolkit was not found at "
+                     "configure time, so the GPU tier was not built)");
+#endif
   // The default problems: big enough to fill each machine, small enough that naive still fits.
   AttentionProblem cpu_problem;
   cpu_problem.batch = 1;
@@ -368,15 +556,19 @@ int command_ladder(Flags& flags) {
   std::optional<AttentionProblem> chosen;
   if (custom) chosen = read_problem(flags, cpu_problem);
   const std::optional<std::string> dtype_text = flags.value("--dtype");
-  RunSettings settings;
-  settings.backward = flags.flag("--backward");
-  settings.repeats = static_cast<int>(flags.integer("--repeats", 3));
+  const DType gpu_dtype = parse_dtype(dtype_text.value_or("bf16"));
+  if (dtype_text && gpu_dtype != DType::f32 && tiers == std::vector<Tier>{Tier::cpu})
+    throw UsageError("--dtype: " + *dtype_text + " applies to the GPU tier; the CPU tier's ladder runs in f32 "
+                     "(`attn run --tier cpu --dtype " + *dtype_text + "` rounds one stage's inputs to it)");
+  const RunSettings settings = read_settings(flags);
   const bool json = flags.flag("--json");
+  const bool show_progress = flags.flag("--progress");
   flags.reject_unknown();
+  const auto reporter = progress_reporter(json, show_progress);
 
   for (Tier tier : tiers) {
     const AttentionProblem problem = chosen ? *chosen : (tier == Tier::cpu ? cpu_problem : gpu_problem);
-    const DType dtype = tier == Tier::cpu ? DType::f32 : parse_dtype(dtype_text.value_or("bf16"));
+    const DType dtype = tier == Tier::cpu ? DType::f32 : gpu_dtype;
     const ProblemData data = make_problem_data(problem, dtype);
     std::optional<oracle::Result> exact;
     if (oracle::affordable(problem)) exact = oracle::attention(data, settings.backward);
@@ -446,6 +638,10 @@ int main(int argc, char** argv) {
   const std::string command = args[0];
   Flags flags(std::vector<std::string>(args.begin() + 1, args.end()));
   try {
+    if (command == "list" && flags.help()) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
     if (command == "list") {
       flags.reject_unknown();
       return command_list();
