@@ -238,8 +238,9 @@ void forward_split_key(const AttentionProblem& p, const AttentionTensors& t, con
 // K_j^T and V_j^T are packed once per K/V block and reused by every Q block of the inner loop.
 struct KeyBlockTiles {
   KeyBlockTiles(std::int64_t Br, std::int64_t Bc, std::int64_t D)
-      : Kt(D * Bc), Vt(D * Bc), dK(Bc * D), dV(Bc * D), P(Br * Bc), dS(Br * Bc), dQ(Br * D) {}
-  HostBuffer<float> Kt, Vt;  // D x Bc: scale * K_j^T and V_j^T
+      : Qs(Br * D), Kt(D * Bc), Vt(D * Bc), dK(Bc * D), dV(Bc * D), P(Br * Bc), dS(Br * Bc), dQ(Br * D) {}
+  HostBuffer<float> Qs;      // Br x D: scale * Q_i, rounded as the forward's, for S = (scale Q_i) K_j^T
+  HostBuffer<float> Kt, Vt;  // D x Bc: K_j^T and V_j^T
   HostBuffer<float> dK, dV;  // Bc x D: the accumulators of Alg. 2 line 7
   HostBuffer<float> P, dS;   // Br x Bc: P_ij, and dP_ij overwritten by dS_ij (which includes the softmax scale)
   HostBuffer<float> dQ;      // Br x D: dS_ij K_j before it is added to dQ_i (atomic mode only)
@@ -334,7 +335,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
           progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Lines 6-7: load K_j, V_j (transposed, for S and dP); dK_j = dV_j = 0.
-          tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, scale, tile.Kt.data(), Bc, Bc);
+          tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Kt.data(), Bc, Bc);
           tiles::pack_transposed(v_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Vt.data(), Bc, Bc);
           std::fill_n(tile.dK.data(), keys * D, 0.0f);
           std::fill_n(tile.dV.data(), keys * D, 0.0f);
@@ -351,8 +352,14 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
             for (std::int64_t row0 = first_row / Br * Br; row0 < p.seq_q; row0 += Br) {  // line 8
               const std::int64_t rows = std::min(Br, p.seq_q - row0);
               const MatrixView Qi{q_rows + row0 * q_seq, q_seq, 1}, dOi{do_rows + row0 * q_seq, q_seq, 1};
-              // Line 10: S = Q_i K_j^T (scaled), with the causal mask on blocks that straddle the diagonal.
-              tiles::matmul(Update::overwrite, rows, keys, D, Qi, tile.Kt.data(), Bc, tile.P.data(), Bc);
+              // Line 10: S = (scale Q_i) K_j^T, with the causal mask on blocks that straddle the diagonal. The scale
+              // goes on Q, as in the forward, so that S is rounded the same way there and here: P = exp(S - L) then
+              // stays <= 1. (Scaling K instead shifts S by an ulp of S, which at logits near 1e4 is 1e-3: P and dV
+              // were off by that much.)
+              for (std::int64_t r = 0; r < rows; ++r)
+                for (std::int64_t d = 0; d < D; ++d) tile.Qs[r * D + d] = scale * Qi.at(r, d);
+              tiles::matmul(Update::overwrite, rows, keys, D, MatrixView{tile.Qs.data(), D, 1}, tile.Kt.data(), Bc,
+                            tile.P.data(), Bc);
               // Line 11: P = exp(S - L_i).
               for (std::int64_t r = 0; r < rows; ++r) {
                 float* p_row = tile.P.data() + r * Bc;
@@ -414,7 +421,7 @@ Stage describe() {
     const Settings s = read_settings(p, options);  // the block sizes the run will use
     const std::int64_t Br = s.Br, Bc = s.Bc;
     const std::int64_t forward_tiles = threads * (D * Br + Bc * Br + Br * D + 5 * Br);
-    const std::int64_t backward_tiles = threads * (4 * D * Bc + 2 * Br * Bc + Br * D);
+    const std::int64_t backward_tiles = threads * (4 * D * Bc + 2 * Br * Bc + 2 * Br * D);
     const std::int64_t floats = backward ? backward_tiles + p.batch * p.q_heads * p.seq_q + threads * p.group_size() * p.seq_q * D
                                          : forward_tiles;
     return static_cast<std::size_t>(floats) * sizeof(float);

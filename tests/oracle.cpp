@@ -1,5 +1,6 @@
 #include "oracle.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -20,6 +21,9 @@ Result attention(const ProblemData& data, bool backward) {
     r.dq.assign(p.q_elements(), 0.0);
     r.dk.assign(p.kv_elements(), 0.0);
     r.dv.assign(p.kv_elements(), 0.0);
+    r.dq_mag.assign(p.q_elements(), 0.0);
+    r.dk_mag.assign(p.kv_elements(), 0.0);
+    r.dv_mag.assign(p.kv_elements(), 0.0);
   }
   progress::begin("fp64 oracle");
   progress::expect(static_cast<double>(p.batch * p.kv_heads));
@@ -67,15 +71,22 @@ Result attention(const ProblemData& data, bool backward) {
             weighted += prob[j] * dp;
           }
           double* dq = r.dq.data() + at(qs, b, h, i);
+          double* dq_mag = r.dq_mag.data() + at(qs, b, h, i);
           for (std::int64_t j = 0; j < visible; ++j) {
             const double ds = prob[j] * (dprob[j] - weighted) * scale;
+            const double ds_mag = prob[j] * (std::fabs(dprob[j]) + std::fabs(weighted)) * std::fabs(scale);
             const float* k = data.k.data() + at(ks, b, kv_head, j);
             double* dk = r.dk.data() + at(ks, b, kv_head, j);
             double* dv = r.dv.data() + at(ks, b, kv_head, j);
+            double* dk_mag = r.dk_mag.data() + at(ks, b, kv_head, j);
+            double* dv_mag = r.dv_mag.data() + at(ks, b, kv_head, j);
             for (std::int64_t d = 0; d < D; ++d) {
               dq[d] += ds * k[d];
               dk[d] += ds * q[d];
               dv[d] += prob[j] * d_o[d];
+              dq_mag[d] += ds_mag * std::fabs(k[d]);
+              dk_mag[d] += ds_mag * std::fabs(q[d]);
+              dv_mag[d] += prob[j] * std::fabs(d_o[d]);
             }
           }
         }
@@ -83,6 +94,43 @@ Result attention(const ProblemData& data, bool backward) {
     }
   }
   return r;
+}
+
+namespace {
+
+template <class Reference>
+double scaled_error(std::span<const float> actual, std::span<const Reference> reference, std::span<const double> magnitude) {
+  double diff = 0.0, scale = 0.0;
+  for (std::size_t i = 0; i < actual.size(); ++i) {
+    if (!std::isfinite(actual[i])) return std::numeric_limits<double>::infinity();
+    const double e = static_cast<double>(actual[i]) - static_cast<double>(reference[i]);
+    diff += e * e;
+    scale += magnitude[i] * magnitude[i];
+  }
+  if (diff == 0.0) return 0.0;
+  return scale > 0.0 ? std::sqrt(diff / scale) : std::numeric_limits<double>::infinity();
+}
+
+}  // namespace
+
+double gradient_error(std::span<const float> actual, std::span<const double> reference, std::span<const double> magnitude) {
+  return scaled_error(actual, reference, magnitude);
+}
+
+double gradient_error(std::span<const float> actual, std::span<const float> reference, std::span<const double> magnitude) {
+  return scaled_error(actual, reference, magnitude);
+}
+
+double worst_gradient_error(const StageRun& run, const Result& exact) {
+  return std::max({gradient_error(run.dq.span(), std::span<const double>(exact.dq), exact.dq_mag),
+                   gradient_error(run.dk.span(), std::span<const double>(exact.dk), exact.dk_mag),
+                   gradient_error(run.dv.span(), std::span<const double>(exact.dv), exact.dv_mag)});
+}
+
+double worst_gradient_error(const StageRun& run, const StageRun& reference, const Result& exact) {
+  return std::max({gradient_error(run.dq.span(), reference.dq.span(), exact.dq_mag),
+                   gradient_error(run.dk.span(), reference.dk.span(), exact.dk_mag),
+                   gradient_error(run.dv.span(), reference.dv.span(), exact.dv_mag)});
 }
 
 }  // namespace attn::oracle

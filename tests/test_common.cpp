@@ -1,12 +1,15 @@
 // common/: the validator's rules, fp16/bf16 rounding, the error metric, the random fill and the memory tracker.
 #include <cmath>
 #include <cstring>
+#include <span>
 #include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "common/harness.hpp"
 #include "common/memory.hpp"
 #include "common/numeric.hpp"
+#include "common/progress.hpp"
 #include "common/registry.hpp"
 #include "common/validate.hpp"
 #include "test_support.hpp"
@@ -101,6 +104,60 @@ TEST_CASE("validator: the scale must be finite and non-negative", "[common][vali
   CHECK(starts_with(rejection(call), "scale:"));
   call.p.scale = -1.0;
   CHECK(starts_with(rejection(call), "scale:"));
+}
+
+TEST_CASE("validator: size products that would wrap 64-bit counts are rejected, naming the largest size",
+          "[common][validate]") {
+  // These wrapped to tiny element counts, passed the memory checks and crashed flash_v1, flash_v2 and paged.
+  AttentionProblem p;
+  p.q_heads = p.kv_heads = 4;
+  p.seq_q = 1;
+  p.seq_k = 4611686018427387905;  // 4 x 4 x this x 1 wraps to a small count
+  p.head_dim = 1;
+  std::string message = testing::invalid_argument_message([&] { validate_problem(p); });
+  CHECK(starts_with(message, "seq_k: 4611686018427387905 is too large"));
+  CHECK(message.find("2^58") != std::string::npos);
+  p = AttentionProblem{};
+  p.batch = 7;
+  p.q_heads = p.kv_heads = 2;
+  p.seq_q = p.seq_k = 7905747460161236407;
+  p.head_dim = 1;
+  CHECK(starts_with(testing::invalid_argument_message([&] { validate_problem(p); }), "seq_q:"));
+  p = AttentionProblem{};
+  p.head_dim = 9223372036854775807;
+  CHECK(starts_with(testing::invalid_argument_message([&] { validate_problem(p); }), "head_dim:"));
+  // The scores B x Hq x Nq x Nk count too (naive's N x N matrices), even when every tensor is small.
+  p = AttentionProblem{};
+  p.seq_q = p.seq_k = std::int64_t{1} << 32;
+  p.head_dim = 1;
+  CHECK(testing::invalid_argument_message([&] { validate_problem(p); }).find("the scores") != std::string::npos);
+  p.seq_k = std::int64_t{1} << 20;  // 2^52 scores: accepted
+  CHECK(testing::invalid_argument_message([&] { validate_problem(p); }) == "");
+}
+
+TEST_CASE("validator: a scale that is finite as a double but infinite as fp32 is rejected", "[common][validate]") {
+  AttentionProblem p = small_problem();
+  p.scale = 3.5e38;
+  CHECK(starts_with(testing::invalid_argument_message([&] { validate_problem(p); }), "scale: 3.5e+38 overflows fp32"));
+  p.scale = 3.4e38;
+  CHECK(testing::invalid_argument_message([&] { validate_problem(p); }) == "");
+}
+
+TEST_CASE("visible_pairs counts the causal triangle in closed form, for any sizes", "[common][problem]") {
+  for (std::int64_t nq : {1, 2, 7, 64, 65})
+    for (std::int64_t nk : {1, 3, 7, 64, 100}) {
+      AttentionProblem p;
+      p.seq_q = nq;
+      p.seq_k = nk;
+      p.causal = true;
+      double loop = 0;
+      for (std::int64_t i = 0; i < nq; ++i) loop += static_cast<double>(p.visible_keys(i));
+      CHECK(p.visible_pairs() == loop);
+    }
+  AttentionProblem huge;  // a loop over 10^15 rows would not finish
+  huge.seq_q = huge.seq_k = 1000000000000000;
+  huge.causal = true;
+  CHECK(huge.visible_pairs() == Approx(5e29));
 }
 
 TEST_CASE("validator: head dim above the tier's limit, or not in its list, is rejected", "[common][validate]") {
@@ -280,6 +337,167 @@ TEST_CASE("causal masking is aligned to the bottom-right corner", "[common][prob
   CHECK(p.visible_keys(1) == 0);
   CHECK(p.visible_keys(2) == 1);
   CHECK(p.visible_pairs() == 0 + 0 + 1 + 2 + 3);
+}
+
+TEST_CASE("every stage refuses an option name it does not read, naming it and the ones it reads",
+          "[common][registry][validate]") {
+  // A misspelled option (dq_accumulation for dq_atomic) used to be ignored: the run silently used the default.
+  AttentionProblem p = small_problem();
+  const ProblemData data = make_problem_data(p);
+  RunSettings settings;
+  settings.options.values["dq_accumulation"] = 1;
+  const std::string message = testing::invalid_argument_message([&] { run_stage(find_stage("flash_v2"), Tier::cpu, data, settings); });
+  CHECK(message == "option dq_accumulation: not an option of flash_v2/cpu (its options: block_rows, block_cols, split, dq_atomic)");
+  // Each option a tier declares is accepted by name (values are the tier's business), and naive takes none.
+  settings.options.values.clear();
+  settings.options.values["sram_bytes"] = 1;
+  CHECK(testing::invalid_argument_message([&] { run_stage(find_stage("naive"), Tier::cpu, data, settings); }) ==
+        "option sram_bytes: not an option of naive/cpu (it takes none)");
+  for (const Stage& stage : ladder())
+    for (const TierEntry& entry : stage.tiers)
+      for (const std::string& name : entry.option_names) {
+        StageOptions one;
+        one.values[name] = 1;
+        CHECK_NOTHROW(check_option_names(entry, one, stage.name));
+      }
+}
+
+TEST_CASE("check_can_run refuses a problem before any input exists, in the name of the stage asked for",
+          "[common][harness][validate]") {
+  AttentionProblem p = small_problem();
+  p.seq_q = 1000003;  // paged decodes one query token per sequence
+  CHECK(starts_with(testing::invalid_argument_message([&] { check_can_run(find_stage("paged"), Tier::cpu, p, DType::f32, false); }),
+                    "seq_q: 1000003 exceeds the limit 1 of paged/cpu"));
+  p = small_problem();
+  p.head_dim = 257;
+  CHECK(testing::invalid_argument_message([&] { check_can_run(find_stage("flash_v2"), Tier::cpu, p, DType::f32, false); })
+            .find("of flash_v2/cpu") != std::string::npos);
+  // A GPU tier on a machine (or a build) without a CUDA device says so, as a usage error.
+  if (available_bytes(Tier::gpu) == 0)
+    CHECK(testing::invalid_argument_message([&] { check_can_run(find_stage("naive"), Tier::gpu, small_problem(), DType::bf16, false); })
+              .find("no CUDA device") != std::string::npos);
+  // Too large: the bytes it would need, before anything is allocated.
+  p = small_problem();
+  p.q_heads = p.kv_heads = 64;
+  p.seq_q = p.seq_k = 10000000;
+  CHECK_THROWS_AS(check_can_run(find_stage("naive"), Tier::cpu, p, DType::f32, false), ProblemTooLarge);
+}
+
+TEST_CASE("paged refuses block sizes and contexts whose counts would wrap, naming the option or seq_k",
+          "[common][paged][validate]") {
+  // block_size = 2^55 wrapped the pool's element count and crashed; 2^40 ended in std::bad_alloc; a context
+  // needing 2^31 blocks was refused as "num_blocks", a quantity the user never set.
+  AttentionProblem p;
+  p.seq_q = 1;
+  p.seq_k = 256;
+  StageOptions options;
+  options.values["block_size"] = std::int64_t{1} << 55;
+  CHECK(starts_with(testing::invalid_argument_message([&] { check_can_run(find_stage("paged"), Tier::cpu, p, DType::f32, false, options); }),
+                    "block_size: 36028797018963968 must be in [1, 2^20]"));
+  options.values["block_size"] = std::int64_t{1} << 20;  // accepted by name, refused by size with the bytes
+  p.batch = 4096;
+  p.q_heads = p.kv_heads = 64;
+  CHECK_THROWS_AS(check_can_run(find_stage("paged"), Tier::cpu, p, DType::f32, false, options), ProblemTooLarge);
+  p = AttentionProblem{};
+  p.seq_q = 1;
+  p.seq_k = std::int64_t{1} << 31;
+  p.head_dim = 1;
+  CHECK(starts_with(testing::invalid_argument_message([&] { check_can_run(find_stage("paged"), Tier::cpu, p, DType::f32, false); }),
+                    "seq_k: 2147483648 exceeds 2^31 - 1"));
+  p.seq_k = 2000000000;
+  p.batch = 2;
+  options.values["block_size"] = 1;
+  CHECK(starts_with(testing::invalid_argument_message([&] { check_can_run(find_stage("paged"), Tier::cpu, p, DType::f32, false, options); }),
+                    "seq_k: batch x ceil(seq_k / block_size)"));
+}
+
+TEST_CASE("StageRun counts NaN and infinite outputs, but not the -inf LSE of a row that sees no key", "[common][harness]") {
+  StageRun run;
+  run.o = HostBuffer<float>(4, 1.0f);
+  run.lse = HostBuffer<float>(2, -std::numeric_limits<float>::infinity());
+  CHECK(run.nonfinite_values() == 0);
+  run.o[1] = std::nanf("");
+  run.o[2] = std::numeric_limits<float>::infinity();
+  run.lse[0] = std::nanf("");
+  CHECK(run.nonfinite_values() == 3);
+}
+
+namespace {
+
+// Inputs whose logits are all near `offset` (+- a few units): Q = c u for one direction u, K = u + sigma noise.
+// The softmax stays spread over many keys (not one-hot), so fp32's rounding of S (an ulp of |S|) shows in P.
+ProblemData logits_near(double offset, bool causal) {
+  AttentionProblem p;
+  p.q_heads = p.kv_heads = 2;
+  p.seq_q = 37;
+  p.seq_k = 53;
+  p.head_dim = 64;
+  p.causal = causal;
+  ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 7);
+  HostBuffer<float> u(static_cast<std::size_t>(p.head_dim));
+  fill_normal(u.span(), 99);
+  double uu = 0;
+  for (float x : u) uu += static_cast<double>(x) * x;
+  const double c = offset / (p.softmax_scale() * uu);
+  const double sigma = 3.0 / (p.softmax_scale() * c * std::sqrt(uu) * 1.4);  // logits spread by ~3
+  for (std::size_t i = 0; i < data.q.size(); ++i) data.q[i] = static_cast<float>(c * u[i % u.size()]);
+  for (std::size_t i = 0; i < data.k.size(); ++i) data.k[i] = static_cast<float>(u[i % u.size()] + sigma * data.k[i]);
+  return data;
+}
+
+}  // namespace
+
+TEST_CASE("every CPU stage with a backward is accurate to 2e-3 at logits of 1e4, the edge of the supported range",
+          "[common][logits]") {
+  // fp32 rounds each logit S to about 2^-24 |S|, and P = exp(S - L) inherits that as a relative error: the
+  // error in O and in the gradients grows as ~1e-7 |S| in every stage (naive included). Measured on this
+  // problem: 1e-6 at |S| = 10, 8e-5 at 1e3, 9e-4 at 1e4, 1.4e-2 at 1e5 (O), a quarter of that in the gradients.
+  // The supported range is |S| <= 1e4: errors below 2e-3. The gradients are measured against the size of the
+  // terms they sum (oracle::gradient_error), which stays meaningful when the softmax saturates.
+  for (bool causal : {false, true}) {
+    const ProblemData data = logits_near(1e4, causal);
+    const oracle::Result exact = oracle::attention(data, true);
+    for (const Stage& stage : ladder()) {
+      const TierEntry* entry = stage.find(Tier::cpu);
+      if (entry == nullptr || !entry->backward) continue;
+      INFO(stage.name << (causal ? " causal" : ""));
+      RunSettings settings;
+      settings.backward = true;
+      const StageRun run = run_stage(stage, Tier::cpu, data, settings);
+      CHECK(compare(run.o.span(), std::span<const double>(exact.o)).rel_frobenius < 2e-3);
+      CHECK(oracle::worst_gradient_error(run, exact) < 2e-3);
+      CHECK(run.nonfinite_values() == 0);
+    }
+  }
+}
+
+TEST_CASE("saturated softmax (logits near 1e30): the exact dQ and dK cancel to ~0 and the gradient error stays at rounding",
+          "[common][logits]") {
+  // --q-std 1e30 used to be reported as a backward error of 9.5e24 (the relative error of dK, whose exact value is
+  // 0). The O(N) stages form dS = P (dP - delta) with delta = rowsum(dO * O), which matches P . dP only to fp32
+  // rounding; times |q| = 1e30 that is 1e24 in dK, a rounding of 1e-7 against the terms' size (1e31).
+  AttentionProblem p;
+  p.q_heads = p.kv_heads = 2;
+  p.seq_q = p.seq_k = 64;
+  p.head_dim = 64;
+  const ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 1, 1e30f);
+  const oracle::Result exact = oracle::attention(data, true);
+  for (const Stage& stage : ladder()) {
+    const TierEntry* entry = stage.find(Tier::cpu);
+    if (entry == nullptr || !entry->backward) continue;
+    INFO(stage.name);
+    RunSettings settings;
+    settings.backward = true;
+    const StageRun run = run_stage(stage, Tier::cpu, data, settings);
+    CHECK(run.nonfinite_values() == 0);
+    CHECK(oracle::worst_gradient_error(run, exact) < 1e-6);
+  }
+}
+
+TEST_CASE("progress lines name the phase, the fraction done and the time left", "[common][progress]") {
+  CHECK(progress::format_line("flash_v2/cpu forward", 25, 100, 10) ==
+        "attn: flash_v2/cpu forward: 25% after 10 s, about 30 s left");
+  CHECK(progress::format_line("generating inputs", 0, 0, 4) == "attn: generating inputs: running for 4 s");
 }
 
 TEST_CASE("the ladder lists stages once each, naive first, with a CPU tier each", "[common][registry]") {

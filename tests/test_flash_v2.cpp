@@ -149,6 +149,29 @@ TEST_CASE("flash_v2/cpu: logits near 1e3 do not overflow", "[flash_v2][cpu]") {
   check_against_oracle(run_stage(find_stage("flash_v2"), Tier::cpu, data, settings), data, true);
 }
 
+TEST_CASE("flash_v2/cpu: the backward rounds S as the forward does, so P = exp(S - L) holds at logits near 1e5",
+          "[flash_v2][cpu][logits]") {
+  // With scale = 1e4 the logits reach ~3e5, where one fp32 ulp is 0.03. The backward used to scale K where the
+  // forward scales Q: S differed by an ulp, P = exp(S - L) by as much, and dV was off by 9e-3 at scale 1e4
+  // (1e-3 at 1e3). Scaling Q in both passes makes them round S identically: dV as accurate as at scale 1.
+  AttentionProblem p;
+  p.q_heads = p.kv_heads = 2;
+  p.seq_q = 37;
+  p.seq_k = 53;
+  p.head_dim = 64;
+  for (double scale : {1e3, 1e4}) {
+    p.scale = scale;
+    INFO("scale " << scale);
+    const ProblemData data = make_problem_data(p);
+    RunSettings settings;
+    settings.backward = true;
+    const StageRun run = run_stage(find_stage("flash_v2"), Tier::cpu, data, settings);
+    const oracle::Result exact = oracle::attention(data, true);
+    CHECK(compare(run.dv.span(), std::span<const double>(exact.dv)).rel_frobenius < 1e-6);
+    CHECK(oracle::worst_gradient_error(run, exact) < 1e-6);
+  }
+}
+
 TEST_CASE("flash_v2/cpu extra memory grows linearly with N (no N x N matrix)", "[flash_v2][cpu][memory]") {
   auto extra = [](std::int64_t n) {
     AttentionProblem p;
