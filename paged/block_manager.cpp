@@ -25,6 +25,7 @@ BlockManager::BlockManager(std::int64_t num_blocks, std::int64_t block_size, std
     throw std::invalid_argument("num_blocks: " + std::to_string(num_blocks) + " must be in [1, 2^31)");
   if (block_size < 1) throw std::invalid_argument("block_size: " + std::to_string(block_size) + " must be >= 1");
   ref_counts_.assign(static_cast<std::size_t>(num_blocks), 0);
+  free_list_.reserve(static_cast<std::size_t>(num_blocks));
   // Blocks are taken from the back of the free list: put block 0 last, so that an unshuffled pool hands
   // out 0, 1, 2, ... in order.
   for (std::int64_t b = num_blocks - 1; b >= 0; --b) free_list_.push_back(static_cast<BlockId>(b));

@@ -7,14 +7,18 @@
 #include <cstdio>
 #include <deque>
 #include <iostream>
+#include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "common/harness.hpp"
 #include "common/memory.hpp"
 #include "common/numeric.hpp"
+#include "common/progress.hpp"
 #include "paged/paged.hpp"
 
 namespace attn::paged {
@@ -29,6 +33,8 @@ struct SimConfig {
   double prompt_median = 128;
   double output_median = 256;
   double sigma = 1.0;
+  bool json = false;
+  bool progress = false;
 };
 
 struct Request {
@@ -154,6 +160,8 @@ PolicyResult simulate_contiguous(const SimConfig& c, const std::vector<Request>&
     std::int64_t start, reserved, length;
   };
   ContiguousPool pool(c.pool_tokens);
+  progress::begin("paged-sim: " + name);
+  progress::expect(static_cast<double>(trace.size()));
   std::deque<std::size_t> waiting;
   for (std::size_t i = 0; i < trace.size(); ++i) waiting.push_back(i);
   std::vector<Running> running;
@@ -189,6 +197,7 @@ PolicyResult simulate_contiguous(const SimConfig& c, const std::vector<Request>&
       if (running[i].length < running[i].request.final_length()) continue;
       pool.release(running[i].start, running[i].reserved);
       running.erase(running.begin() + static_cast<std::ptrdiff_t>(i));
+      progress::advance();
     }
     ++result.steps;
   }
@@ -202,6 +211,8 @@ PolicyResult simulate_paged(const SimConfig& c, const std::vector<Request>& trac
     SequenceId sequence;
   };
   BlockManager manager(c.pool_tokens / c.block_size, c.block_size);
+  progress::begin("paged-sim: paged (vLLM)");
+  progress::expect(static_cast<double>(trace.size()));
   const std::int64_t watermark = std::max<std::int64_t>(1, manager.num_blocks() / 100);
   std::deque<std::size_t> waiting;
   for (std::size_t i = 0; i < trace.size(); ++i) waiting.push_back(i);
@@ -259,6 +270,7 @@ PolicyResult simulate_paged(const SimConfig& c, const std::vector<Request>& trac
       if (generated[running[r].request] < trace[running[r].request].output) continue;
       manager.free(running[r].sequence);
       running.erase(running.begin() + static_cast<std::ptrdiff_t>(r));
+      progress::advance();
     }
     ++result.steps;
   }
@@ -270,7 +282,8 @@ struct BadFlag : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-double parse_number(const std::string& flag, const std::string& text, double minimum) {
+// A number in [minimum, maximum]; checked before any cast, so that 1e19 cannot become a negative count.
+double parse_number(const std::string& flag, const std::string& text, double minimum, double maximum) {
   std::size_t end = 0;
   double value = 0;
   try {
@@ -278,40 +291,99 @@ double parse_number(const std::string& flag, const std::string& text, double min
   } catch (const std::exception&) {
     end = 0;
   }
-  if (end != text.size() || !std::isfinite(value)) throw BadFlag(flag + ": '" + text + "' is not a number");
-  if (value < minimum) throw BadFlag(flag + ": " + text + " must be >= " + std::to_string(static_cast<long long>(minimum)));
+  if (end == 0 || end != text.size() || !std::isfinite(value)) throw BadFlag(flag + ": '" + text + "' is not a number");
+  if (value < minimum || value > maximum) {
+    char range[96];
+    std::snprintf(range, sizeof range, " is outside [%.15g, %.15g]", minimum, maximum);
+    throw BadFlag(flag + ": " + text + range);
+  }
   return value;
 }
 
-std::int64_t parse_integer(const std::string& flag, const std::string& text, std::int64_t minimum) {
-  const double value = parse_number(flag, text, static_cast<double>(minimum));
+std::int64_t parse_integer(const std::string& flag, const std::string& text, std::int64_t minimum, std::int64_t maximum) {
+  const double value = parse_number(flag, text, static_cast<double>(minimum), static_cast<double>(maximum));
   if (value != std::floor(value)) throw BadFlag(flag + ": '" + text + "' is not an integer");
   return static_cast<std::int64_t>(value);
 }
 
 const char* kSimUsage =
     "usage: attn paged-sim [--requests N] [--seed S] [--block-size B] [--pool-tokens T] [--max-len L]\n"
-    "                      [--prompt-median X] [--output-median X] [--sigma X]\n";
+    "                      [--prompt-median X] [--output-median X] [--sigma X] [--json] [--progress]\n"
+    "  --requests N       requests in the trace, 1 to 1e8 (default 1000)\n"
+    "  --seed S           seed of the trace (default 1)\n"
+    "  --block-size B     tokens per KV block, 1 to 2^20 (default 16)\n"
+    "  --pool-tokens T    KV pool size in tokens (default 16384); T / B blocks, fewer than 2^31\n"
+    "  --max-len L        longest request, prompt + output (default 2048)\n"
+    "  --prompt-median X, --output-median X, --sigma X   the log-normal lengths (defaults 128, 256, 1)\n"
+    "  --json             one JSON object per policy instead of the table\n"
+    "  --progress         progress lines on stderr even with --json\n";
+
+// Host bytes the simulation holds at most: the block manager's reference counts and free list (8 bytes per
+// block), the trace and the per-request bookkeeping (about 64 bytes per request), and the running requests'
+// block tables (at most one 4-byte entry per block).
+double sim_bytes(const SimConfig& c) {
+  const double blocks = static_cast<double>(c.pool_tokens / c.block_size);
+  return 12.0 * blocks + 64.0 * static_cast<double>(c.requests);
+}
 
 SimConfig parse_config(const std::vector<std::string>& args) {
   SimConfig c;
-  for (std::size_t i = 0; i < args.size(); i += 2) {
+  std::vector<std::string> seen;
+  for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& flag = args[i];
+    if (std::find(seen.begin(), seen.end(), flag) != seen.end()) throw BadFlag(flag + ": given twice (once at most)");
+    seen.push_back(flag);
+    if (flag == "--json") {
+      c.json = true;
+      continue;
+    }
+    if (flag == "--progress") {
+      c.progress = true;
+      continue;
+    }
+    const bool known = flag == "--requests" || flag == "--seed" || flag == "--block-size" || flag == "--pool-tokens" ||
+                       flag == "--max-len" || flag == "--prompt-median" || flag == "--output-median" || flag == "--sigma";
+    if (!known) throw BadFlag(flag + ": unknown flag (see attn paged-sim --help)");
     if (i + 1 >= args.size()) throw BadFlag(flag + ": needs a value");
-    const std::string& text = args[i + 1];
-    if (flag == "--requests") c.requests = parse_integer(flag, text, 1);
-    else if (flag == "--seed") c.seed = static_cast<std::uint64_t>(parse_integer(flag, text, 0));
-    else if (flag == "--block-size") c.block_size = parse_integer(flag, text, 1);
-    else if (flag == "--pool-tokens") c.pool_tokens = parse_integer(flag, text, 1);
-    else if (flag == "--max-len") c.max_len = parse_integer(flag, text, 2);
-    else if (flag == "--prompt-median") c.prompt_median = parse_number(flag, text, 1);
-    else if (flag == "--output-median") c.output_median = parse_number(flag, text, 1);
-    else if (flag == "--sigma") c.sigma = parse_number(flag, text, 0);
-    else throw BadFlag(flag + ": unknown flag");
+    const std::string& text = args[++i];
+    const std::int64_t int64_max = std::numeric_limits<std::int64_t>::max() / 2;
+    if (flag == "--requests") c.requests = parse_integer(flag, text, 1, 100000000);
+    else if (flag == "--seed") c.seed = static_cast<std::uint64_t>(parse_integer(flag, text, 0, std::int64_t{1} << 53));
+    else if (flag == "--block-size") c.block_size = parse_integer(flag, text, 1, std::int64_t{1} << 20);
+    else if (flag == "--pool-tokens") c.pool_tokens = parse_integer(flag, text, 1, int64_max);
+    else if (flag == "--max-len") c.max_len = parse_integer(flag, text, 2, std::numeric_limits<std::int32_t>::max());
+    else if (flag == "--prompt-median") c.prompt_median = parse_number(flag, text, 1, 1e9);
+    else if (flag == "--output-median") c.output_median = parse_number(flag, text, 1, 1e9);
+    else c.sigma = parse_number(flag, text, 0, 10);
   }
   if (c.pool_tokens < c.max_len) throw BadFlag("--pool-tokens: " + std::to_string(c.pool_tokens) + " must be >= --max-len (" + std::to_string(c.max_len) + ")");
   if (c.pool_tokens / c.block_size < 1) throw BadFlag("--block-size: larger than the pool");
+  if (c.pool_tokens / c.block_size > std::numeric_limits<std::int32_t>::max())
+    throw BadFlag("--pool-tokens: " + std::to_string(c.pool_tokens) + " tokens in blocks of " + std::to_string(c.block_size) +
+                  " are " + std::to_string(c.pool_tokens / c.block_size) + " blocks, more than 2^31 - 1 (block ids are 32-bit): "
+                  "use a larger --block-size");
+  const double needed = sim_bytes(c), available = 0.9 * static_cast<double>(available_bytes(Tier::cpu));
+  if (needed > available)
+    throw BadFlag("--pool-tokens: " + std::to_string(c.pool_tokens) + " tokens in blocks of " + std::to_string(c.block_size) +
+                  " need " + format_bytes(needed) + " for the block manager and the trace; " +
+                  format_bytes(available / 0.9) + " available");
   return c;
+}
+
+void print_json(const SimConfig& c, const std::vector<PolicyResult>& results) {
+  const double pool = static_cast<double>(c.pool_tokens);
+  for (const PolicyResult& r : results) {
+    const Occupancy& m = r.mean;
+    const double taken = m.tokens + m.reserved + m.internal + m.external;
+    std::printf("{\"policy\":\"%s\",\"requests\":%lld,\"pool_tokens\":%lld,\"block_size\":%lld,\"tokens\":%.6g,"
+                "\"reserved\":%.6g,\"internal\":%.6g,\"external\":%.6g,\"free\":%.6g,\"token_share\":%.6g,"
+                "\"running_mean\":%.6g,\"max_running\":%lld,\"steps\":%lld,\"preemptions\":%lld}\n",
+                r.name.c_str(), static_cast<long long>(c.requests), static_cast<long long>(c.pool_tokens),
+                static_cast<long long>(c.block_size), m.tokens / pool, m.reserved / pool, m.internal / pool,
+                m.external / pool, m.free / pool, taken > 0 ? m.tokens / taken : 0.0, m.running,
+                static_cast<long long>(r.max_running), static_cast<long long>(r.steps),
+                static_cast<long long>(r.preemptions));
+  }
 }
 
 void print_results(const SimConfig& c, const std::vector<PolicyResult>& results) {
@@ -352,6 +424,8 @@ int sim_command(const std::vector<std::string>& args) {
     std::cerr << "attn paged-sim: " << e.what() << "\n";
     return 2;
   }
+  std::unique_ptr<progress::Reporter> reporter;
+  if (!config.json || config.progress) reporter = std::make_unique<progress::Reporter>();
   const std::vector<Request> trace = make_trace(config);
   std::vector<PolicyResult> results;
   try {
@@ -363,7 +437,12 @@ int sim_command(const std::vector<std::string>& args) {
     std::cerr << "attn paged-sim: " << e.what() << "\n";
     return 2;
   }
-  print_results(config, results);
+  progress::begin("");
+  reporter.reset();
+  if (config.json)
+    print_json(config, results);
+  else
+    print_results(config, results);
   return 0;
 }
 
