@@ -153,7 +153,7 @@ TEST_CASE("flash_v1/gpu is right across many Q and K/V blocks: causal, Nq != Nk 
 }
 
 TEST_CASE("flash_v1/gpu: causal rows that see no key give zero output, -inf log-sum-exp and zero dQ",
-          "[flash_v1][gpu]") {
+          "[flash_v1][gpu][small]") {
   AttentionProblem p;
   p.q_heads = p.kv_heads = 2;
   p.seq_q = 300;
@@ -183,7 +183,7 @@ TEST_CASE("flash_v1/gpu: causal rows that see no key give zero output, -inf log-
   }
 }
 
-TEST_CASE("flash_v1/gpu: logits near 1e3 do not overflow (the running max is subtracted)", "[flash_v1][gpu]") {
+TEST_CASE("flash_v1/gpu: logits near 1e3 do not overflow (the running max is subtracted)", "[flash_v1][gpu][small]") {
   AttentionProblem p;
   p.batch = 2;
   p.q_heads = 4;

@@ -155,7 +155,7 @@ TEST_CASE("flash_v2/gpu is right across many Q and K/V blocks: causal, Nq != Nk 
 }
 
 TEST_CASE("flash_v2/gpu: causal rows that see no key give zero output, -inf log-sum-exp and zero dQ",
-          "[flash_v2][gpu]") {
+          "[flash_v2][gpu][small]") {
   AttentionProblem p;
   p.q_heads = p.kv_heads = 2;
   p.seq_q = 300;
@@ -185,7 +185,7 @@ TEST_CASE("flash_v2/gpu: causal rows that see no key give zero output, -inf log-
   }
 }
 
-TEST_CASE("flash_v2/gpu: logits near 1e3 do not overflow (the running max is subtracted)", "[flash_v2][gpu]") {
+TEST_CASE("flash_v2/gpu: logits near 1e3 do not overflow (the running max is subtracted)", "[flash_v2][gpu][small]") {
   AttentionProblem p;
   p.batch = 2;
   p.q_heads = 4;

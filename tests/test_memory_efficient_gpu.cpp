@@ -130,7 +130,7 @@ TEST_CASE("memory_efficient/gpu matches the oracle, its CPU tier and naive/gpu i
 }
 
 TEST_CASE("memory_efficient/gpu: rows that see no key give zero output, -inf log-sum-exp and zero dQ",
-          "[memory_efficient][gpu]") {
+          "[memory_efficient][gpu][small]") {
   AttentionProblem p;
   p.q_heads = p.kv_heads = 1;
   p.seq_q = 70;
@@ -161,7 +161,7 @@ TEST_CASE("memory_efficient/gpu: rows that see no key give zero output, -inf log
   }
 }
 
-TEST_CASE("memory_efficient/gpu: logits near 1e3 do not overflow", "[memory_efficient][gpu]") {
+TEST_CASE("memory_efficient/gpu: logits near 1e3 do not overflow", "[memory_efficient][gpu][small]") {
   AttentionProblem p;
   p.batch = 2;
   p.q_heads = p.kv_heads = 2;

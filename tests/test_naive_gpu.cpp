@@ -99,7 +99,7 @@ TEST_CASE("naive/gpu, both versions, matches the fp64 oracle and the CPU tier on
   }
 }
 
-TEST_CASE("naive/gpu: logits near 1e3 do not overflow (the softmax subtracts the row max)", "[naive][gpu]") {
+TEST_CASE("naive/gpu: logits near 1e3 do not overflow (the softmax subtracts the row max)", "[naive][gpu][small]") {
   AttentionProblem p;
   p.batch = 2;
   p.q_heads = 4;
@@ -129,7 +129,7 @@ TEST_CASE("naive/gpu: logits near 1e3 do not overflow (the softmax subtracts the
   }
 }
 
-TEST_CASE("naive/gpu: causal rows that see no key give zero output, -inf log-sum-exp and zero dQ", "[naive][gpu]") {
+TEST_CASE("naive/gpu: causal rows that see no key give zero output, -inf log-sum-exp and zero dQ", "[naive][gpu][small]") {
   AttentionProblem p;
   p.q_heads = p.kv_heads = 1;
   p.seq_q = 10;

@@ -89,7 +89,7 @@ std::vector<float> download(const DeviceBuffer<unsigned char>& device, DType dty
 }  // namespace
 
 TEST_CASE("paged/gpu decode: variable context lengths and forked prefixes in one batch match the CPU tier",
-          "[paged][gpu][decode]") {
+          "[paged][gpu][decode][small]") {
   for (DType dtype : {DType::bf16, DType::f16}) {
     for (std::int64_t block_size : {8, 16}) {
       const CacheGeometry g{4096 / block_size + 64, block_size, 2, 128};
@@ -146,7 +146,7 @@ TEST_CASE("paged/gpu decode: variable context lengths and forked prefixes in one
   }
 }
 
-TEST_CASE("paged/gpu reshape-and-cache writes the same slots as the CPU step, skipping padding", "[paged][gpu][cache]") {
+TEST_CASE("paged/gpu reshape-and-cache writes the same slots as the CPU step, skipping padding", "[paged][gpu][cache][small]") {
   const CacheGeometry g{12, 8, 2, 64};
   const std::int64_t tokens = 50, row = g.kv_heads * g.head_dim;
   BlockManager manager(g.num_blocks, g.block_size, 3);
