@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 
@@ -99,7 +100,20 @@ class Reporter::Impl {
   std::thread thread_;
 };
 
-Reporter::Reporter(double after_s, double interval_s) : impl_(std::make_unique<Impl>(after_s, interval_s)) {}
+namespace {
+
+double seconds_from_environment(double fallback) {
+  const char* text = std::getenv("ATTN_PROGRESS_SECONDS");
+  if (text == nullptr) return fallback;
+  char* end = nullptr;
+  const double value = std::strtod(text, &end);
+  return end != text && *end == '\0' && value > 0.0 && value < 1e6 ? value : fallback;
+}
+
+}  // namespace
+
+Reporter::Reporter(double after_s, double interval_s)
+    : impl_(std::make_unique<Impl>(seconds_from_environment(after_s), seconds_from_environment(interval_s))) {}
 Reporter::~Reporter() = default;
 
 }  // namespace attn::progress

@@ -19,7 +19,8 @@ void expect(double total);
 void advance(double units = 1.0);
 
 /// While one lives, a thread prints the current phase's progress to stderr every `interval_s` seconds once
-/// the phase has run `after_s` seconds. One at a time.
+/// the phase has run `after_s` seconds. One at a time. The environment variable ATTN_PROGRESS_SECONDS, when
+/// set to a positive number, replaces both (tests use it to see lines from short work).
 class Reporter {
  public:
   explicit Reporter(double after_s = 3.0, double interval_s = 2.0);

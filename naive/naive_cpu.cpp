@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "common/memory.hpp"
+#include "common/progress.hpp"
 #include "common/simd.hpp"
 #include "common/validate.hpp"
 #include "naive/naive.hpp"
@@ -42,11 +43,13 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
   // Standard attention writes S and P to memory in full: that is this stage's O(N^2) extra memory.
   HostBuffer<float> S(p.batch * p.q_heads * matrix);
   HostBuffer<float> P(p.batch * p.q_heads * matrix);
+  progress::expect(static_cast<double>(p.batch * p.q_heads));
 
 #pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t b = 0; b < p.batch; ++b) {
     for (std::int64_t h = 0; h < p.q_heads; ++h) {
       const std::int64_t bh = b * p.q_heads + h;
+      progress::advance();
       float* s = S.data() + bh * matrix;
       float* prob = P.data() + bh * matrix;
       // Step 1: S = scale * Q K^T.
@@ -96,10 +99,12 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
   HostBuffer<float> dS(p.batch * p.q_heads * matrix);
 
   // Phase 1, per (batch, query head): P, dP and dS in full, then dQ = scale dS K.
+  progress::expect(static_cast<double>(p.batch * p.q_heads));
 #pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t b = 0; b < p.batch; ++b) {
     for (std::int64_t h = 0; h < p.q_heads; ++h) {
       const std::int64_t bh = b * p.q_heads + h;
+      progress::advance();
       const std::int64_t kv_head = p.kv_head_of(h);
       float* prob = P.data() + bh * matrix;
       float* ds = dS.data() + bh * matrix;

@@ -122,6 +122,18 @@ else
   echo "ok: backward error at q-std 1e30: $bwd"
 fi
 
+# Progress: lines on stderr for long work (ATTN_PROGRESS_SECONDS shortens "long" from 3 s for the test),
+# none under --json unless --progress asks; stdout keeps only the result.
+progress_run() { ATTN_PROGRESS_SECONDS=0.2 "$attn" run --stage naive --seq 3000 --heads 4 --repeats 1 "$@"; }
+err=$(progress_run 2>&1 >/dev/null)
+quiet=$(progress_run --json 2>&1 >/dev/null)
+asked=$(progress_run --json --progress 2>&1 >/dev/null)
+if [[ "$err" != *"attn: naive/cpu forward"*"% after "*"left"* || -n "$quiet" || "$asked" != *"attn: "* ]]; then
+  echo "FAIL: progress lines: plain '$err', --json '$quiet', --json --progress '$asked'"; failures=$((failures + 1))
+else
+  echo "ok: progress: $(printf '%s\n' "$err" | head -1)"
+fi
+
 # The up-front memory plan counts what the run allocates: inputs, oracle, the previous stage, this stage's
 # outputs and scratch. Held to the measured peak (resident set) within 10% (the process itself is ~10 MB).
 json=$("$attn" run --stage flash_v2 --backward --heads 4 --seq-q 100000 --seq-k 1 --causal --repeats 1 --json); rc=$?
