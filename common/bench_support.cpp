@@ -22,7 +22,7 @@ bool tier_usable(Tier tier) {
 void run_case(benchmark::State& state, const Stage* stage, Tier tier, Case c, bool backward) {
   try {
     ProblemData data = make_problem_data(c.problem, tier == Tier::cpu ? DType::f32 : c.gpu_dtype);
-    PreparedRun run(*stage, tier, data, backward);
+    PreparedRun run(*stage, tier, data, backward, c.options);
     StageOptions options = c.options;
     if (backward) run.forward(options);  // the backward pass needs this forward's O and LSE
     for (auto _ : state) {
