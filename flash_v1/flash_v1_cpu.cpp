@@ -63,11 +63,16 @@ Settings read_settings(const AttentionProblem& p, const StageOptions& options) {
   s.Br = options.values.count("block_rows") ? positive_option(options, "block_rows") : paper.Br;
   s.Bc = options.values.count("block_cols") ? positive_option(options, "block_cols") : paper.Bc;
   // Blocks chosen by hand must fit an M that was given too: Q_i, O_i (Br x d) and K_j, V_j (Bc x d).
-  const std::int64_t needed = 2 * (s.Br + s.Bc) * D * static_cast<std::int64_t>(sizeof(float));
-  if (sram_given && (options.values.count("block_rows") || options.values.count("block_cols")) && needed > M)
+  // In double: block_rows = 2^63 - 1 must be refused, not wrap to a negative need.
+  const double needed = 2.0 * (static_cast<double>(s.Br) + static_cast<double>(s.Bc)) * static_cast<double>(D) * sizeof(float);
+  if (sram_given && (options.values.count("block_rows") || options.values.count("block_cols")) && needed > static_cast<double>(M))
+  {
+    char bytes[32];
+    std::snprintf(bytes, sizeof bytes, "%.0f", needed);
     throw std::invalid_argument("block_rows/block_cols: blocks of " + std::to_string(s.Br) + " and " + std::to_string(s.Bc) +
-                                " rows need " + std::to_string(needed) + " bytes of on-chip memory, more than sram_bytes = " +
+                                " rows need " + bytes + " bytes of on-chip memory, more than sram_bytes = " +
                                 std::to_string(M));
+  }
   s.Br = std::min(s.Br, p.seq_q);  // a block larger than the sequence is the whole sequence
   s.Bc = std::min(s.Bc, p.seq_k);
   s.count_io = options.get("count_io", 0) != 0;

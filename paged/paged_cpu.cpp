@@ -350,8 +350,12 @@ std::int64_t block_size_option(const StageOptions& options) {
 }
 
 DecodeOptions decode_options(const StageOptions& options) {
-  return DecodeOptions{static_cast<int>(options.get("variant", 0)), options.get("partition", 1024),
-                       options.get("tensor_cores", 1) != 0};
+  // Ranges checked before the narrowing cast (variant = 2^63 - 1 used to be reported as -1).
+  const std::int64_t variant = options.get("variant", 0), partition = options.get("partition", 1024);
+  if (variant < 0 || variant > 2) reject("variant", std::to_string(variant) + " must be 0 (choose), 1 or 2");
+  if (partition < 1 || partition > std::numeric_limits<std::int32_t>::max())
+    reject("partition", std::to_string(partition) + " must be in [1, 2^31 - 1] (tokens per v2 partition)");
+  return DecodeOptions{static_cast<int>(variant), partition, options.get("tensor_cores", 1) != 0};
 }
 
 std::size_t registry_extra_bytes(const AttentionProblem& p, DType dtype, const StageOptions& options) {

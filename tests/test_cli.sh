@@ -40,6 +40,9 @@ expect_usage_error "block_size: 36028797018963968 must be in [1, 2^20]" run --st
 expect_usage_error "head_dim: 9223372036854775807 is too large" run --stage flash_v2 --head-dim 9223372036854775807
 expect_usage_error "of extra memory" run --stage paged --opt block_size=1048576 --batch 64 --heads 8 --seq-k 1000
 expect_usage_error "seq_k: batch x ceil(seq_k / block_size)" run --stage paged --batch 2 --seq-k 2000000000 --head-dim 1 --opt block_size=1
+# Option values whose arithmetic wrapped (found while fixing the above).
+expect_usage_error "variant: 9223372036854775807 must be 0 (choose), 1 or 2" run --stage paged --opt variant=9223372036854775807
+expect_usage_error "blocks of 9223372036854775807 and" run --stage flash_v1 --opt block_rows=9223372036854775807 --sram-bytes 65536
 # The stage asked for refuses in its own name (flash_v1, the previous stage, used to refuse D = 257).
 expect_usage_error "head_dim: 257 exceeds the limit 256 of flash_v2/cpu" run --stage flash_v2 --head-dim 257
 # Silent acceptance:

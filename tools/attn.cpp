@@ -13,6 +13,7 @@
 #include <iostream>
 #include <limits>
 #include <memory>
+#include <new>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -634,6 +635,9 @@ int main(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "attn: %s\n", e.what());
     return 2;
+  } catch (const std::bad_alloc&) {  // the up-front checks should have refused first: a bug to report
+    std::fprintf(stderr, "attn: error: out of memory: an allocation failed that the memory checks did not foresee\n");
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "attn: error: %s\n", e.what());
     return 1;
