@@ -441,14 +441,17 @@ int command_run(Flags& flags) {
   if (previous != nullptr) {
     try {
       check_can_run(*previous, tier, problem, dtype, settings.backward);
+      // It runs first: its outputs stay for the comparison, its scratch is freed before this stage allocates.
       const TierEntry& previous_entry = *previous->find(tier);
-      const double kept = static_cast<double>(run_host_bytes(previous_entry, problem, dtype, settings.backward)) -
-                          (tier == Tier::cpu && previous_entry.extra_bytes
-                               ? static_cast<double>(previous_entry.extra_bytes(problem, DType::f32, settings.backward))
-                               : 0.0);
-      if (planned + kept > available)
-        throw ProblemTooLarge("its outputs (" + format_bytes(kept) + ") do not fit next to this run's");
-      planned += kept;
+      const double previous_run_bytes = static_cast<double>(run_host_bytes(previous_entry, problem, dtype, settings.backward));
+      const double previous_scratch = tier == Tier::cpu && previous_entry.extra_bytes
+                                          ? static_cast<double>(previous_entry.extra_bytes(problem, DType::f32, settings.backward))
+                                          : 0.0;
+      const double kept = previous_run_bytes - previous_scratch;
+      const double more = kept + std::max(0.0, previous_scratch - own);
+      if (planned + more > available)
+        throw ProblemTooLarge("its run (" + format_bytes(previous_run_bytes) + ") does not fit next to this one's");
+      planned += more;
     } catch (const std::exception& e) {
       previous_refusal = e.what();
     }
