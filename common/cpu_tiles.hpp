@@ -102,13 +102,11 @@ inline void matmul(Update update, std::int64_t M, std::int64_t N, std::int64_t K
       micro_kernel_rows<1>(static_cast<int>(std::min<std::int64_t>(kMR, M - row)), K, a, B + col, ldb, C + row * ldc + col, ldc,
                            update);
     }
-  // Fewer than `lanes` columns left: plain loops, with the same fused multiply-adds in the same order as the
-  // micro-kernel, so that an element is rounded the same whichever path computes it (flash_v2's backward
-  // recomputes S with keys as columns where the forward had queries: both must round S identically).
+  // Fewer than `lanes` columns left: plain loops.
   for (std::int64_t row = 0; row < M; ++row)
     for (std::int64_t c = col; c < N; ++c) {
       float sum = update == Update::accumulate ? C[row * ldc + c] : 0.0f;
-      for (std::int64_t k = 0; k < K; ++k) sum = std::fma(A.at(row, k), B[k * ldb + c], sum);
+      for (std::int64_t k = 0; k < K; ++k) sum += A.at(row, k) * B[k * ldb + c];
       C[row * ldc + c] = sum;
     }
 }

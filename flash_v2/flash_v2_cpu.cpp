@@ -240,7 +240,7 @@ struct KeyBlockTiles {
   KeyBlockTiles(std::int64_t Br, std::int64_t Bc, std::int64_t D)
       : Qs(Br * D), Kt(D * Bc), Vt(D * Bc), dK(Bc * D), dV(Bc * D), P(Br * Bc), dS(Br * Bc), dQ(Br * D) {}
   HostBuffer<float> Qs;      // Br x D: scale * Q_i, rounded as the forward's, for S = (scale Q_i) K_j^T
-  HostBuffer<float> Kt, Vt;  // D x Bc: K_j^T and V_j^T
+  HostBuffer<float> Kt, Vt;  // D x Bc: K_j^T and V_j^T (Bc here is the row stride: the block rounded up to lanes)
   HostBuffer<float> dK, dV;  // Bc x D: the accumulators of Alg. 2 line 7
   HostBuffer<float> P, dS;   // Br x Bc: P_ij, and dP_ij overwritten by dS_ij (which includes the softmax scale)
   HostBuffer<float> dQ;      // Br x D: dS_ij K_j before it is added to dQ_i (atomic mode only)
@@ -256,8 +256,8 @@ struct DqTarget {
 };
 
 void add_dq(const DqTarget& target, KeyBlockTiles& tile, const float* k_rows, std::int64_t kv_seq_stride,
-            std::int64_t row0, std::int64_t rows, std::int64_t keys, std::int64_t Bc, std::int64_t D) {
-  const MatrixView dS{tile.dS.data(), Bc, 1};
+            std::int64_t row0, std::int64_t rows, std::int64_t keys, std::int64_t ld, std::int64_t D) {
+  const MatrixView dS{tile.dS.data(), ld, 1};
   float* dq_rows = target.rows + row0 * target.seq_stride;
   if (target.mode == DqAccumulation::thread_buffers) {
     tiles::matmul(Update::accumulate, rows, D, keys, dS, k_rows, kv_seq_stride, dq_rows, target.seq_stride);
@@ -311,6 +311,10 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   const std::int64_t head_block = p.seq_q * D;  // one query head's dQ in a thread buffer
   HostBuffer<float> dq_buffers(s.dq == DqAccumulation::thread_buffers ? threads * group * head_block : 0);
   const std::int64_t Tc = blocks_of(p.seq_k, Bc);
+  // Key-indexed tiles have a row stride of Bc rounded up to the SIMD width, so that S = (scale Q_i) K_j^T runs
+  // through the SIMD micro-kernel for every key, as the forward's S does for every query: the two passes then
+  // round S the same way (the scalar tail may fuse the multiply-add where the vector code does not, or not).
+  const std::int64_t ld = tiles::round_up_to_lanes(Bc);
   double reduction_seconds = 0;
   progress::expect(static_cast<double>(p.batch * p.kv_heads * Tc));
 
@@ -325,7 +329,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
           for (std::int64_t i = 0; i < p.seq_q; ++i) std::fill_n(row_pointer(dq, t.q_strides, b, h0 + g, i), D, 0.0f);
 #pragma omp parallel num_threads(threads)
       {
-        KeyBlockTiles tile(Br, Bc, D);
+        KeyBlockTiles tile(Br, ld, D);
         const int me = omp_get_thread_num(), team = omp_get_num_threads();
         float* my_dq = s.dq == DqAccumulation::thread_buffers ? dq_buffers.data() + me * group * head_block : nullptr;
         if (my_dq != nullptr) std::fill_n(my_dq, group * head_block, 0.0f);
@@ -335,8 +339,8 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
           progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Lines 6-7: load K_j, V_j (transposed, for S and dP); dK_j = dV_j = 0.
-          tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Kt.data(), Bc, Bc);
-          tiles::pack_transposed(v_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Vt.data(), Bc, Bc);
+          tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Kt.data(), ld, ld);
+          tiles::pack_transposed(v_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Vt.data(), ld, ld);
           std::fill_n(tile.dK.data(), keys * D, 0.0f);
           std::fill_n(tile.dV.data(), keys * D, 0.0f);
           // Causal: Q rows before first_row see none of these keys; their blocks are skipped.
@@ -358,27 +362,27 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
               // were off by that much.)
               for (std::int64_t r = 0; r < rows; ++r)
                 for (std::int64_t d = 0; d < D; ++d) tile.Qs[r * D + d] = scale * Qi.at(r, d);
-              tiles::matmul(Update::overwrite, rows, keys, D, MatrixView{tile.Qs.data(), D, 1}, tile.Kt.data(), Bc,
-                            tile.P.data(), Bc);
+              tiles::matmul(Update::overwrite, rows, tiles::round_up_to_lanes(keys), D, MatrixView{tile.Qs.data(), D, 1},
+                            tile.Kt.data(), ld, tile.P.data(), ld);
               // Line 11: P = exp(S - L_i).
               for (std::int64_t r = 0; r < rows; ++r) {
-                float* p_row = tile.P.data() + r * Bc;
+                float* p_row = tile.P.data() + r * ld;
                 const std::int64_t visible = p.causal ? std::clamp<std::int64_t>(p.visible_keys(row0 + r) - key0, 0, keys) : keys;
                 tiles::exp_shifted(p_row, lse[row0 + r], visible);
                 std::fill(p_row + visible, p_row + keys, 0.0f);
               }
               // Line 12: dV_j += P^T dO_i.
-              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.P.data(), Bc), do_rows + row0 * q_seq,
+              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.P.data(), ld), do_rows + row0 * q_seq,
                             q_seq, tile.dV.data(), D);
               // Line 13: dP = dO_i V_j^T.
-              tiles::matmul(Update::overwrite, rows, keys, D, dOi, tile.Vt.data(), Bc, tile.dS.data(), Bc);
+              tiles::matmul(Update::overwrite, rows, keys, D, dOi, tile.Vt.data(), ld, tile.dS.data(), ld);
               // Line 14: dS = P * (dP - D_i), times the softmax scale that both dQ and dK need.
               for (std::int64_t r = 0; r < rows; ++r)
-                tiles::softmax_gradient_row(tile.P.data() + r * Bc, tile.dS.data() + r * Bc, Di[row0 + r], scale, keys);
+                tiles::softmax_gradient_row(tile.P.data() + r * ld, tile.dS.data() + r * ld, Di[row0 + r], scale, keys);
               // Line 15: dQ_i += dS K_j (into the thread's buffer, or atomically into dQ).
-              add_dq(target, tile, k_rows + key0 * kv_seq, kv_seq, row0, rows, keys, Bc, D);
+              add_dq(target, tile, k_rows + key0 * kv_seq, kv_seq, row0, rows, keys, ld, D);
               // Line 16: dK_j += dS^T Q_i.
-              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.dS.data(), Bc), q_rows + row0 * q_seq,
+              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.dS.data(), ld), q_rows + row0 * q_seq,
                             q_seq, tile.dK.data(), D);
             }
           }
@@ -421,7 +425,8 @@ Stage describe() {
     const Settings s = read_settings(p, options);  // the block sizes the run will use
     const std::int64_t Br = s.Br, Bc = s.Bc;
     const std::int64_t forward_tiles = threads * (D * Br + Bc * Br + Br * D + 5 * Br);
-    const std::int64_t backward_tiles = threads * (4 * D * Bc + 2 * Br * Bc + 2 * Br * D);
+    const std::int64_t ld = tiles::round_up_to_lanes(Bc);
+    const std::int64_t backward_tiles = threads * (4 * D * ld + 2 * Br * ld + 2 * Br * D);
     const std::int64_t floats = backward ? backward_tiles + p.batch * p.q_heads * p.seq_q + threads * p.group_size() * p.seq_q * D
                                          : forward_tiles;
     return static_cast<std::size_t>(floats) * sizeof(float);
