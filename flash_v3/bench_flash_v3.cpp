@@ -1,11 +1,58 @@
-// Benchmarks of flash_v3 (placeholder while the tiers are written).
+// Benchmarks of flash_v3: the GPU tier on FlashAttention's sweep (gpu_cases(), read by scripts/peers.py) and the
+// ablation of the chapter (each schedule at the FlashAttention-3 paper's Table 2 shape); the CPU tier (the
+// threaded pipeline, there for reading) on small problems next to flash_v2's CPU tier.
 #include <benchmark/benchmark.h>
 
+#include <vector>
+
 #include "common/bench_support.hpp"
+
+using namespace attn;
+
+namespace {
+
+AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal) {
+  AttentionProblem p;
+  p.batch = batch;
+  p.q_heads = p.kv_heads = heads;
+  p.seq_q = p.seq_k = seq;
+  p.head_dim = head_dim;
+  p.causal = causal;
+  return p;
+}
+
+// FlashAttention's sweep: batch x seqlen = 16k tokens, hidden 2048 (heads = 2048 / head_dim), bf16; then the
+// ablation: D = 128, N = 8448, B = 4, H = 16, non-causal, each schedule (labelled, so peers.py leaves them out of
+// its sweep table and prints them in the ablation table).
+std::vector<bench::Case> gpu_cases() {
+  std::vector<bench::Case> cases;
+  for (bool causal : {false, true})
+    for (std::int64_t head_dim : {64, 128, 256})
+      for (std::int64_t seq = 512; seq <= 16384; seq *= 2)
+        cases.push_back({problem(16384 / seq, 2048 / head_dim, seq, head_dim, causal), DType::bf16, {}, ""});
+  for (int schedule = 0; schedule <= 3; ++schedule)
+    for (DType dtype : {DType::bf16, DType::f16}) {
+      bench::Case ablation{problem(4, 16, 8448, 128, false), dtype, {}, "schedule=" + std::to_string(schedule)};
+      ablation.options.values["schedule"] = schedule;
+      cases.push_back(ablation);
+    }
+  return cases;
+}
+
+std::vector<bench::Case> cpu_cases() {
+  std::vector<bench::Case> cases;
+  for (std::int64_t seq : {512, 2048}) cases.push_back({problem(1, 8, seq, 64, false), DType::bf16, {}, ""});
+  return cases;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  const Stage& stage = find_stage("flash_v3");
+  bench::register_stage(stage, cpu_cases(), {Tier::cpu});
+  bench::register_stage(stage, gpu_cases(), {Tier::gpu});
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

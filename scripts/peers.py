@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-STAGES = ["naive", "memory_efficient", "flash_v1", "flash_v2"]
+STAGES = ["naive", "memory_efficient", "flash_v1", "flash_v2", "flash_v3"]
 BACKENDS = ["flash", "cudnn", "efficient", "math"]
 
 
@@ -199,13 +199,13 @@ def main():
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"attnlab GPU stages and PyTorch {torch.__version__} scaled_dot_product_attention, bf16, {gpu}, {today}")
     print("TFLOP/s (4 B H N^2 D forward, halved when causal; forward + backward counts 3.5x that), "
-          "batch x N = 16k tokens, hidden 2048. Ratios: flash_v2 (v2) and flash_v1 (v1) over each peer. "
+          "batch x N = 16k tokens, hidden 2048. Ratios: flash_v2 (v2), flash_v1 (v1) and flash_v3 (v3, forward only) over peers. "
           f"attnlab: bench_<stage> JSON (mean over Google Benchmark's timed iterations); {', '.join(cli_stages) or 'none'} "
           f"through `attn run --json` (median of 3) at N = {args.cli_seqs} only. PyTorch: median of 10 after 3 "
           f"warm-ups; math only up to N = {args.math_max}; empty cell = not run.")
     print()
     header = ["pass", "D", "causal", "N"] + stages + ["torch " + b for b in BACKENDS] + \
-             ["v2/" + b for b in BACKENDS] + ["v1/flash"]
+             ["v2/" + b for b in BACKENDS] + ["v1/flash", "v3/flash", "v3/cudnn", "v3/v2"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -228,6 +228,8 @@ def main():
             line += [cell(peer_rates[name]) if peer_rates[name] is not None else (peers[name] or "") for name in BACKENDS]
             line += [ratio(mine.get("flash_v2"), peer_rates[name]) for name in BACKENDS]
             line += [ratio(mine.get("flash_v1"), peer_rates["flash"])]
+            line += [ratio(mine.get("flash_v3"), peer_rates["flash"]), ratio(mine.get("flash_v3"), peer_rates["cudnn"]),
+                     ratio(mine.get("flash_v3"), mine.get("flash_v2"))]
             print("| " + " | ".join(line) + " |")
             rows.append({"pass": pass_name, "b": b, "h": h, "n": n, "d": d, "causal": causal,
                          "attnlab_tflops": mine, "torch_tflops": peer_rates,
