@@ -440,8 +440,8 @@ struct Cta {
   ConsumerTiles consumer[kConsumers];
 };
 
-// What every role of every CTA reads.
-struct Pass {
+// What every role of every CTA reads: the kernel launch's parameters on the GPU.
+struct Launch {
   const AttentionProblem& p;
   const AttentionTensors& t;
   const Settings& s;
@@ -449,41 +449,40 @@ struct Pass {
 };
 
 const char* const kRoleName[kConsumers] = {"consumer0", "consumer1"};
-const char* const kOtherName[kConsumers] = {"consumer1", "consumer0"};
 
 // FA3 Alg. 1 lines 1-2: wait for a free stage, copy K_j or V_j into it (the TMA load), signal its full barrier.
-void fill_stage(const Pass& pass, Ring& ring, RingPosition& position, const char* name, const float* rows,
+void fill_stage(const Launch& launch, Ring& ring, RingPosition& position, const char* name, const float* rows,
                 const KeyBlock& block) {
-  const std::int64_t kv_seq = pass.t.kv_strides.seq;
+  const std::int64_t kv_seq = launch.t.kv_strides.seq;
   ring.empty[position.stage].wait(position.phase);  // both consumers are done with what it held
-  tiles::copy_rows(rows + block.key0 * kv_seq, block.keys, pass.p.head_dim, kv_seq, ring.stage(position.stage),
-                   pass.p.head_dim);
-  pass.trace.step("producer", "fill", "Alg. 1 lines 1-2", "%s[%lld] -> stage %lld", name, static_cast<long long>(block.j),
-                  static_cast<long long>(position.stage));
+  tiles::copy_rows(rows + block.key0 * kv_seq, block.keys, launch.p.head_dim, kv_seq, ring.stage(position.stage),
+                   launch.p.head_dim);
+  launch.trace.step("producer", "fill", "Alg. 1 lines 1-2", "%s[%lld] -> stage %lld", name,
+                    static_cast<long long>(block.j), static_cast<long long>(position.stage));
   ring.full[position.stage].arrive();
-  position.advance(pass.s.stages);
+  position.advance(launch.s.stages);
 }
 
 // The producer (FA3 Alg. 1): for each of this CTA's Q tiles, Q_i first, then K and V in the order the consumers
 // read them: K one block ahead of V (K_last; then K_j and V_{j+1}, j descending; then V_0), as FA3's code does.
-void producer(const Pass& pass, Cta& cta, std::int64_t first_tile) {
-  const AttentionProblem& p = pass.p;
-  const std::int64_t D = p.head_dim, q_seq = pass.t.q_strides.seq;
+void producer(const Launch& launch, Cta& cta, std::int64_t first_tile) {
+  const AttentionProblem& p = launch.p;
+  const std::int64_t D = p.head_dim, q_seq = launch.t.q_strides.seq;
   RingPosition k_position, v_position;
   std::int64_t tiles_done = 0;
-  for (std::int64_t index = first_tile; index < tile_count(p, pass.s); index += pass.s.ctas, ++tiles_done) {
-    const QueryTile tile = query_tile(p, pass.s, index);
-    const Head head = head_pointers(p, pass.t, tile.b, tile.h);
+  for (std::int64_t index = first_tile; index < tile_count(p, launch.s); index += launch.s.ctas, ++tiles_done) {
+    const QueryTile tile = query_tile(p, launch.s, index);
+    const Head head = head_pointers(p, launch.t, tile.b, tile.h);
     cta.Q_empty.wait(tiles_done);  // both consumers have released the previous tile's Q
     tiles::copy_rows(head.q + tile.row0 * q_seq, tile.rows, D, q_seq, cta.Q.data(), D);
-    pass.trace.step("producer", "load", "Alg. 1, Q_i first", "Q[%lld] rows %lld-%lld (b %lld, h %lld)",
-                    static_cast<long long>(tile.i), static_cast<long long>(tile.row0),
-                    static_cast<long long>(tile.row0 + tile.rows - 1), static_cast<long long>(tile.b),
-                    static_cast<long long>(tile.h));
+    launch.trace.step("producer", "load", "Alg. 1, Q_i first", "Q[%lld] rows %lld-%lld (b %lld, h %lld)",
+                      static_cast<long long>(tile.i), static_cast<long long>(tile.row0),
+                      static_cast<long long>(tile.row0 + tile.rows - 1), static_cast<long long>(tile.b),
+                      static_cast<long long>(tile.h));
     cta.Q_full.arrive();
     for (std::int64_t step = 0; step <= tile.Tc; ++step) {
-      if (step < tile.Tc) fill_stage(pass, cta.K, k_position, "K", head.k, key_block(p, pass.s, tile, step));
-      if (step > 0) fill_stage(pass, cta.V, v_position, "V", head.v, key_block(p, pass.s, tile, step - 1));
+      if (step < tile.Tc) fill_stage(launch, cta.K, k_position, "K", head.k, key_block(p, launch.s, tile, step));
+      if (step > 0) fill_stage(launch, cta.V, v_position, "V", head.v, key_block(p, launch.s, tile, step - 1));
     }
   }
 }
@@ -494,102 +493,116 @@ const float* wait_full(Ring& ring, const RingPosition& position) {
   return ring.stage(position.stage);
 }
 
-void release(const Pass& pass, Ring& ring, RingPosition& position, int me, const char* name, const KeyBlock& block,
+void release(const Launch& launch, Ring& ring, RingPosition& position, int me, const char* name, const KeyBlock& block,
              const char* alg_line) {
-  pass.trace.step(kRoleName[me], "release", alg_line, "%s[%lld] (stage %lld)", name, static_cast<long long>(block.j),
-                  static_cast<long long>(position.stage));
+  launch.trace.step(kRoleName[me], "release", alg_line, "%s[%lld] (stage %lld)", name, static_cast<long long>(block.j),
+                    static_cast<long long>(position.stage));
   ring.empty[position.stage].arrive();
-  position.advance(pass.s.stages);
+  position.advance(launch.s.stages);
 }
 
-// A consumer (FA3 Alg. 2, intra-warpgroup overlap): for each Q tile, its rows; the GEMMs of step j (S_next =
-// Q_i K_j^T and O_i += P~ V_{j+1}) are issued together under the pingpong token, then the softmax of S_next runs
-// while the other consumer has the token.
-void consumer(const Pass& pass, Cta& cta, int me, std::int64_t first_tile) {
-  const AttentionProblem& p = pass.p;
-  const Settings& s = pass.s;
-  Trace& trace = pass.trace;
+// The pingpong token around a consumer's GEMMs, with their trace lines.
+void take_turn(const Launch& launch, Cta& cta, int me) {
+  cta.token.take(me);
+  launch.trace.step(kRoleName[me], "take", "pingpong (Sec. 3.1)", "token");
+}
+
+void pass_turn(const Launch& launch, Cta& cta, int me) {
+  launch.trace.step(kRoleName[me], "pass", "pingpong (Sec. 3.1)", "token -> %s", kRoleName[1 - me]);
+  cta.token.pass(me);
+}
+
+// FA3 Alg. 2 lines 3-20 for one Q tile of Tc >= 1 K/V blocks (intra-warpgroup overlap): the GEMMs of step j,
+// S_next = Q_i K_j^T and O_i += P~_cur V_{j+1}, are issued together under the pingpong token; the softmax of
+// S_next runs after the token has passed, while the other consumer multiplies.
+void attend_tile(const Launch& launch, Cta& cta, int me, const QueryTile& tile, const ConsumerRows& rows,
+                 RingPosition& k_position, RingPosition& v_position) {
+  const AttentionProblem& p = launch.p;
+  const Settings& s = launch.s;
+  Trace& trace = launch.trace;
   const char* role = kRoleName[me];
+  ConsumerTiles& c = cta.consumer[me];
+  // Prologue, lines 3-5: the first block's S alone, and its softmax.
+  KeyBlock block = key_block(p, s, tile, 0);
+  const float* K_stage = wait_full(cta.K, k_position);
+  take_turn(launch, cta, me);
+  gemm_s(p, c, rows, K_stage, block, c.P_cur);  // line 3: S_cur = Q_i K_j^T, commit and wait
+  trace.step(role, "gemm0", "Alg. 2 line 3", "S_cur = Q K[%lld]^T (stage %lld)", static_cast<long long>(block.j),
+             static_cast<long long>(k_position.stage));
+  pass_turn(launch, cta, me);
+  release(launch, cta.K, k_position, me, "K", block, "Alg. 2 line 4");
+  online_softmax(p, c, rows, block, c.P_cur, s.round_p);  // line 5
+  std::copy_n(c.m_new.data(), rows.columns, c.m_i.data());
+  trace.step(role, "softmax", "Alg. 2 line 5", "S_cur -> P~_cur, m_i, l_i%s", needs_mask(p, rows, block) ? " (masked)" : "");
+
+  for (std::int64_t step = 1; step < tile.Tc; ++step) {  // line 6
+    const KeyBlock previous = block;                     // the block of P~_cur: j + 1
+    block = key_block(p, s, tile, step);
+    K_stage = wait_full(cta.K, k_position);  // line 7
+    take_turn(launch, cta, me);
+    gemm_s(p, c, rows, K_stage, block, c.S_next);  // line 8: S_next = Q_i K_j^T, commit, do not wait
+    trace.step(role, "gemm0", "Alg. 2 line 8", "S_next = Q K[%lld]^T (stage %lld)", static_cast<long long>(block.j),
+               static_cast<long long>(k_position.stage));
+    const float* V_stage = wait_full(cta.V, v_position);  // line 9
+    gemm_pv(p, c, rows, c.P_cur, V_stage, previous);      // line 10: O_i += P~_cur V_{j+1}, commit, do not wait
+    trace.step(role, "gemm1", "Alg. 2 line 10", "O += P~_cur V[%lld] (stage %lld)", static_cast<long long>(previous.j),
+               static_cast<long long>(v_position.stage));
+    pass_turn(launch, cta, me);
+    // Line 11: S_next is done (the CPU's GEMMs are synchronous). FA3's code releases K_j now rather than at
+    // line 15, so that the producer can refill the stage while this softmax runs.
+    release(launch, cta.K, k_position, me, "K", block, "Alg. 2 lines 11, 15");
+    online_softmax(p, c, rows, block, c.S_next, s.round_p);  // line 12
+    trace.step(role, "softmax", "Alg. 2 line 12", "S_next -> P~_next, m_new, l_i%s",
+               needs_mask(p, rows, block) ? " (masked)" : "");
+    // Line 13: P~_cur V_{j+1} is done. Line 14: O_i = diag(exp(m_i - m_new)) O_i.
+    tiles::scale_rows(c.O.data(), rows.count, p.head_dim, p.head_dim, c.alpha.data());
+    trace.step(role, "rescale", "Alg. 2 line 14", "O *= exp(m_i - m_new)");
+    release(launch, cta.V, v_position, me, "V", previous, "Alg. 2 line 15");
+    std::copy_n(c.m_new.data(), rows.columns, c.m_i.data());  // line 16: m_i = m_new, P~_cur = P~_next
+    std::swap(c.P_cur, c.S_next);
+  }
+  // The tile's last S GEMM has run: Q_i can be replaced (FA3's code signals "query empty" here).
+  trace.step(role, "release", "after Alg. 2 line 17", "Q[%lld]", static_cast<long long>(tile.i));
+  cta.Q_empty.arrive();
+  // Epilogue, lines 18-20: the last P~ V, outside the pingpong turns (as in FA3's code).
+  const float* V_stage = wait_full(cta.V, v_position);  // line 18
+  gemm_pv(p, c, rows, c.P_cur, V_stage, block);         // line 19
+  trace.step(role, "gemm1", "Alg. 2 line 19", "O += P~_cur V[%lld] (stage %lld)", static_cast<long long>(block.j),
+             static_cast<long long>(v_position.stage));
+  release(launch, cta.V, v_position, me, "V", block, "Alg. 2 line 20");
+}
+
+// A consumer: for each of this CTA's Q tiles, its half of the rows through FA3 Alg. 2.
+void consumer(const Launch& launch, Cta& cta, int me, std::int64_t first_tile) {
+  const AttentionProblem& p = launch.p;
+  const Settings& s = launch.s;
   ConsumerTiles& c = cta.consumer[me];
   RingPosition k_position, v_position;
   std::int64_t tiles_done = 0;
   for (std::int64_t index = first_tile; index < tile_count(p, s); index += s.ctas, ++tiles_done) {
     const QueryTile tile = query_tile(p, s, index);
-    const Head head = head_pointers(p, pass.t, tile.b, tile.h);
     const ConsumerRows rows = rows_of(tile, s, me);
     cta.Q_full.wait(tiles_done + 1);  // Alg. 2 line 2: wait Q_i
     start_rows(p, c, cta.Q.data(), rows);
     if (tile.Tc > 0) {
-      // Prologue, lines 3-5: the first block's S alone, and its softmax.
-      KeyBlock block = key_block(p, s, tile, 0);
-      const float* K_stage = wait_full(cta.K, k_position);
-      cta.token.take(me);
-      trace.step(role, "take", "pingpong (Sec. 3.1)", "token");
-      gemm_s(p, c, rows, K_stage, block, c.P_cur);  // line 3: S_cur = Q_i K_j^T, commit and wait
-      trace.step(role, "gemm0", "Alg. 2 line 3", "S_cur = Q K[%lld]^T (stage %lld)", static_cast<long long>(block.j),
-                 static_cast<long long>(k_position.stage));
-      trace.step(role, "pass", "pingpong (Sec. 3.1)", "token -> %s", kOtherName[me]);
-      cta.token.pass(me);
-      release(pass, cta.K, k_position, me, "K", block, "Alg. 2 line 4");
-      online_softmax(p, c, rows, block, c.P_cur, s.round_p);  // line 5
-      std::copy_n(c.m_new.data(), rows.columns, c.m_i.data());
-      trace.step(role, "softmax", "Alg. 2 line 5", "S_cur -> P~_cur, m_i, l_i%s", needs_mask(p, rows, block) ? " (masked)" : "");
-
-      for (std::int64_t step = 1; step < tile.Tc; ++step) {  // line 6
-        const KeyBlock previous = block;  // the block of P~_cur: j + 1
-        block = key_block(p, s, tile, step);
-        K_stage = wait_full(cta.K, k_position);  // line 7
-        cta.token.take(me);
-        trace.step(role, "take", "pingpong (Sec. 3.1)", "token");
-        gemm_s(p, c, rows, K_stage, block, c.S_next);  // line 8: S_next = Q_i K_j^T, commit, do not wait
-        trace.step(role, "gemm0", "Alg. 2 line 8", "S_next = Q K[%lld]^T (stage %lld)", static_cast<long long>(block.j),
-                   static_cast<long long>(k_position.stage));
-        const float* V_stage = wait_full(cta.V, v_position);  // line 9
-        gemm_pv(p, c, rows, c.P_cur, V_stage, previous);  // line 10: O_i += P~_cur V_{j+1}, commit, do not wait
-        trace.step(role, "gemm1", "Alg. 2 line 10", "O += P~_cur V[%lld] (stage %lld)", static_cast<long long>(previous.j),
-                   static_cast<long long>(v_position.stage));
-        trace.step(role, "pass", "pingpong (Sec. 3.1)", "token -> %s", kOtherName[me]);
-        cta.token.pass(me);
-        // Line 11: S_next is done (the CPU's GEMMs are synchronous). FA3's code releases K_j now rather than at
-        // line 15: the producer may refill that stage while this softmax runs.
-        release(pass, cta.K, k_position, me, "K", block, "Alg. 2 lines 11, 15");
-        online_softmax(p, c, rows, block, c.S_next, s.round_p);  // line 12
-        trace.step(role, "softmax", "Alg. 2 line 12", "S_next -> P~_next, m_new, l_i%s",
-                   needs_mask(p, rows, block) ? " (masked)" : "");
-        // Line 13: P~_cur V_{j+1} is done. Line 14: O_i = diag(exp(m_i - m_new)) O_i.
-        tiles::scale_rows(c.O.data(), rows.count, p.head_dim, p.head_dim, c.alpha.data());
-        trace.step(role, "rescale", "Alg. 2 line 14", "O *= exp(m_i - m_new)");
-        release(pass, cta.V, v_position, me, "V", previous, "Alg. 2 line 15");
-        std::copy_n(c.m_new.data(), rows.columns, c.m_i.data());  // line 16: m_i = m_new, P~_cur = P~_next
-        std::swap(c.P_cur, c.S_next);
-      }
-      // The tile's last S GEMM has run: Q_i can be replaced (FA3's code signals "query empty" here).
-      trace.step(role, "release", "after Alg. 2 line 17", "Q[%lld]", static_cast<long long>(tile.i));
-      cta.Q_empty.arrive();
-      // Epilogue, lines 18-20: the last P~ V, outside the pingpong turns (as in FA3's code).
-      const float* V_stage = wait_full(cta.V, v_position);  // line 18
-      gemm_pv(p, c, rows, c.P_cur, V_stage, block);         // line 19
-      trace.step(role, "gemm1", "Alg. 2 line 19", "O += P~_cur V[%lld] (stage %lld)", static_cast<long long>(block.j),
-                 static_cast<long long>(v_position.stage));
-      release(pass, cta.V, v_position, me, "V", block, "Alg. 2 line 20");
-    } else {
-      // No row of this tile sees a key (causal, Nq > Nk): nothing was loaded but Q_i.
-      trace.step(role, "release", "", "Q[%lld] (no visible K/V block)", static_cast<long long>(tile.i));
+      attend_tile(launch, cta, me, tile, rows, k_position, v_position);
+    } else {  // no row of this tile sees a key (causal, Nq > Nk): nothing was loaded but Q_i
+      launch.trace.step(kRoleName[me], "release", "", "Q[%lld] (no visible K/V block)", static_cast<long long>(tile.i));
       cta.Q_empty.arrive();
     }
-    finish_rows(p, pass.t, c, rows, head);  // lines 21-22
+    finish_rows(p, launch.t, c, rows, head_pointers(p, launch.t, tile.b, tile.h));  // Alg. 2 lines 21-22
     if (rows.count > 0)
-      trace.step(role, "write", "Alg. 2 lines 21-22", "O, LSE rows %lld-%lld", static_cast<long long>(rows.row0),
-                 static_cast<long long>(rows.row0 + rows.count - 1));
+      launch.trace.step(kRoleName[me], "write", "Alg. 2 lines 21-22", "O, LSE rows %lld-%lld",
+                        static_cast<long long>(rows.row0), static_cast<long long>(rows.row0 + rows.count - 1));
   }
 }
 
 // Runs s.ctas CTAs side by side; CTA c takes Q tiles c, c + ctas, ... (a static persistent tile scheduler).
 // Every buffer is allocated before any thread starts, so the roles never allocate. If a role throws, every
 // CTA is cancelled (each wait then throws PipelineCancelled), the threads are joined and the error rethrown.
-void run_ctas(const Pass& pass) {
+void run_ctas(const Launch& launch) {
   std::deque<Cta> ctas;
-  for (std::int64_t c = 0; c < pass.s.ctas; ++c) ctas.emplace_back(pass.s, pass.p.head_dim);
+  for (std::int64_t c = 0; c < launch.s.ctas; ++c) ctas.emplace_back(launch.s, launch.p.head_dim);
   std::mutex failure_lock;
   std::exception_ptr failure;
   auto guarded = [&](auto&& role) {
@@ -608,11 +621,11 @@ void run_ctas(const Pass& pass) {
     std::vector<std::jthread> threads;
     threads.reserve(ctas.size() * (1 + kConsumers));
     try {
-      for (std::int64_t c = 0; c < pass.s.ctas; ++c) {
+      for (std::int64_t c = 0; c < launch.s.ctas; ++c) {
         Cta& cta = ctas[c];
-        threads.emplace_back([&, c] { guarded([&] { producer(pass, cta, c); }); });
+        threads.emplace_back([&, c] { guarded([&] { producer(launch, cta, c); }); });
         for (int me = 0; me < kConsumers; ++me)
-          threads.emplace_back([&, c, me] { guarded([&] { consumer(pass, cta, me, c); }); });
+          threads.emplace_back([&, c, me] { guarded([&] { consumer(launch, cta, me, c); }); });
       }
     } catch (...) {  // a thread could not be started: stop those that were, join them (below), rethrow
       for (Cta& cta : ctas) cta.cancel();
@@ -639,7 +652,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   if (s.trace)
     std::fprintf(stderr, "# flash_v3/cpu schedule: %s, Br = %lld, Bc = %lld, %lld stages\n", p.describe().c_str(),
                  static_cast<long long>(s.Br), static_cast<long long>(s.Bc), static_cast<long long>(s.stages));
-  run_ctas(Pass{p, t, s, trace});
+  run_ctas(Launch{p, t, s, trace});
 }
 
 Stage describe() {
