@@ -3,6 +3,7 @@
 // threaded pipeline, there for reading) on small problems next to flash_v2's CPU tier.
 #include <benchmark/benchmark.h>
 
+#include <utility>
 #include <vector>
 
 #include "common/bench_support.hpp"
@@ -35,6 +36,20 @@ std::vector<bench::Case> gpu_cases() {
       bench::Case ablation{problem(4, 16, 8448, 128, false), dtype, {}, "schedule=" + std::to_string(schedule)};
       ablation.options.values["schedule"] = schedule;
       cases.push_back(ablation);
+    }
+  // Key-block sizes of the README's log (schedule 3): 192 and 128 at D = 64, 176 at D = 128, against the defaults
+  // above (at D = 64 the default is 192 from N = 4096 on).
+  for (bool causal : {false, true})
+    for (std::int64_t seq : {2048, 4096, 8192, 16384}) {
+      bench::Case narrow{problem(16384 / seq, 32, seq, 64, causal), DType::bf16, {}, "block_cols=128"};
+      narrow.options.values["block_cols"] = 128;
+      cases.push_back(narrow);
+      for (auto [head_dim, block_cols] : {std::pair<std::int64_t, std::int64_t>{64, 192}, {128, 176}}) {
+        bench::Case wide{problem(16384 / seq, 2048 / head_dim, seq, head_dim, causal), DType::bf16, {},
+                         "block_cols=" + std::to_string(block_cols)};
+        wide.options.values["block_cols"] = block_cols;
+        cases.push_back(wide);
+      }
     }
   return cases;
 }

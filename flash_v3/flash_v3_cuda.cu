@@ -30,16 +30,22 @@ namespace {
 using namespace attn::hopper;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// Everything fixed at compile time for one (head dim, schedule).
-template <int HeadDim, int Schedule>
+/// Keys per K/V block: 128 (S = 64 x 128 fp32 per consumer next to O), 64 at D = 256 (O alone takes 128
+/// registers per thread). Option "block_cols" offers 192 at D = 64 (the default there for long sequences) and
+/// 176 at D = 128 (block_cols_option, below).
+constexpr int default_block_cols(int head_dim) { return head_dim <= 128 ? 128 : 64; }
+
+// Everything fixed at compile time for one (head dim, schedule, key-block size).
+template <int HeadDim_, int Schedule_, int BlockCols = default_block_cols(HeadDim_)>
 struct Config {
+  static constexpr int HeadDim = HeadDim_, Schedule = Schedule_;
   static constexpr bool kProducerWarpgroup = Schedule >= 1;
   static constexpr bool kPingpong = Schedule >= 2;
   static constexpr bool kOverlap = Schedule >= 3;
   static constexpr int kConsumers = Schedule >= 1 ? 2 : 1;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + (kProducerWarpgroup ? 1 : 0));
   static constexpr int Br = 64 * kConsumers;            // query rows per thread block: 64 per consumer (wgmma M)
-  static constexpr int Bc = HeadDim <= 128 ? 128 : 64;  // keys per K/V block (S = 64 x Bc fp32 per consumer)
+  static constexpr int Bc = BlockCols;                 // keys per K/V block (S = 64 x Bc fp32 per consumer)
   static constexpr int kStages = 2;                     // depth of the K and V rings
   static constexpr int kPanels = HeadDim / kPanelColumns;
   static constexpr int kQBytes = Br * HeadDim * 2;
@@ -50,6 +56,7 @@ struct Config {
   static constexpr int kBarrierOffset = kVOffset + kStages * kTileBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages) + kSwizzleAtomBytes;  // + alignment slack
   static_assert(HeadDim % kPanelColumns == 0, "head dims are whole 64-column panels");
+  static_assert(Bc % 16 == 0 && (Bc * kPanelRowBytes) % kSwizzleAtomBytes == 0, "key blocks of whole swizzle atoms");
 };
 
 // Named barrier ids (0 is __syncthreads): one per consumer warpgroup for its epilogue, one per consumer for
@@ -113,9 +120,8 @@ __device__ __forceinline__ Tile tile_of(const cuda::AttentionParams& p) {
 // Producer (FA3 Alg. 1): one thread issues every TMA copy; the others of its warpgroup only give up registers.
 // ============================================================================================================
 
-template <int HeadDim, int Schedule>
+template <class Cfg>
 struct Producer {
-  using Cfg = Config<HeadDim, Schedule>;
   const CUtensorMap* q_map;
   const CUtensorMap* k_map;
   const CUtensorMap* v_map;
@@ -162,12 +168,11 @@ struct Producer {
 
 /// S (64 x Bc, fp32) = Q_i K_j^T: HeadDim / 16 wgmmas, both operands K-major in shared memory. Issued, not
 /// waited for.
-template <class T, int HeadDim, int Schedule>
-__device__ __forceinline__ void issue_qk(float (&s)[Config<HeadDim, Schedule>::Bc / 2], const unsigned char* q_rows,
+template <class T, class Cfg>
+__device__ __forceinline__ void issue_qk(float (&s)[Cfg::Bc / 2], const unsigned char* q_rows,
                                          const unsigned char* k_tile) {
-  using Cfg = Config<HeadDim, Schedule>;
 #pragma unroll
-  for (int kk = 0; kk < HeadDim / 16; ++kk) {
+  for (int kk = 0; kk < Cfg::HeadDim / 16; ++kk) {
     const int panel = kk / 4, byte_in_row = (kk % 4) * 32;  // 16 elements = 32 bytes of a 128-byte row
     const std::uint64_t a = smem_descriptor(q_rows + panel * Cfg::Br * kPanelRowBytes + byte_in_row, 16, 1024);
     const std::uint64_t b = smem_descriptor(k_tile + panel * Cfg::Bc * kPanelRowBytes + byte_in_row, 16, 1024);
@@ -178,15 +183,13 @@ __device__ __forceinline__ void issue_qk(float (&s)[Config<HeadDim, Schedule>::B
 
 /// O (64 x HeadDim, fp32) += P (64 x Bc, registers) V_j: Bc / 16 wgmmas, V MN-major in shared memory (its rows are
 /// keys, the reduction dimension). Issued, not waited for.
-template <class T, int HeadDim, int Schedule>
-__device__ __forceinline__ void issue_pv(float (&o)[HeadDim / 2],
-                                         const std::uint32_t (&p)[Config<HeadDim, Schedule>::Bc / 16][4],
+template <class T, class Cfg>
+__device__ __forceinline__ void issue_pv(float (&o)[Cfg::HeadDim / 2], const std::uint32_t (&p)[Cfg::Bc / 16][4],
                                          const unsigned char* v_tile) {
-  using Cfg = Config<HeadDim, Schedule>;
 #pragma unroll
   for (int kk = 0; kk < Cfg::Bc / 16; ++kk) {
     const std::uint64_t b = smem_descriptor(v_tile + kk * 16 * kPanelRowBytes, Cfg::Bc * kPanelRowBytes, 1024);
-    wgmma_rs<HeadDim, T>(o, p[kk], b, true);
+    wgmma_rs<Cfg::HeadDim, T>(o, p[kk], b, true);
   }
   wgmma_commit();
 }
@@ -267,13 +270,11 @@ __device__ __forceinline__ void pass_turn(int consumer) {
 
 /// A consumer warpgroup's whole Q tile (FA3 Alg. 2; with Schedule < 3 the same order without the overlap: it
 /// waits for both GEMMs before the softmax). Leaves O unnormalised, with its row state.
-template <class T, int HeadDim, int Schedule>
+template <class T, class Cfg>
 __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& tile, unsigned char* smem,
-                                  Barriers<Config<HeadDim, Schedule>::kStages>* bars, int consumer,
-                                  const Producer<HeadDim, Schedule>* inline_producer, float (&o)[HeadDim / 2],
-                                  RowState& rows) {
-  using Cfg = Config<HeadDim, Schedule>;
-  constexpr int Bc = Cfg::Bc;
+                                  Barriers<Cfg::kStages>* bars, int consumer, const Producer<Cfg>* inline_producer,
+                                  float (&o)[Cfg::HeadDim / 2], RowState& rows) {
+  constexpr int Bc = Cfg::Bc, HeadDim = Cfg::HeadDim;
   const bool releases = threadIdx.x % kWarpgroupThreads == 0;  // one arrival per warpgroup on "empty"
   const unsigned char* q_rows = smem + consumer * 64 * kPanelRowBytes;  // this consumer's 64 rows of Q_i
   const int query0 = tile.row0 + consumer * 64 + (threadIdx.x % kWarpgroupThreads / 32) * 16;  // + group (+8)
@@ -307,7 +308,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   mbarrier_wait(&bars->k_full[slot.stage], slot.phase);
   wait_for_turn<Cfg::kPingpong>(consumer);
   wgmma_fence();
-  issue_qk<T, HeadDim, Schedule>(s, q_rows, k_tile(slot.stage));
+  issue_qk<T, Cfg>(s, q_rows, k_tile(slot.stage));
   pass_turn<Cfg::kPingpong>(consumer);
   wgmma_wait<0>();
   fence_registers(s);
@@ -326,8 +327,8 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
     mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);  // line 9
     wait_for_turn<Cfg::kPingpong>(consumer);
     wgmma_fence();
-    issue_qk<T, HeadDim, Schedule>(s, q_rows, k_tile(k_slot.stage));               // line 8
-    issue_pv<T, HeadDim, Schedule>(o, p_operand, v_tile(v_slot.stage));           // line 10
+    issue_qk<T, Cfg>(s, q_rows, k_tile(k_slot.stage));               // line 8
+    issue_pv<T, Cfg>(o, p_operand, v_tile(v_slot.stage));           // line 10
     pass_turn<Cfg::kPingpong>(consumer);
     if constexpr (Cfg::kOverlap)
       wgmma_wait<1>();  // line 11: S is ready; O += P V may still be running
@@ -348,7 +349,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   mbarrier_wait(&bars->v_full[slot.stage], slot.phase);
   wait_for_turn<Cfg::kPingpong>(consumer);
   wgmma_fence();
-  issue_pv<T, HeadDim, Schedule>(o, p_operand, v_tile(slot.stage));
+  issue_pv<T, Cfg>(o, p_operand, v_tile(slot.stage));
   pass_turn<Cfg::kPingpong>(consumer);
   wgmma_wait<0>();
   fence_registers(o);
@@ -358,10 +359,10 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
 /// Alg. 2 lines 21-22: O_i / l_i and L_i = m_i + log(l_i) for this consumer's 64 rows. LSE goes straight from
 /// registers to global memory; O is rounded to T into this consumer's (finished) rows of the Q tile in shared
 /// memory, in the swizzled panel layout, and written to global memory by TMA stores (rows past seq_q clipped).
-template <class T, int HeadDim, int Schedule>
+template <class T, class Cfg>
 __device__ void consumer_epilogue(const cuda::AttentionParams& p, const Tile& tile, unsigned char* smem,
-                                  const CUtensorMap* o_map, int consumer, float (&o)[HeadDim / 2], RowState& rows) {
-  using Cfg = Config<HeadDim, Schedule>;
+                                  const CUtensorMap* o_map, int consumer, float (&o)[Cfg::HeadDim / 2], RowState& rows) {
+  constexpr int HeadDim = Cfg::HeadDim;
   const int warp = threadIdx.x % kWarpgroupThreads / 32, group = mma::lane_group(), t = mma::lane_in_group();
   unsigned char* o_rows = smem + consumer * 64 * kPanelRowBytes;  // staging: this consumer's rows of Q_i
   float* lse = p.lse + (static_cast<long long>(tile.batch) * p.q_heads + tile.head) * p.seq_q;
@@ -408,13 +409,13 @@ __device__ void write_empty_tile(const cuda::AttentionParams& p, const Tile& til
 // The kernel: one thread block per (Q tile, head, batch).
 // ============================================================================================================
 
-template <class T, int HeadDim, int Schedule>
-__global__ void __launch_bounds__(Config<HeadDim, Schedule>::kThreads, 1)
+template <class T, class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                    const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
                    const cuda::AttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Cfg = Config<HeadDim, Schedule>;
+  constexpr int HeadDim = Cfg::HeadDim;
   extern __shared__ unsigned char shared_bytes[];
   // TMA boxes with the 128-byte swizzle, and wgmma's view of them, need 1024-byte aligned panels.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -443,7 +444,7 @@ __global__ void __launch_bounds__(Config<HeadDim, Schedule>::kThreads, 1)
   }
   __syncthreads();
 
-  const Producer<HeadDim, Schedule> producer{&q_map, &k_map, &v_map, smem, bars, tile};
+  const Producer<Cfg> producer{&q_map, &k_map, &v_map, smem, bars, tile};
   float o[HeadDim / 2];
   RowState rows;
   if constexpr (Cfg::kProducerWarpgroup) {
@@ -465,13 +466,13 @@ __global__ void __launch_bounds__(Config<HeadDim, Schedule>::kThreads, 1)
       const int consumer = warpgroup - 1;
       if constexpr (Cfg::kPingpong)  // consumer 0 goes first: consumer 1 grants it the first turn
         if (consumer == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);
-      consumer_mainloop<T, HeadDim, Schedule>(p, tile, smem, bars, consumer, nullptr, o, rows);
-      consumer_epilogue<T, HeadDim, Schedule>(p, tile, smem, &o_map, consumer, o, rows);
+      consumer_mainloop<T, Cfg>(p, tile, smem, bars, consumer, nullptr, o, rows);
+      consumer_epilogue<T, Cfg>(p, tile, smem, &o_map, consumer, o, rows);
     }
   } else {
-    const Producer<HeadDim, Schedule>* inline_producer = threadIdx.x == 0 ? &producer : nullptr;
-    consumer_mainloop<T, HeadDim, Schedule>(p, tile, smem, bars, 0, inline_producer, o, rows);
-    consumer_epilogue<T, HeadDim, Schedule>(p, tile, smem, &o_map, 0, o, rows);
+    const Producer<Cfg>* inline_producer = threadIdx.x == 0 ? &producer : nullptr;
+    consumer_mainloop<T, Cfg>(p, tile, smem, bars, 0, inline_producer, o, rows);
+    consumer_epilogue<T, Cfg>(p, tile, smem, &o_map, 0, o, rows);
   }
 #endif
 }
@@ -506,9 +507,9 @@ void require_hopper() {
 #endif
 }
 
-template <class T, int HeadDim, int Schedule>
+template <class T, class Cfg>
 void launch(const AttentionProblem& problem, const AttentionTensors& t, const cuda::AttentionParams& params) {
-  using Cfg = Config<HeadDim, Schedule>;
+  constexpr int HeadDim = Cfg::HeadDim;
   const DType dtype = t.dtype;
   const CUtensorMap q_map = make_tensor_map(t.q, dtype, problem.batch, problem.q_heads, problem.seq_q,
                                             HeadDim, t.q_strides, Cfg::Br);
@@ -518,7 +519,7 @@ void launch(const AttentionProblem& problem, const AttentionTensors& t, const cu
                                             HeadDim, t.kv_strides, Cfg::Bc);
   const CUtensorMap o_map = make_tensor_map(t.o, dtype, problem.batch, problem.q_heads, problem.seq_q,
                                             HeadDim, t.q_strides, 64);
-  auto kernel = forward_kernel<T, HeadDim, Schedule>;
+  auto kernel = forward_kernel<T, Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const dim3 grid(cuda::ceil_div(problem.seq_q, Cfg::Br), static_cast<unsigned>(problem.q_heads),
                   static_cast<unsigned>(problem.batch));
@@ -527,14 +528,38 @@ void launch(const AttentionProblem& problem, const AttentionTensors& t, const cu
 }
 
 template <class T, int HeadDim>
-void launch_schedule(int schedule, const AttentionProblem& problem, const AttentionTensors& t,
+void launch_schedule(int schedule, int block_cols, const AttentionProblem& problem, const AttentionTensors& t,
                      const cuda::AttentionParams& params) {
   switch (schedule) {
-    case 0: launch<T, HeadDim, 0>(problem, t, params); return;
-    case 1: launch<T, HeadDim, 1>(problem, t, params); return;
-    case 2: launch<T, HeadDim, 2>(problem, t, params); return;
-    default: launch<T, HeadDim, 3>(problem, t, params); return;
+    case 0: launch<T, Config<HeadDim, 0>>(problem, t, params); return;
+    case 1: launch<T, Config<HeadDim, 1>>(problem, t, params); return;
+    case 2: launch<T, Config<HeadDim, 2>>(problem, t, params); return;
   }
+  if constexpr (HeadDim == 64) {
+    if (block_cols == 192) return launch<T, Config<HeadDim, 3, 192>>(problem, t, params);
+  } else if constexpr (HeadDim == 128) {
+    if (block_cols == 176) return launch<T, Config<HeadDim, 3, 176>>(problem, t, params);
+  }
+  launch<T, Config<HeadDim, 3>>(problem, t, params);
+}
+
+/// Option "block_cols" (keys per K/V block): the head dim's default, or with schedule 3 also 192 at D = 64 and
+/// 176 at D = 128 (fewer, larger steps; S then takes 96 or 88 registers per thread). Measured (README, log):
+/// 192 is 6-8% faster at D = 64 from N = 8192 and 1-4% slower at 2048, so it is the default at D = 64 from
+/// seq_k = 4096 on; 176 gains nothing at D = 128 (offered for the study).
+int block_cols_option(const AttentionProblem& p, const StageOptions& options, int schedule) {
+  const int head_default = default_block_cols(static_cast<int>(p.head_dim));
+  const bool long_keys_at_64 = p.head_dim == 64 && schedule == 3 && p.seq_k >= 4096;
+  const std::int64_t value = options.get("block_cols", long_keys_at_64 ? 192 : head_default);
+  if (value == head_default) return head_default;
+  const bool offered = (p.head_dim == 64 && value == 192) || (p.head_dim == 128 && value == 176);
+  if (!offered)
+    throw std::invalid_argument("block_cols: " + std::to_string(value) + " is not offered by " + kWho + " at head_dim " +
+                                std::to_string(p.head_dim) + " (128 or 192 at 64, 128 or 176 at 128, 64 at 256)");
+  if (schedule != 3)
+    throw std::invalid_argument("block_cols: " + std::to_string(value) + " needs schedule 3 (the other schedules use " +
+                                std::to_string(head_default) + ")");
+  return static_cast<int>(value);
 }
 
 }  // namespace
@@ -562,15 +587,16 @@ TierCaps gpu_caps() {
 void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_call(p, t, gpu_caps(), kWho, false);
   const int schedule = schedule_option(options);
+  const int block_cols = block_cols_option(p, options, schedule);
   require_hopper();
   const cuda::AttentionParams params = cuda::make_attention_params(p, t);
   cuda::dispatch_dtype(t.dtype, [&](auto element) {
     using T = decltype(element);
     if constexpr (!std::is_same_v<T, float>) {
       switch (p.head_dim) {
-        case 64: launch_schedule<T, 64>(schedule, p, t, params); return;
-        case 128: launch_schedule<T, 128>(schedule, p, t, params); return;
-        case 256: launch_schedule<T, 256>(schedule, p, t, params); return;
+        case 64: launch_schedule<T, 64>(schedule, block_cols, p, t, params); return;
+        case 128: launch_schedule<T, 128>(schedule, block_cols, p, t, params); return;
+        case 256: launch_schedule<T, 256>(schedule, block_cols, p, t, params); return;
       }
     }
   });

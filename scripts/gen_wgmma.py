@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Writes common/hopper_wgmma.inc: the wgmma.mma_async wrappers of common/hopper.cuh for N = 64, 128, 256,
-SS (A and B from shared memory) and RS (A from registers), bf16 and fp16. Inline asm cannot take an array of
+"""Writes common/hopper_wgmma.inc: the wgmma.mma_async wrappers of common/hopper.cuh, SS (A and B from shared
+memory; N = 64, 128, 176, 192) and RS (A from registers; N = 64, 128, 256), bf16 and fp16. Inline asm cannot take an array of
 registers, so each shape's 32-128 accumulator operands are spelled out; this script is the one place they are
 written.   python3 scripts/gen_wgmma.py > common/hopper_wgmma.inc"""
 import sys
 out = []
 def regs(n, start):
     return ", ".join(f"%{start+i}" for i in range(n))
+# SS: N = the key-block size Bc of S = Q K^T; RS: N = the head dim of O += P V.
+SHAPES = {"ss": (64, 128, 176, 192), "rs": (64, 128, 256)}
 for kind in ("ss", "rs"):
-    for n in (64, 128, 256):
+    for n in SHAPES[kind]:
         acc = n // 2
         outs = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
         if kind == "ss":

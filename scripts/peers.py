@@ -178,8 +178,10 @@ def main():
     parser.add_argument("--cli-stages", default="naive,memory_efficient",
                         help="stages timed through `attn run --json` (their bench programs use other shapes)")
     parser.add_argument("--cli-seqs", default="2048,8192", help="N for the --cli-stages (each shape is a process)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="PyTorch SDPA backends to time")
     parser.add_argument("--json-out", help="also write every time measured here")
     args = parser.parse_args()
+    BACKENDS[:] = [b for b in args.backends.split(",") if b]
 
     wanted = list(sweep([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]))
     stages = [s for s in args.stages.split(",") if s]
@@ -227,8 +229,8 @@ def main():
             line += [cell(mine[s]) for s in stages]
             line += [cell(peer_rates[name]) if peer_rates[name] is not None else (peers[name] or "") for name in BACKENDS]
             line += [ratio(mine.get("flash_v2"), peer_rates[name]) for name in BACKENDS]
-            line += [ratio(mine.get("flash_v1"), peer_rates["flash"])]
-            line += [ratio(mine.get("flash_v3"), peer_rates["flash"]), ratio(mine.get("flash_v3"), peer_rates["cudnn"]),
+            line += [ratio(mine.get("flash_v1"), peer_rates.get("flash"))]
+            line += [ratio(mine.get("flash_v3"), peer_rates.get("flash")), ratio(mine.get("flash_v3"), peer_rates.get("cudnn")),
                      ratio(mine.get("flash_v3"), mine.get("flash_v2"))]
             print("| " + " | ".join(line) + " |")
             rows.append({"pass": pass_name, "b": b, "h": h, "n": n, "d": d, "causal": causal,

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "common/cuda_utils.hpp"
 #include "flash_v3/flash_v3.hpp"
@@ -122,8 +123,8 @@ TEST_CASE("flash_v3/gpu is right across many tiles and blocks: tails, causal wit
     }
 }
 
-TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf log-sum-exp, every schedule",
-          "[flash_v3][gpu][small]") {
+TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf log-sum-exp in every schedule",
+          "[flash_v3][gpu][small][sanitize]") {
   // Bottom-right aligned: rows 0..229 see nothing (whole Q tiles of 64 and 128, and part of one).
   const AttentionProblem p = make(1, 2, 2, 300, 70, 64, true);
   const std::int64_t empty_rows = p.seq_q - p.seq_k;
@@ -161,6 +162,24 @@ TEST_CASE("flash_v3/gpu: logits near 1e3 do not overflow (the running max is sub
       check_within(e, tolerance(dtype));
     }
   }
+}
+
+TEST_CASE("flash_v3/gpu gives the same answers with the wider key blocks (block_cols 192 at D = 64, 176 at D = 128)",
+          "[flash_v3][gpu]") {
+  std::uint64_t seed = 5100;
+  for (auto [head_dim, block_cols] : {std::pair<std::int64_t, std::int64_t>{64, 192}, {128, 176}})
+    for (bool causal : {false, true}) {
+      const AttentionProblem p = make(2, 4, 2, 301, 533, head_dim, causal);
+      for (DType dtype : kDtypes) {
+        const ProblemData data = make_problem_data(p, dtype, Layout::bnhd, ++seed);
+        RunSettings settings = with_schedule(3);
+        settings.options.values["block_cols"] = block_cols;
+        const Errors e = compare_with_oracle(run_stage(flash_v3::describe(), Tier::gpu, data, settings),
+                                             oracle::attention(data, false));
+        INFO(p.describe() << " block_cols " << block_cols << " dtype " << dtype_name(dtype) << ": " << summary(e));
+        check_within(e, tolerance(dtype));
+      }
+    }
 }
 
 TEST_CASE("flash_v3/gpu rejects what its kernels cannot take, naming the argument", "[flash_v3][gpu][validation]") {
@@ -207,6 +226,15 @@ TEST_CASE("flash_v3/gpu rejects what its kernels cannot take, naming the argumen
     const std::string text = message(p, fake_tensors(p, DType::bf16), bad);
     INFO(text);
     CHECK(text.rfind("schedule: ", 0) == 0);
+  }
+
+  for (auto [schedule, block_cols] : {std::pair<std::int64_t, std::int64_t>{3, 176}, {3, 100}, {2, 192}}) {
+    StageOptions bad;
+    bad.values["schedule"] = schedule;
+    bad.values["block_cols"] = block_cols;  // 176 is offered at D = 128 only, 192 with schedule 3 only
+    const std::string text = message(p, fake_tensors(p, DType::bf16), bad);
+    INFO(text);
+    CHECK(text.rfind("block_cols: ", 0) == 0);
   }
 
   AttentionProblem huge = p;
