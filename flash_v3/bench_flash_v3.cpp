@@ -51,6 +51,14 @@ std::vector<bench::Case> gpu_cases() {
         cases.push_back(wide);
       }
     }
+  // The persistent grid (schedule 3, one thread block per SM) against one thread block per tile.
+  for (bool causal : {false, true})
+    for (std::int64_t head_dim : {64, 128, 256})
+      for (std::int64_t seq : {2048, 8192, 16384}) {
+        bench::Case persistent{problem(16384 / seq, 2048 / head_dim, seq, head_dim, causal), DType::bf16, {}, "persistent=1"};
+        persistent.options.values["persistent"] = 1;
+        cases.push_back(persistent);
+      }
   return cases;
 }
 

@@ -10,6 +10,7 @@
 //   1  a producer warpgroup + two consumer warpgroups (128 query rows), setmaxnreg 24 / 240
 //   2  1 + pingpong: named barriers hand the tensor cores from one consumer to the other
 //   3  2 + intra-warpgroup overlap: softmax of block j while O += P V of block j - 1 runs (the default)
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -36,9 +37,10 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int default_block_cols(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
 // Everything fixed at compile time for one (head dim, schedule, key-block size).
-template <int HeadDim_, int Schedule_, int BlockCols = default_block_cols(HeadDim_)>
+template <int HeadDim_, int Schedule_, int BlockCols = default_block_cols(HeadDim_), bool Persistent = false>
 struct Config {
   static constexpr int HeadDim = HeadDim_, Schedule = Schedule_;
+  static constexpr bool kPersistent = Persistent;  // one thread block per SM walking many Q tiles (schedule 3)
   static constexpr bool kProducerWarpgroup = Schedule >= 1;
   static constexpr bool kPingpong = Schedule >= 2;
   static constexpr bool kOverlap = Schedule >= 3;
@@ -54,7 +56,7 @@ struct Config {
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kTileBytes;
   static constexpr int kBarrierOffset = kVOffset + kStages * kTileBytes;
-  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages) + kSwizzleAtomBytes;  // + alignment slack
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (2 + 4 * kStages) + kSwizzleAtomBytes;  // + alignment slack
   static_assert(HeadDim % kPanelColumns == 0, "head dims are whole 64-column panels");
   static_assert(Bc % 16 == 0 && (Bc * kPanelRowBytes) % kSwizzleAtomBytes == 0, "key blocks of whole swizzle atoms");
 };
@@ -64,12 +66,13 @@ struct Config {
 constexpr int kEpilogueBarrier = 1;  // + consumer
 constexpr int kPingpongBarrier = 3;  // + consumer
 
-// The mbarriers of the pipeline (FA3 Alg. 1): Q has one "full" barrier; each stage of the K ring and of the V ring
+// The mbarriers of the pipeline (FA3 Alg. 1): Q has a "full" barrier (and, in the persistent kernel, an "empty"
+// one: both consumers have finished with Q_i and with the O staging that reuses its space); each stage of the K ring and of the V ring
 // has a "full" barrier (the producer's arrive.expect_tx plus the TMA bytes) and an "empty" one (one arrival per
 // consumer warpgroup when it is done reading the stage).
 template <int Stages>
 struct Barriers {
-  std::uint64_t q_full;
+  std::uint64_t q_full, q_empty;
   std::uint64_t k_full[Stages], k_empty[Stages];
   std::uint64_t v_full[Stages], v_empty[Stages];
 };
@@ -80,7 +83,7 @@ struct Slot {
   std::uint32_t phase;
 };
 template <int Stages>
-__device__ __forceinline__ Slot slot_of(int it) {
+__device__ __forceinline__ Slot slot_of(int it) {  // it counts every block this thread block has loaded
   return {it % Stages, static_cast<std::uint32_t>((it / Stages) & 1)};
 }
 
@@ -93,14 +96,17 @@ struct Tile {
   int masked_blocks;  // how many of them (the first visited) need the mask
 };
 
+/// Tile number `index` of the grid's q_blocks x heads x batch tiles, Q blocks fastest (so that thread blocks
+/// running at the same time share K and V in L2). Causal: within a head, the last Q blocks have the most K/V
+/// blocks; starting them first shortens the tail.
 template <int Br, int Bc>
-__device__ __forceinline__ Tile tile_of(const cuda::AttentionParams& p) {
+__device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int index) {
   Tile tile;
-  // Causal: the last Q tiles have the most blocks; starting them first shortens the tail of the grid.
-  const int q_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int q_blocks = cuda::ceil_div(p.seq_q, Br);
+  const int q_block = p.causal ? q_blocks - 1 - index % q_blocks : index % q_blocks;
   tile.row0 = q_block * Br;
-  tile.head = blockIdx.y;
-  tile.batch = blockIdx.z;
+  tile.head = index / q_blocks % p.q_heads;
+  tile.batch = index / q_blocks / p.q_heads;
   tile.kv_head = tile.head / p.group_size;
   const int offset = p.seq_k - p.seq_q;  // bottom-right causal: row i sees keys j <= i + offset
   int blocks = cuda::ceil_div(p.seq_k, Bc);
@@ -128,6 +134,7 @@ struct Producer {
   unsigned char* smem;
   Barriers<Cfg::kStages>* bars;
   Tile tile;
+  int ring = 0;  // blocks loaded for earlier tiles: ring positions continue from tile to tile
 
   __device__ void load_q() const {
     mbarrier_arrive_expect_tx(&bars->q_full, Cfg::kQBytes);
@@ -151,7 +158,7 @@ struct Producer {
  private:
   __device__ void load_block(int it, const CUtensorMap* map, int ring_offset, std::uint64_t* full,
                              std::uint64_t* empty) const {
-    const Slot slot = slot_of<Cfg::kStages>(it);
+    const Slot slot = slot_of<Cfg::kStages>(ring + it);
     mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
     mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
     unsigned char* destination = smem + ring_offset + slot.stage * Cfg::kTileBytes;
@@ -273,7 +280,7 @@ __device__ __forceinline__ void pass_turn(int consumer) {
 template <class T, class Cfg>
 __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& tile, unsigned char* smem,
                                   Barriers<Cfg::kStages>* bars, int consumer, const Producer<Cfg>* inline_producer,
-                                  float (&o)[Cfg::HeadDim / 2], RowState& rows) {
+                                  int ring, std::uint32_t q_phase, float (&o)[Cfg::HeadDim / 2], RowState& rows) {
   constexpr int Bc = Cfg::Bc, HeadDim = Cfg::HeadDim;
   const bool releases = threadIdx.x % kWarpgroupThreads == 0;  // one arrival per warpgroup on "empty"
   const unsigned char* q_rows = smem + consumer * 64 * kPanelRowBytes;  // this consumer's 64 rows of Q_i
@@ -303,8 +310,8 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   }
 
   // Alg. 2 lines 2-5: S = Q K_0^T, softmax, release K_0.
-  mbarrier_wait(&bars->q_full, 0);
-  Slot slot = slot_of<Cfg::kStages>(0);
+  mbarrier_wait(&bars->q_full, q_phase);
+  Slot slot = slot_of<Cfg::kStages>(ring);
   mbarrier_wait(&bars->k_full[slot.stage], slot.phase);
   wait_for_turn<Cfg::kPingpong>(consumer);
   wgmma_fence();
@@ -318,7 +325,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
 
   // Alg. 2 lines 6-17.
   for (int it = 1; it < tile.blocks; ++it) {
-    const Slot k_slot = slot_of<Cfg::kStages>(it), v_slot = slot_of<Cfg::kStages>(it - 1);
+    const Slot k_slot = slot_of<Cfg::kStages>(ring + it), v_slot = slot_of<Cfg::kStages>(ring + it - 1);
     if (inline_producer != nullptr) {
       if (it + 1 < tile.blocks) inline_producer->load_k(it + 1);
       inline_producer->load_v(it);
@@ -345,7 +352,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   }
 
   // Alg. 2 lines 18-20: the last O += P V.
-  slot = slot_of<Cfg::kStages>(tile.blocks - 1);
+  slot = slot_of<Cfg::kStages>(ring + tile.blocks - 1);
   mbarrier_wait(&bars->v_full[slot.stage], slot.phase);
   wait_for_turn<Cfg::kPingpong>(consumer);
   wgmma_fence();
@@ -361,7 +368,8 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
 /// memory, in the swizzled panel layout, and written to global memory by TMA stores (rows past seq_q clipped).
 template <class T, class Cfg>
 __device__ void consumer_epilogue(const cuda::AttentionParams& p, const Tile& tile, unsigned char* smem,
-                                  const CUtensorMap* o_map, int consumer, float (&o)[Cfg::HeadDim / 2], RowState& rows) {
+                                  Barriers<Cfg::kStages>* bars, const CUtensorMap* o_map, int consumer,
+                                  float (&o)[Cfg::HeadDim / 2], RowState& rows) {
   constexpr int HeadDim = Cfg::HeadDim;
   const int warp = threadIdx.x % kWarpgroupThreads / 32, group = mma::lane_group(), t = mma::lane_in_group();
   unsigned char* o_rows = smem + consumer * 64 * kPanelRowBytes;  // staging: this consumer's rows of Q_i
@@ -389,31 +397,36 @@ __device__ void consumer_epilogue(const cuda::AttentionParams& p, const Tile& ti
                 tile.row0 + consumer * 64, tile.head, tile.batch);
     tma_store_commit();
     tma_store_wait_read();  // shared memory must outlive the copy's reads
+    if constexpr (Cfg::kPersistent) mbarrier_arrive(&bars->q_empty);  // the next tile's Q may come in
   }
 }
 
-/// A Q tile whose rows all see no key (causal with seq_q > seq_k): O = 0, LSE = -inf, written by every thread.
-template <class T, int HeadDim, int Br>
-__device__ void write_empty_tile(const cuda::AttentionParams& p, const Tile& tile) {
+/// Rows [row0, row0 + rows) of a tile whose rows all see no key (causal with seq_q > seq_k): O = 0, LSE = -inf,
+/// written by `threads` threads of which this is number `thread`.
+template <class T, int HeadDim>
+__device__ void write_empty_rows(const cuda::AttentionParams& p, const Tile& tile, int row0, int rows, int thread,
+                                 int threads) {
   T* o = static_cast<T*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
   float* lse = p.lse + (static_cast<long long>(tile.batch) * p.q_heads + tile.head) * p.seq_q;
-  for (int i = threadIdx.x; i < Br * HeadDim; i += blockDim.x) {
-    const int row = tile.row0 + i / HeadDim;
+  for (int i = thread; i < rows * HeadDim; i += threads) {
+    const int row = row0 + i / HeadDim;
     if (row < p.seq_q) o[row * p.q_seq + i % HeadDim] = cuda::from_float<T>(0.0f);
   }
-  for (int i = threadIdx.x; i < Br; i += blockDim.x)
-    if (tile.row0 + i < p.seq_q) lse[tile.row0 + i] = -kInf;
+  for (int i = thread; i < rows; i += threads)
+    if (row0 + i < p.seq_q) lse[row0 + i] = -kInf;
 }
 
 // ============================================================================================================
-// The kernel: one thread block per (Q tile, head, batch).
+// The kernel: one thread block per Q tile (of q_blocks x heads x batch), or with Persistent one per SM, each
+// walking the tiles blockIdx.x, blockIdx.x + gridDim.x, ... so that one tile's epilogue overlaps the next one's
+// loads and no block pays the start-up (barrier set-up, first loads) twice.
 // ============================================================================================================
 
 template <class T, class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                    const __grid_constant__ CUtensorMap v_map, const __grid_constant__ CUtensorMap o_map,
-                   const cuda::AttentionParams p) {
+                   const cuda::AttentionParams p, int tiles) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int HeadDim = Cfg::HeadDim;
   extern __shared__ unsigned char shared_bytes[];
@@ -421,11 +434,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<std::uintptr_t>(shared_bytes) + kSwizzleAtomBytes - 1) & ~std::uintptr_t(kSwizzleAtomBytes - 1));
   auto* bars = reinterpret_cast<Barriers<Cfg::kStages>*>(smem + Cfg::kBarrierOffset);
+  const int tile_step = Cfg::kPersistent ? gridDim.x : tiles;  // without Persistent: exactly one tile per block
 
-  const Tile tile = tile_of<Cfg::Br, Cfg::Bc>(p);
-  if (tile.blocks == 0) {  // before any barrier is used: every thread leaves by the same path
-    write_empty_tile<T, HeadDim, Cfg::Br>(p, tile);
-    return;
+  if constexpr (!Cfg::kPersistent) {
+    const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(p, blockIdx.x);
+    if (tile.blocks == 0) {  // before any barrier is used: every thread leaves by the same path
+      write_empty_rows<T, HeadDim>(p, tile, tile.row0, Cfg::Br, threadIdx.x, blockDim.x);
+      return;
+    }
   }
 
   if (threadIdx.x == 0) {
@@ -434,6 +450,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     prefetch_tensor_map(&v_map);
     prefetch_tensor_map(&o_map);
     mbarrier_init(&bars->q_full, 1);
+    mbarrier_init(&bars->q_empty, Cfg::kConsumers);
     for (int stage = 0; stage < Cfg::kStages; ++stage) {
       mbarrier_init(&bars->k_full[stage], 1);  // the producer's arrive.expect_tx; then the bytes
       mbarrier_init(&bars->v_full[stage], 1);
@@ -444,21 +461,30 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   __syncthreads();
 
-  const Producer<Cfg> producer{&q_map, &k_map, &v_map, smem, bars, tile};
   float o[HeadDim / 2];
-  RowState rows;
   if constexpr (Cfg::kProducerWarpgroup) {
     const int warpgroup = threadIdx.x / kWarpgroupThreads;
     if (warpgroup == 0) {
       // Producer warpgroup (FA3 Alg. 1): 24 registers per thread are plenty for address arithmetic.
       setmaxnreg_decrease<24>();
       if (threadIdx.x == 0) {
-        producer.load_q();
-        for (int it = 0; it < tile.blocks; ++it) {
-          producer.load_k(it);
-          producer.load_v(it);
+        int ring = 0, q_loads = 0;
+        for (int index = blockIdx.x; index < tiles; index += tile_step) {
+          const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(p, index);
+          if (tile.blocks == 0) continue;  // the consumers write it; nothing to load
+          const Producer<Cfg> producer{&q_map, &k_map, &v_map, smem, bars, tile, ring};
+          if constexpr (Cfg::kPersistent)  // Q's space is free once both consumers have stored the last O
+            mbarrier_wait(&bars->q_empty, static_cast<std::uint32_t>(q_loads & 1) ^ 1);
+          producer.load_q();
+          for (int it = 0; it < tile.blocks; ++it) {
+            producer.load_k(it);
+            producer.load_v(it);
+          }
+          ring += tile.blocks;
+          ++q_loads;
         }
-        producer.drain(tile.blocks);
+        const Producer<Cfg> last{&q_map, &k_map, &v_map, smem, bars, Tile{}, 0};
+        last.drain(ring);
       }
     } else {
       // Consumer warpgroups: 240 registers each (24 x 128 + 240 x 256 <= 65536).
@@ -466,13 +492,28 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int consumer = warpgroup - 1;
       if constexpr (Cfg::kPingpong)  // consumer 0 goes first: consumer 1 grants it the first turn
         if (consumer == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);
-      consumer_mainloop<T, Cfg>(p, tile, smem, bars, consumer, nullptr, o, rows);
-      consumer_epilogue<T, Cfg>(p, tile, smem, &o_map, consumer, o, rows);
+      int ring = 0, q_loads = 0;
+      for (int index = blockIdx.x; index < tiles; index += tile_step) {
+        const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(p, index);
+        if (tile.blocks == 0) {
+          write_empty_rows<T, HeadDim>(p, tile, tile.row0 + 64 * consumer, 64, threadIdx.x % kWarpgroupThreads,
+                                       kWarpgroupThreads);
+          continue;
+        }
+        RowState rows;
+        consumer_mainloop<T, Cfg>(p, tile, smem, bars, consumer, nullptr, ring, q_loads & 1, o, rows);
+        consumer_epilogue<T, Cfg>(p, tile, smem, bars, &o_map, consumer, o, rows);
+        ring += tile.blocks;
+        ++q_loads;
+      }
     }
   } else {
+    const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(p, blockIdx.x);
+    const Producer<Cfg> producer{&q_map, &k_map, &v_map, smem, bars, tile, 0};
     const Producer<Cfg>* inline_producer = threadIdx.x == 0 ? &producer : nullptr;
-    consumer_mainloop<T, Cfg>(p, tile, smem, bars, 0, inline_producer, o, rows);
-    consumer_epilogue<T, Cfg>(p, tile, smem, &o_map, 0, o, rows);
+    RowState rows;
+    consumer_mainloop<T, Cfg>(p, tile, smem, bars, 0, inline_producer, 0, 0, o, rows);
+    consumer_epilogue<T, Cfg>(p, tile, smem, bars, &o_map, 0, o, rows);
   }
 #endif
 }
@@ -507,6 +548,13 @@ void require_hopper() {
 #endif
 }
 
+int multiprocessor_count() {
+  int device = 0, count = 0;
+  ATTN_CUDA_CHECK(cudaGetDevice(&device));
+  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 template <class T, class Cfg>
 void launch(const AttentionProblem& problem, const AttentionTensors& t, const cuda::AttentionParams& params) {
   constexpr int HeadDim = Cfg::HeadDim;
@@ -521,26 +569,45 @@ void launch(const AttentionProblem& problem, const AttentionTensors& t, const cu
                                             HeadDim, t.q_strides, 64);
   auto kernel = forward_kernel<T, Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  const dim3 grid(cuda::ceil_div(problem.seq_q, Cfg::Br), static_cast<unsigned>(problem.q_heads),
-                  static_cast<unsigned>(problem.batch));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, o_map, params);
+  const long long tiles = static_cast<long long>(cuda::ceil_div(problem.seq_q, Cfg::Br)) * problem.q_heads * problem.batch;
+  if (tiles > std::numeric_limits<int>::max())
+    throw std::invalid_argument("batch: " + std::to_string(problem.batch) + " x q_heads x ceil(seq_q / " +
+                                std::to_string(Cfg::Br) + ") = " + std::to_string(tiles) + " tiles exceed 2^31 - 1");
+  int blocks = static_cast<int>(tiles);
+  if constexpr (Cfg::kPersistent) blocks = std::min(blocks, multiprocessor_count());
+  kernel<<<blocks, Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, o_map, params, static_cast<int>(tiles));
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
 template <class T, int HeadDim>
-void launch_schedule(int schedule, int block_cols, const AttentionProblem& problem, const AttentionTensors& t,
-                     const cuda::AttentionParams& params) {
+void launch_schedule(int schedule, int block_cols, bool persistent, const AttentionProblem& problem,
+                     const AttentionTensors& t, const cuda::AttentionParams& params) {
+  constexpr int kDefaultCols = default_block_cols(HeadDim);
   switch (schedule) {
     case 0: launch<T, Config<HeadDim, 0>>(problem, t, params); return;
     case 1: launch<T, Config<HeadDim, 1>>(problem, t, params); return;
     case 2: launch<T, Config<HeadDim, 2>>(problem, t, params); return;
   }
   if constexpr (HeadDim == 64) {
-    if (block_cols == 192) return launch<T, Config<HeadDim, 3, 192>>(problem, t, params);
+    if (block_cols == 192)
+      return persistent ? launch<T, Config<HeadDim, 3, 192, true>>(problem, t, params)
+                        : launch<T, Config<HeadDim, 3, 192>>(problem, t, params);
   } else if constexpr (HeadDim == 128) {
     if (block_cols == 176) return launch<T, Config<HeadDim, 3, 176>>(problem, t, params);
   }
+  if (persistent) return launch<T, Config<HeadDim, 3, kDefaultCols, true>>(problem, t, params);
   launch<T, Config<HeadDim, 3>>(problem, t, params);
+}
+
+/// Option "persistent" = 1 (schedule 3 only): one thread block per SM walking the tiles, instead of one per tile.
+bool persistent_option(const StageOptions& options, int schedule, int block_cols) {
+  const std::int64_t value = options.get("persistent", 0);
+  if (value != 0 && value != 1)
+    throw std::invalid_argument("persistent: " + std::to_string(value) + " must be 0 (a thread block per tile) or 1 " +
+                                "(a thread block per SM walking the tiles)");
+  if (value == 1 && (schedule != 3 || block_cols == 176))
+    throw std::invalid_argument("persistent: 1 needs schedule 3 and block_cols other than 176");
+  return value == 1;
 }
 
 /// Option "block_cols" (keys per K/V block): the head dim's default, or with schedule 3 also 192 at D = 64 and
@@ -588,15 +655,16 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   validate_call(p, t, gpu_caps(), kWho, false);
   const int schedule = schedule_option(options);
   const int block_cols = block_cols_option(p, options, schedule);
+  const bool persistent = persistent_option(options, schedule, block_cols);
   require_hopper();
   const cuda::AttentionParams params = cuda::make_attention_params(p, t);
   cuda::dispatch_dtype(t.dtype, [&](auto element) {
     using T = decltype(element);
     if constexpr (!std::is_same_v<T, float>) {
       switch (p.head_dim) {
-        case 64: launch_schedule<T, 64>(schedule, block_cols, p, t, params); return;
-        case 128: launch_schedule<T, 128>(schedule, block_cols, p, t, params); return;
-        case 256: launch_schedule<T, 256>(schedule, block_cols, p, t, params); return;
+        case 64: launch_schedule<T, 64>(schedule, block_cols, persistent, p, t, params); return;
+        case 128: launch_schedule<T, 128>(schedule, block_cols, persistent, p, t, params); return;
+        case 256: launch_schedule<T, 256>(schedule, block_cols, persistent, p, t, params); return;
       }
     }
   });

@@ -27,13 +27,21 @@ struct Tolerance {
 Tolerance tolerance(DType dtype) { return dtype == DType::f16 ? Tolerance{2e-3, 1e-4} : Tolerance{1e-2, 1e-4}; }
 
 const DType kDtypes[] = {DType::bf16, DType::f16};
-const int kSchedules[] = {0, 1, 2, 3};
+
+// The chapter's build-up: schedules 0-3 (one thread block per tile), and schedule 3 with the persistent grid.
+struct Variant {
+  int schedule;
+  int persistent;
+};
+const Variant kVariants[] = {{0, 0}, {1, 0}, {2, 0}, {3, 0}, {3, 1}};
+std::string name(const Variant& v) { return "schedule " + std::to_string(v.schedule) + (v.persistent ? " persistent" : ""); }
 
 bool gpu_runs(const AttentionProblem& p) { return p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256; }
 
-RunSettings with_schedule(int schedule) {
+RunSettings with_variant(const Variant& v) {
   RunSettings settings;
-  settings.options.values["schedule"] = schedule;
+  settings.options.values["schedule"] = v.schedule;
+  settings.options.values["persistent"] = v.persistent;
   return settings;
 }
 
@@ -53,14 +61,14 @@ void check_against_references(const ProblemData& data) {
   const Stage stage = flash_v3::describe();
   const Tolerance tol = tolerance(data.dtype);
   const oracle::Result exact = oracle::attention(data, false);
-  const StageRun reference = run_stage(stage, Tier::gpu, data, with_schedule(3));
-  for (int schedule : kSchedules) {
-    const StageRun run = run_stage(stage, Tier::gpu, data, with_schedule(schedule));
+  const StageRun reference = run_stage(stage, Tier::gpu, data, RunSettings{});
+  for (const Variant& variant : kVariants) {
+    const StageRun run = run_stage(stage, Tier::gpu, data, with_variant(variant));
     const Errors vs_oracle = compare_with_oracle(run, exact);
-    INFO("schedule " << schedule << " vs oracle: " << summary(vs_oracle));
+    INFO(name(variant) << " vs oracle: " << summary(vs_oracle));
     check_within(vs_oracle, tol);
     const Errors vs_default = compare_runs(run, reference);
-    INFO("schedule " << schedule << " vs schedule 3: " << summary(vs_default));
+    INFO(name(variant) << " vs the default: " << summary(vs_default));
     check_within(vs_default, tol, 2.0);
   }
   const Stage* previous = previous_stage("flash_v3", Tier::gpu);
@@ -114,6 +122,9 @@ TEST_CASE("flash_v3/gpu is right across many tiles and blocks: tails, causal wit
       make(1, 4, 4, 515, 515, 128, true),  make(1, 4, 4, 515, 515, 128, false), make(2, 16, 2, 333, 777, 128, true),
       make(1, 8, 1, 700, 190, 64, true),   make(1, 2, 2, 190, 700, 64, true),   make(2, 3, 3, 259, 1000, 64, false),
       make(1, 2, 1, 390, 450, 256, true),  make(1, 2, 2, 129, 513, 256, false), make(1, 8, 1, 1, 1037, 128, true),
+      // More tiles than SMs, so that the persistent grid walks several per thread block (ring positions and the Q
+      // barriers carried from tile to tile), with empty tiles among them (causal, Nq > Nk).
+      make(2, 16, 4, 1500, 700, 128, true), make(4, 16, 16, 1000, 1000, 64, false),
   };
   std::uint64_t seed = 3900;
   for (const AttentionProblem& p : cases)
@@ -128,10 +139,10 @@ TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf l
   // Bottom-right aligned: rows 0..229 see nothing (whole Q tiles of 64 and 128, and part of one).
   const AttentionProblem p = make(1, 2, 2, 300, 70, 64, true);
   const std::int64_t empty_rows = p.seq_q - p.seq_k;
-  for (int schedule : kSchedules)
+  for (const Variant& variant : kVariants)
     for (DType dtype : kDtypes) {
       const ProblemData data = make_problem_data(p, dtype, Layout::bhnd, 7);
-      const StageRun run = run_stage(flash_v3::describe(), Tier::gpu, data, with_schedule(schedule));
+      const StageRun run = run_stage(flash_v3::describe(), Tier::gpu, data, with_variant(variant));
       std::int64_t wrong = 0;
       for (std::int64_t h = 0; h < p.q_heads; ++h)
         for (std::int64_t i = 0; i < p.seq_q; ++i) {
@@ -143,7 +154,7 @@ TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf l
             wrong += !std::isfinite(run.lse[row]);
           }
         }
-      INFO("schedule " << schedule << " dtype " << dtype_name(dtype));
+      INFO(name(variant) << " dtype " << dtype_name(dtype));
       CHECK(wrong == 0);
       // Row empty_rows sees exactly key 0: P = 1, so O is V's first row (already rounded to the dtype).
       for (std::int64_t d = 0; d < p.head_dim; ++d) CHECK(run.o[empty_rows * p.head_dim + d] == data.v[d]);
@@ -156,9 +167,9 @@ TEST_CASE("flash_v3/gpu: logits near 1e3 do not overflow (the running max is sub
     // Q ~ N(0, 40^2): logits reach about 1e3, where exp() without the max subtracted overflows fp32 (at 88.7).
     const ProblemData data = make_problem_data(p, dtype, Layout::bnhd, 31, 40.0f);
     const oracle::Result exact = oracle::attention(data, false);
-    for (int schedule : kSchedules) {
-      const Errors e = compare_with_oracle(run_stage(flash_v3::describe(), Tier::gpu, data, with_schedule(schedule)), exact);
-      INFO("schedule " << schedule << " dtype " << dtype_name(dtype) << ": " << summary(e));
+    for (const Variant& variant : kVariants) {
+      const Errors e = compare_with_oracle(run_stage(flash_v3::describe(), Tier::gpu, data, with_variant(variant)), exact);
+      INFO(name(variant) << " dtype " << dtype_name(dtype) << ": " << summary(e));
       check_within(e, tolerance(dtype));
     }
   }
@@ -172,12 +183,16 @@ TEST_CASE("flash_v3/gpu gives the same answers with the wider key blocks (block_
       const AttentionProblem p = make(2, 4, 2, 301, 533, head_dim, causal);
       for (DType dtype : kDtypes) {
         const ProblemData data = make_problem_data(p, dtype, Layout::bnhd, ++seed);
-        RunSettings settings = with_schedule(3);
-        settings.options.values["block_cols"] = block_cols;
-        const Errors e = compare_with_oracle(run_stage(flash_v3::describe(), Tier::gpu, data, settings),
-                                             oracle::attention(data, false));
-        INFO(p.describe() << " block_cols " << block_cols << " dtype " << dtype_name(dtype) << ": " << summary(e));
-        check_within(e, tolerance(dtype));
+        for (int persistent : {0, 1}) {
+          if (persistent == 1 && block_cols == 176) continue;  // not offered
+          RunSettings settings = with_variant({3, persistent});
+          settings.options.values["block_cols"] = block_cols;
+          const Errors e = compare_with_oracle(run_stage(flash_v3::describe(), Tier::gpu, data, settings),
+                                               oracle::attention(data, false));
+          INFO(p.describe() << " block_cols " << block_cols << " persistent " << persistent << " dtype "
+                            << dtype_name(dtype) << ": " << summary(e));
+          check_within(e, tolerance(dtype));
+        }
       }
     }
 }
@@ -235,6 +250,15 @@ TEST_CASE("flash_v3/gpu rejects what its kernels cannot take, naming the argumen
     const std::string text = message(p, fake_tensors(p, DType::bf16), bad);
     INFO(text);
     CHECK(text.rfind("block_cols: ", 0) == 0);
+  }
+
+  for (auto [schedule, persistent] : {std::pair<std::int64_t, std::int64_t>{3, 2}, {2, 1}}) {
+    StageOptions bad;
+    bad.values["schedule"] = schedule;
+    bad.values["persistent"] = persistent;
+    const std::string text = message(p, fake_tensors(p, DType::bf16), bad);
+    INFO(text);
+    CHECK(text.rfind("persistent: ", 0) == 0);
   }
 
   AttentionProblem huge = p;
