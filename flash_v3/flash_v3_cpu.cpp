@@ -174,7 +174,8 @@ Head head_pointers(const AttentionProblem& p, const AttentionTensors& t, std::in
 struct PipelineCancelled {};
 
 // An mbarrier: a phase completes when `arrivals` arrivals have come; a waiter blocks until a given number of
-// phases have completed. The GPU waits on the parity of the phase; counting phases reads more easily.
+// phases have completed. The GPU waits on the parity of the phase; counting phases reads more easily. The atomics
+// are sequentially consistent, so what a role wrote before arriving is visible to the role whose wait returns.
 class StageBarrier {
  public:
   explicit StageBarrier(int arrivals) : arrivals_(arrivals), pending_(arrivals) {}
