@@ -1,7 +1,7 @@
 // flash_v3, CPU tier: FlashAttention-3's warp-specialized forward pass written with threads, for reading and
-// stepping in a debugger. A "CTA" is a producer thread (FA3 Alg. 1) that fills rings of K and V stage buffers and
-// two consumer threads (FA3 Alg. 2) that each own half of a Q tile, take turns on the "tensor cores" (the pingpong
-// token) and overlap the next S = Q K^T with this block's softmax. Names follow the GPU tier.
+// stepping in a debugger. A "CTA" is a producer thread (FA3 Alg. 1 lines 2-8) that fills rings of K and V stage
+// buffers and two consumer threads (FA3 Alg. 2) that each own half of a Q tile, take turns on the "tensor cores"
+// (the pingpong token) and overlap the next S = Q K^T with this block's softmax. Names follow the GPU tier.
 //
 // Options: "block_rows" / "block_cols" (Br / Bc, default 128 / 128; Br >= 2: one row per consumer at least;
 // Bc >= 1), "stages" (depth of the K and V rings, >= 2; default 2), "round_p" = 1 (default: P~ rounded to bf16
@@ -348,7 +348,7 @@ void round_to_bf16(float* P, std::int64_t keys, std::int64_t columns, std::int64
 }
 
 // FA3 Alg. 2 line 2, after the wait: this consumer's rows of Q_i, with scale log2(e) folded in (every exp below is
-// an exp2, as on the GPU); O_i = 0, m_i = -inf, l_i = 0.
+// an exp2, as on the GPU); O_i = 0, m_i = -inf, l_i = 0 (Alg. 1 line 10; line 5 of Alg. 2 then sets m_i and l_i).
 void start_rows(const AttentionProblem& p, ConsumerTiles& c, const float* Q_tile, const ConsumerRows& rows) {
   const std::int64_t D = p.head_dim;
   const float scale_log2 = p.softmax_scale() * std::numbers::log2e_v<float>;
@@ -451,21 +451,22 @@ struct Launch {
 
 const char* const kRoleName[kConsumers] = {"consumer0", "consumer1"};
 
-// FA3 Alg. 1 lines 1-2: wait for a free stage, copy K_j or V_j into it (the TMA load), signal its full barrier.
+// FA3 Alg. 1 lines 6-7: wait until the stage is free, copy K_j or V_j into it (the TMA load), signal it is full.
 void fill_stage(const Launch& launch, Ring& ring, RingPosition& position, const char* name, const float* rows,
                 const KeyBlock& block) {
   const std::int64_t kv_seq = launch.t.kv_strides.seq;
   ring.empty[position.stage].wait(position.phase);  // both consumers are done with what it held
   tiles::copy_rows(rows + block.key0 * kv_seq, block.keys, launch.p.head_dim, kv_seq, ring.stage(position.stage),
                    launch.p.head_dim);
-  launch.trace.step("producer", "fill", "Alg. 1 lines 1-2", "%s[%lld] -> stage %lld", name,
+  launch.trace.step("producer", "fill", "Alg. 1 lines 6-7", "%s[%lld] -> stage %lld", name,
                     static_cast<long long>(block.j), static_cast<long long>(position.stage));
   ring.full[position.stage].arrive();
   position.advance(launch.s.stages);
 }
 
-// The producer (FA3 Alg. 1): for each of this CTA's Q tiles, Q_i first, then K and V in the order the consumers
-// read them: K one block ahead of V (K_last; then K_j and V_{j+1}, j descending; then V_0), as FA3's code does.
+// The producer (FA3 Alg. 1 lines 2-8): for each of this CTA's Q tiles, Q_i first (line 4), then K and V in the
+// order the consumers read them (line 5's loop): K one block ahead of V (K_last; then K_j and V_{j+1}, j
+// descending; then V_0), as FA3's code does, where the paper's line 7 loads K_j and V_j together.
 void producer(const Launch& launch, Cta& cta, std::int64_t first_tile) {
   const AttentionProblem& p = launch.p;
   const std::int64_t D = p.head_dim, q_seq = launch.t.q_strides.seq;
@@ -476,7 +477,7 @@ void producer(const Launch& launch, Cta& cta, std::int64_t first_tile) {
     const Head head = head_pointers(p, launch.t, tile.b, tile.h);
     cta.Q_empty.wait(tiles_done);  // both consumers have released the previous tile's Q
     tiles::copy_rows(head.q + tile.row0 * q_seq, tile.rows, D, q_seq, cta.Q.data(), D);
-    launch.trace.step("producer", "load", "Alg. 1, Q_i first", "Q[%lld] rows %lld-%lld (b %lld, h %lld)",
+    launch.trace.step("producer", "load", "Alg. 1 line 4", "Q[%lld] rows %lld-%lld (b %lld, h %lld)",
                       static_cast<long long>(tile.i), static_cast<long long>(tile.row0),
                       static_cast<long long>(tile.row0 + tile.rows - 1), static_cast<long long>(tile.b),
                       static_cast<long long>(tile.h));
