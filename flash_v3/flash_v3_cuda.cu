@@ -123,7 +123,7 @@ __device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int inde
 }
 
 // ============================================================================================================
-// Producer (FA3 Alg. 1): one thread issues every TMA copy; the others of its warpgroup only give up registers.
+// Producer (FA3 Alg. 1 lines 2-8): one thread issues every TMA copy; the others of its warpgroup only give up registers.
 // ============================================================================================================
 
 template <class Cfg>
@@ -142,7 +142,7 @@ struct Producer {
       tma_load(smem + panel * Cfg::Br * kPanelRowBytes, q_map, &bars->q_full, panel * kPanelColumns, tile.row0,
                tile.head, tile.batch);
   }
-  // FA3 Alg. 1 lines 3-5 for K (and V below): wait until the consumers have released the slot, announce the
+  // FA3 Alg. 1 lines 6-7 for K (and V below): wait until the consumers have released the slot, announce the
   // bytes, issue one TMA box per 64-column panel.
   __device__ void load_k(int it) const { load_block(it, k_map, Cfg::kKOffset, bars->k_full, bars->k_empty); }
   __device__ void load_v(int it) const { load_block(it, v_map, Cfg::kVOffset, bars->v_full, bars->v_empty); }
@@ -207,7 +207,7 @@ struct RowState {
   float l[2] = {0.0f, 0.0f};    // running sum of exp2(scale_log2 (s - m)), this thread's columns only
 };
 
-/// FA3 Alg. 2 line 12 (and flash_v2's Alg. 1 lines 9-10) on one block of raw scores s: masks what the row
+/// FA3 Alg. 2 line 12 (FA2 Alg. 1 lines 9-10) on one block of raw scores s: masks what the row
 /// cannot see (Masked), finds the new row max, replaces s by P~ = exp(scale (s - m_new)), updates l, and returns
 /// in `rescale` the factor exp(scale (m_old - m_new)) by which O must still be multiplied.
 template <bool Masked, int Bc>
@@ -275,7 +275,7 @@ __device__ __forceinline__ void pass_turn(int consumer) {
   if constexpr (Pingpong) named_barrier_arrive(kPingpongBarrier + (1 - consumer), 2 * kWarpgroupThreads);
 }
 
-/// A consumer warpgroup's whole Q tile (FA3 Alg. 2; with Schedule < 3 the same order without the overlap: it
+/// A consumer warpgroup's whole Q tile (FA3 Alg. 2; with Schedule < 3 FA3 Alg. 1 lines 10-17 in the same order: it
 /// waits for both GEMMs before the softmax). Leaves O unnormalised, with its row state.
 template <class T, class Cfg>
 __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& tile, unsigned char* smem,
@@ -309,7 +309,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
     inline_producer->load_v(0);
   }
 
-  // Alg. 2 lines 2-5: S = Q K_0^T, softmax, release K_0.
+  // FA3 Alg. 2 lines 2-5: S = Q K_0^T, softmax, release K_0.
   mbarrier_wait(&bars->q_full, q_phase);
   Slot slot = slot_of<Cfg::kStages>(ring);
   mbarrier_wait(&bars->k_full[slot.stage], slot.phase);
@@ -323,7 +323,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   softmax(s, rescale, 0);
   to_p_operand<T, Bc>(p_operand, s);
 
-  // Alg. 2 lines 6-17.
+  // FA3 Alg. 2 lines 6-17.
   for (int it = 1; it < tile.blocks; ++it) {
     const Slot k_slot = slot_of<Cfg::kStages>(ring + it), v_slot = slot_of<Cfg::kStages>(ring + it - 1);
     if (inline_producer != nullptr) {
@@ -351,7 +351,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
     to_p_operand<T, Bc>(p_operand, s);                            // line 16
   }
 
-  // Alg. 2 lines 18-20: the last O += P V.
+  // FA3 Alg. 2 lines 18-20: the last O += P V.
   slot = slot_of<Cfg::kStages>(ring + tile.blocks - 1);
   mbarrier_wait(&bars->v_full[slot.stage], slot.phase);
   wait_for_turn<Cfg::kPingpong>(consumer);
@@ -363,7 +363,7 @@ __device__ void consumer_mainloop(const cuda::AttentionParams& p, const Tile& ti
   if (releases) mbarrier_arrive(&bars->v_empty[slot.stage]);
 }
 
-/// Alg. 2 lines 21-22: O_i / l_i and L_i = m_i + log(l_i) for this consumer's 64 rows. LSE goes straight from
+/// FA3 Alg. 2 lines 21-22: O_i / l_i and L_i = m_i + log(l_i) for this consumer's 64 rows. LSE goes straight from
 /// registers to global memory; O is rounded to T into this consumer's (finished) rows of the Q tile in shared
 /// memory, in the swizzled panel layout, and written to global memory by TMA stores (rows past seq_q clipped).
 template <class T, class Cfg>
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if constexpr (Cfg::kProducerWarpgroup) {
     const int warpgroup = threadIdx.x / kWarpgroupThreads;
     if (warpgroup == 0) {
-      // Producer warpgroup (FA3 Alg. 1): 24 registers per thread are plenty for address arithmetic.
+      // Producer warpgroup (FA3 Alg. 1 lines 2-8): 24 registers per thread are plenty for address arithmetic.
       setmaxnreg_decrease<24>();
       if (threadIdx.x == 0) {
         int ring = 0, q_loads = 0;

@@ -178,12 +178,17 @@ def main():
     parser.add_argument("--cli-stages", default="naive,memory_efficient",
                         help="stages timed through `attn run --json` (their bench programs use other shapes)")
     parser.add_argument("--cli-seqs", default="2048,8192", help="N for the --cli-stages (each shape is a process)")
+    parser.add_argument("--shapes", default="",
+                        help="explicit shapes B:H:N:D[:causal] separated by commas, instead of the sweep (e.g. 4:16:8448:128)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="PyTorch SDPA backends to time")
     parser.add_argument("--json-out", help="also write every time measured here")
     args = parser.parse_args()
     BACKENDS[:] = [b for b in args.backends.split(",") if b]
 
-    wanted = list(sweep([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]))
+    if args.shapes:
+        wanted = [tuple(int(x) for x in item.split(":")[:4]) + (item.endswith(":causal"),) for item in args.shapes.split(",")]
+    else:
+        wanted = list(sweep([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]))
     stages = [s for s in args.stages.split(",") if s]
     cli_stages = [s for s in args.cli_stages.split(",") if s]
     cli_seqs = {int(n) for n in args.cli_seqs.split(",") if n}
