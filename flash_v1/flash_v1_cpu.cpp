@@ -1,5 +1,5 @@
 // flash_v1, CPU tier: FlashAttention's Algorithm 1 (forward, with Algorithm 2's causal mask) and Algorithm 4
-// (backward), line for line (PAPERS.md l. 28-49). "HBM" is main memory (the tensors and the l, m arrays);
+// (backward), line for line (restated in docs/papers/flash_v1.md). "HBM" is main memory (the tensors and the l, m arrays);
 // "on-chip memory" is a set of tile buffers of at most M bytes, which the core's L2 cache holds.
 #include <unistd.h>
 
@@ -47,7 +47,7 @@ std::int64_t positive_option(const StageOptions& options, const char* name) {
   return value;
 }
 
-// Algorithm 1 line 1, with the options' overrides and their rules.
+// FA1 Alg. 1 line 1, with the options' overrides and their rules.
 Settings read_settings(const AttentionProblem& p, const StageOptions& options) {
   const std::int64_t D = p.head_dim;
   const bool sram_given = options.values.count("sram_bytes") != 0;

@@ -1,4 +1,4 @@
-// memory_efficient, CPU tier: Rabe & Staats' chunked attention (PAPERS.md l. 8-26) as plain loops.
+// memory_efficient, CPU tier: Rabe & Staats' chunked attention (RS Alg. 2 and 3) as plain loops.
 // Forward: per (batch, head, query chunk) a summary of every key chunk, then one combine through the global max.
 // Backward: the summaries' scores recomputed chunk by chunk from the saved log-sum-exp. OpenMP + xsimd.
 #include <omp.h>

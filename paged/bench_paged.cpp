@@ -69,7 +69,7 @@ void cpu_decode(benchmark::State& state, std::int64_t sequences, std::int64_t kv
 }
 
 #ifdef ATTN_HAVE_CUDA
-// GPU ceiling: a device-to-device copy of 2 GiB, counting bytes read plus bytes written (as GPU.md does).
+// GPU ceiling: a device-to-device copy of 2 GiB, counting bytes read plus bytes written.
 void gpu_copy_bandwidth(benchmark::State& state) {
   const std::size_t bytes = std::size_t{1} << 31;
   DeviceBuffer<unsigned char> source(bytes), target(bytes);
