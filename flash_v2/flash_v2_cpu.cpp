@@ -399,7 +399,10 @@ Stage describe() {
   TierEntry cpu;
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
-  cpu.forward = forward_cpu;
+  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_cpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>(blocks_of(p.seq_k, read_settings(p, options).Bc));
+  };
   cpu.backward = backward_cpu;
   // Per-thread tiles are O(Br Bc + (Br + Bc) D); the backward adds D = rowsum(dO * O) and, with the default
   // per-thread dQ buffers, threads x group x Nq x D floats: all O(N).
