@@ -17,7 +17,8 @@ expected=(
   "README.md:8: 'FA1 Alg. 1 line 17': Algorithm 1 of docs/papers/flash_v1.md has no line 17"
   "README.md:9: 'FA1 Alg. 7 line 1': docs/papers/flash_v1.md has no Algorithm 7"
   "README.md:10: 'Alg. 1 line 2': say which paper"
-  "check_refs: 6 problem(s)"
+  "README.md:11: line 5 of kernel.cpp is not \`void kernel\`"
+  "check_refs: 7 problem(s)"
 )
 for line in "${expected[@]}"; do
   if ! grep -qF -- "$line" <<<"$output"; then
@@ -25,4 +26,4 @@ for line in "${expected[@]}"; do
     exit 1
   fi
 done
-echo "OK: the check fails on the bad fixture, with the six expected messages and no others"
+echo "OK: the check fails on the bad fixture, with the seven expected messages and no others"
