@@ -603,7 +603,10 @@ TierEntry gpu_tier() {
   TierEntry gpu;
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
-  gpu.forward = forward_gpu;
+  gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_gpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + kBc - 1) / kBc);
+  };
   gpu.backward = backward_gpu;
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : forward_scratch_bytes(p);

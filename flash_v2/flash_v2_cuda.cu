@@ -809,7 +809,11 @@ TierEntry gpu_tier() {
   TierEntry gpu;
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
-  gpu.forward = forward_gpu;
+  gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_gpu(p, t, options);
+    const std::int64_t Bc = forward_block_cols(p, options);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + Bc - 1) / Bc);
+  };
   gpu.backward = backward_gpu;
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : std::size_t{0};

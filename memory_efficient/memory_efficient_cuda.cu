@@ -524,8 +524,11 @@ TierEntry gpu_tier() {
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
   gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
-    forward_gpu(p, t, read_chunks(options));
+    const Chunks chunks = read_chunks(options);
+    forward_gpu(p, t, chunks);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + chunks.key - 1) / chunks.key);  // key chunks per row
   };
+  gpu.ladder_options = {{"key_chunk", 1024}};  // the GPU ladder's N = 4096 in Tc = 4 key chunks, not one
   gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_gpu(p, t, read_chunks(options));
   };
