@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,6 +26,9 @@ struct TierEntry {
   PassFn forward;
   PassFn backward;  ///< empty when the tier has no backward
   ExtraBytesFn extra_bytes;
+  /// Options `attn ladder` runs this tier with (block sizes pinned so that the ladder's problem spans several
+  /// K/V tiles on any machine); empty: the tier's defaults.
+  std::map<std::string, std::int64_t> ladder_options;
 };
 
 struct Stage {
