@@ -4,7 +4,9 @@
 
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -51,6 +53,9 @@ struct TierEntry {
   /// The names of the StageOptions values this tier reads ("block_rows", ...). The harness refuses any other
   /// name, so that a misspelled option is an error instead of being ignored.
   std::vector<std::string> option_names;
+  /// Options `attn ladder` runs this tier with (block sizes pinned so that the ladder's problem spans several
+  /// K/V tiles on any machine); empty: the tier's defaults.
+  std::map<std::string, std::int64_t> ladder_options;
 };
 
 /// Throws std::invalid_argument naming the first option in `options` that `entry` does not read, and the

@@ -20,7 +20,7 @@ AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t se
   return p;
 }
 
-// CPU: B * H = 16 heads, fp32, the sizes of flash_v2's goal (N = 4096) and a shorter sweep below it.
+// CPU: B * H = 16 heads, fp32, the size of flash_v2's CPU targets (N = 4096) and a shorter sweep below it.
 std::vector<bench::Case> cpu_cases() {
   std::vector<bench::Case> cases;
   for (std::int64_t head_dim : {64, 128})

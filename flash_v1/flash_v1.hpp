@@ -9,7 +9,7 @@
 
 namespace attn::flash_v1 {
 
-/// Block sizes of Algorithm 1 line 1: Bc = ceil(M / 4d), Br = min(Bc, d), for on-chip memory of `sram_bytes`
+/// Block sizes of FA1 Alg. 1 line 1: Bc = ceil(M / 4d), Br = min(Bc, d), for on-chip memory of `sram_bytes`
 /// bytes (M = sram_bytes / 4 fp32 elements, as the paper counts M in elements).
 struct BlockSizes {
   std::int64_t Br = 0;  ///< rows of a Q block

@@ -1,5 +1,5 @@
 // flash_v1, CPU tier: FlashAttention's Algorithm 1 (forward, with Algorithm 2's causal mask) and Algorithm 4
-// (backward), line for line (PAPERS.md l. 28-49). "HBM" is main memory (the tensors and the l, m arrays);
+// (backward), line for line (restated in docs/papers/flash_v1.md). "HBM" is main memory (the tensors and the l, m arrays);
 // "on-chip memory" is a set of tile buffers of at most M bytes, which the core's L2 cache holds.
 #include <unistd.h>
 
@@ -48,7 +48,7 @@ std::int64_t positive_option(const StageOptions& options, const char* name) {
   return value;
 }
 
-// Algorithm 1 line 1, with the options' overrides and their rules.
+// FA1 Alg. 1 line 1, with the options' overrides and their rules.
 Settings read_settings(const AttentionProblem& p, const StageOptions& options) {
   const std::int64_t D = p.head_dim;
   const bool sram_given = options.values.count("sram_bytes") != 0;
@@ -338,12 +338,18 @@ Stage describe() {
   TierEntry cpu;
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
-  cpu.forward = forward_cpu;
+  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_cpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>(blocks_of(p.seq_k, read_settings(p, options).Bc));
+  };
   cpu.backward = backward_cpu;
   cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) {
     return static_cast<std::size_t>(2 * p.batch * p.q_heads * p.seq_q) * sizeof(float);
   };
   cpu.option_names = {"sram_bytes", "block_rows", "block_cols", "count_io"};
+  // M from the L2 cache differs between machines (2 MiB of L2 gives Bc = 2048: one K/V block at the ladder's
+  // N = 2048, no online rescaling at all). The ladder pins what M = 512 KiB gives at d = 64: Tc = 4.
+  cpu.ladder_options = {{"block_rows", 64}, {"block_cols", 512}};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

@@ -46,7 +46,7 @@ struct Params : cuda::AttentionParams {
 // Rows of 16-bit elements padded by 16 bytes: conflict-free ldmatrix (see flash_v2_cuda.cu).
 constexpr int padded(int columns) { return columns + 8; }
 
-// The blocks. Algorithm 1 line 1 sizes them from the on-chip memory M (Bc = ceil(M / 4d), Br = min(Bc, d));
+// The blocks. FA1 Alg. 1 line 1 sizes them from the on-chip memory M (Bc = ceil(M / 4d), Br = min(Bc, d));
 // on tensor cores the natural unit is a warp's 16-row mma tile, so Br = 16 rows x 8 warps and Bc = 64, which
 // with M = 227 KB of shared memory stays well inside the paper's bound.
 constexpr int kWarps = 8;
@@ -603,7 +603,10 @@ TierEntry gpu_tier() {
   TierEntry gpu;
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
-  gpu.forward = forward_gpu;
+  gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_gpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + kBc - 1) / kBc);
+  };
   gpu.backward = backward_gpu;
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : forward_scratch_bytes(p);

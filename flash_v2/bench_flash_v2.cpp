@@ -27,7 +27,7 @@ AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t se
   return p;
 }
 
-// CPU: B * H = 16 heads, fp32; N = 4096 is the goal's size. Then the studies of the README: split-K against
+// CPU: B * H = 16 heads, fp32; N = 4096 is the size of the README's targets. Then the studies of the README: split-K against
 // split-Q (forward; the backward ignores "split") and dQ by atomic adds against per-thread buffers (backward).
 std::vector<bench::Case> cpu_cases() {
   std::vector<bench::Case> cases;

@@ -1,4 +1,4 @@
-// flash_v2, CPU tier: FlashAttention-2's Algorithm 1 (forward) and Algorithm 2 (backward), PAPERS.md l. 51-69.
+// flash_v2, CPU tier: FlashAttention-2's Algorithm 1 (forward) and Algorithm 2 (backward), docs/papers/flash_v2.md.
 // Forward: OpenMP threads own (batch, head, Q block) work items ("split-Q"); option split = 1 instead splits
 // each Q block's K/V blocks across threads and merges their partial (O, m, l). Backward: threads own K/V blocks.
 #include <omp.h>
@@ -73,7 +73,7 @@ std::int64_t kv_blocks_for_rows(const AttentionProblem& p, std::int64_t row0, st
 
 // ---- forward: one Q block's on-chip state and the three phases of Algorithm 1 ------------------------------
 
-// What FA2 keeps on chip for Q block i (Alg. 1 lines 4-5). S is stored key-major (row = key, column = query;
+// What FA2 keeps on chip for Q block i (FA2 Alg. 1 lines 4-5). S is stored key-major (row = key, column = query;
 // see common/cpu_tiles.hpp) so that m_i and l_i are updated with vertical SIMD operations.
 struct QueryBlock {
   QueryBlock(std::int64_t Br, std::int64_t Bc, std::int64_t D)
@@ -88,7 +88,7 @@ struct QueryBlock {
   HostBuffer<float> m_new, shift, alpha;
 };
 
-// Alg. 1 lines 4-5: load Q_i, set O_i = 0, l_i = 0, m_i = -inf.
+// FA2 Alg. 1 lines 4-5: load Q_i, set O_i = 0, l_i = 0, m_i = -inf.
 void start_query_block(const AttentionProblem& p, const float* q_rows, std::int64_t q_seq_stride, std::int64_t row0,
                        std::int64_t rows, QueryBlock& block) {
   const std::int64_t D = p.head_dim;
@@ -108,7 +108,7 @@ void mask_above_diagonal(const AttentionProblem& p, QueryBlock& block, std::int6
   }
 }
 
-// Alg. 1 lines 7-10 for K/V block j (keys [key0, key0 + keys)): S = Q_i K_j^T, the online softmax update of m_i
+// FA2 Alg. 1 lines 7-10 for K/V block j (keys [key0, key0 + keys)): S = Q_i K_j^T, the online softmax update of m_i
 // and l_i, and O_i = diag(exp(m_old - m_new)) O_i + P~ V_j. O_i stays unnormalised (FA2's first tweak).
 void attend_kv_block(const AttentionProblem& p, QueryBlock& block, const float* k_rows, const float* v_rows,
                      std::int64_t kv_seq_stride, std::int64_t key0, std::int64_t keys) {
@@ -134,7 +134,7 @@ void attend_kv_block(const AttentionProblem& p, QueryBlock& block, const float* 
                 v_rows + key0 * kv_seq_stride, kv_seq_stride, block.O.data(), D);
 }
 
-// Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i and L_i = m_i + log(l_i), written once. A row that saw no key
+// FA2 Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i and L_i = m_i + log(l_i), written once. A row that saw no key
 // (causal, Nq > Nk) has l = 0: O = 0, L = -inf.
 void finish_query_block(const AttentionProblem& p, const QueryBlock& block, float* o_rows, std::int64_t o_seq_stride,
                         float* lse) {
@@ -174,13 +174,13 @@ void forward_split_query(const AttentionProblem& p, const AttentionTensors& t, c
     // Causal items differ in cost (early Q blocks see few keys): hand them out dynamically.
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t item = 0; item < items; ++item) {
-      const std::int64_t bh = item / Tr, i = item % Tr;  // Alg. 1 line 3: for each Q block i (in parallel)
+      const std::int64_t bh = item / Tr, i = item % Tr;  // FA2 Alg. 1 line 3: for each Q block i (in parallel)
       progress::advance();
       const Head head = head_pointers(p, t, bh / p.q_heads, bh % p.q_heads);
       const std::int64_t row0 = i * s.Br, rows = std::min(s.Br, p.seq_q - row0);
       start_query_block(p, head.q, t.q_strides.seq, row0, rows, block);
       const std::int64_t Tc = p.causal ? kv_blocks_for_rows(p, row0, rows, s.Bc) : blocks_of(p.seq_k, s.Bc);
-      for (std::int64_t j = 0; j < Tc; ++j)  // Alg. 1 line 6
+      for (std::int64_t j = 0; j < Tc; ++j)  // FA2 Alg. 1 line 6
         attend_kv_block(p, block, head.k, head.v, t.kv_strides.seq, j * s.Bc, std::min(s.Bc, p.seq_k - j * s.Bc));
       finish_query_block(p, block, head.o, t.q_strides.seq, head.lse);
     }
@@ -234,19 +234,19 @@ void forward_split_key(const AttentionProblem& p, const AttentionTensors& t, con
 
 // ---- backward: Algorithm 2 -----------------------------------------------------------------------------------
 
-// One thread's on-chip tiles for K/V block j (Alg. 2 lines 6-7) and for the current Q block. Query-major here:
+// One thread's on-chip tiles for K/V block j (FA2 Alg. 2 lines 6-7) and for the current Q block. Query-major here:
 // K_j^T and V_j^T are packed once per K/V block and reused by every Q block of the inner loop.
 struct KeyBlockTiles {
   KeyBlockTiles(std::int64_t Br, std::int64_t Bc, std::int64_t D)
       : Qs(Br * D), Kt(D * Bc), Vt(D * Bc), dK(Bc * D), dV(Bc * D), P(Br * Bc), dS(Br * Bc), dQ(Br * D) {}
   HostBuffer<float> Qs;      // Br x D: scale * Q_i, rounded as the forward's, for S = (scale Q_i) K_j^T
   HostBuffer<float> Kt, Vt;  // D x Bc: K_j^T and V_j^T (Bc here is the row stride: the block rounded up to lanes)
-  HostBuffer<float> dK, dV;  // Bc x D: the accumulators of Alg. 2 line 7
+  HostBuffer<float> dK, dV;  // Bc x D: the accumulators of FA2 Alg. 2 line 7
   HostBuffer<float> P, dS;   // Br x Bc: P_ij, and dP_ij overwritten by dS_ij (which includes the softmax scale)
   HostBuffer<float> dQ;      // Br x D: dS_ij K_j before it is added to dQ_i (atomic mode only)
 };
 
-// Where a thread's contribution to dQ goes. Alg. 2 line 15 is a read-modify-write of dQ_i that several
+// Where a thread's contribution to dQ goes. FA2 Alg. 2 line 15 is a read-modify-write of dQ_i that several
 // threads (owning different K/V blocks) do to the same rows: either each thread adds into its own copy of dQ
 // for the current KV head's query heads, summed after the loop, or it adds straight into dQ with atomic adds.
 struct DqTarget {
@@ -298,7 +298,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   auto* dv = static_cast<float*>(t.dv);
   const std::int64_t q_seq = t.q_strides.seq, kv_seq = t.kv_strides.seq;
 
-  // Alg. 2 line 4: D = rowsum(dO * O), once for every query row (FA1 recomputed it in every inner step).
+  // FA2 Alg. 2 line 4: D = rowsum(dO * O), once for every query row (FA1 recomputed it in every inner step).
   HostBuffer<float> Dsum(p.batch * p.q_heads * p.seq_q);
 #pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)
@@ -323,7 +323,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
       const float* k_rows = row_pointer(k, t.kv_strides, b, kv_head, 0);
       const float* v_rows = row_pointer(v, t.kv_strides, b, kv_head, 0);
       const std::int64_t h0 = kv_head * group;  // the query heads that read this KV head (GQA)
-      // Alg. 2 line 3: dQ = 0 (in the thread buffers, or in dQ itself for atomic adds).
+      // FA2 Alg. 2 line 3: dQ = 0 (in the thread buffers, or in dQ itself for atomic adds).
       if (s.dq == DqAccumulation::atomics)
         for (std::int64_t g = 0; g < group; ++g)
           for (std::int64_t i = 0; i < p.seq_q; ++i) std::fill_n(row_pointer(dq, t.q_strides, b, h0 + g, i), D, 0.0f);
@@ -333,7 +333,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
         const int me = omp_get_thread_num(), team = omp_get_num_threads();
         float* my_dq = s.dq == DqAccumulation::thread_buffers ? dq_buffers.data() + me * group * head_block : nullptr;
         if (my_dq != nullptr) std::fill_n(my_dq, group * head_block, 0.0f);
-        // Alg. 2 line 5: for each K/V block j, in parallel (FA2's parallelism over the sequence in the backward).
+        // FA2 Alg. 2 line 5: for each K/V block j, in parallel (FA2's parallelism over the sequence in the backward).
 #pragma omp for schedule(dynamic, 1)
         for (std::int64_t j = 0; j < Tc; ++j) {
           progress::advance();
@@ -415,7 +415,10 @@ Stage describe() {
   TierEntry cpu;
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
-  cpu.forward = forward_cpu;
+  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_cpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>(blocks_of(p.seq_k, read_settings(p, options).Bc));
+  };
   cpu.backward = backward_cpu;
   // Per-thread tiles are O(Br Bc + (Br + Bc) D); the backward adds D = rowsum(dO * O) and, with the default
   // per-thread dQ buffers, threads x group x Nq x D floats: all O(N).

@@ -145,18 +145,18 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v + j * Bc * p.kv_seq,
                                                            p.kv_seq, valid);
   };
-  // Alg. 1 line 4: load Q_i (rows past seq_q read as zeros); K_0, V_0 come in the same group.
+  // FA2 Alg. 1 line 4: load Q_i (rows past seq_q read as zeros); K_0, V_0 come in the same group.
   load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, p.seq_q - row0);
   load_kv_block(0, 0);
   mma::cp_async_commit();
 
-  // Alg. 1 line 5: O_i = 0, l_i = 0, m_i = -inf, in registers.
+  // FA2 Alg. 1 line 5: O_i = 0, l_i = 0, m_i = -inf, in registers.
   float acc_o[kMTiles][kDTiles][4] = {};
   float row_max[kMTiles][2], row_sum[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
-  // Alg. 1 line 6: for j = 1..Tc (only the blocks left of the diagonal when causal).
+  // FA2 Alg. 1 line 6: for j = 1..Tc (only the blocks left of the diagonal when causal).
   for (int j = 0; j < kv_blocks; ++j) {
     const int stage = j % 2;
     if (j + 1 < kv_blocks) {
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     const T* k_tile = k_tiles + stage * Bc * kStride;
     const T* v_tile = v_tiles + stage * Bc * kStride;
 
-    // Alg. 1 line 8: S_ij = Q_i K_j^T on tensor cores (the scale is applied inside the exponential).
+    // FA2 Alg. 1 line 8: S_ij = Q_i K_j^T on tensor cores (the scale is applied inside the exponential).
     float s[kMTiles][kNTiles][4] = {};
 #pragma unroll
     for (int kk = 0; kk < HeadDim / 16; ++kk) {
@@ -205,10 +205,10 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
           }
     }
 
-    // Alg. 1 lines 9-10: m_i, P~_ij = exp(S_ij - m_i), l_i, and O_i rescaled by exp(m_old - m_new).
+    // FA2 Alg. 1 lines 9-10: m_i, P~_ij = exp(S_ij - m_i), l_i, and O_i rescaled by exp(m_old - m_new).
     online_softmax(s, acc_o, row_max, row_sum, p.scale_log2);
 
-    // Alg. 1 line 10: O_i += P~_ij V_j, P~ straight from the S accumulators (rounded to T) as the A operand.
+    // FA2 Alg. 1 line 10: O_i += P~_ij V_j, P~ straight from the S accumulators (rounded to T) as the A operand.
 #pragma unroll
     for (int kk = 0; kk < Bc / 16; ++kk) {
       std::uint32_t a[kMTiles][4];
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     }
   }
 
-  // Alg. 1 lines 12-13: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); rows that saw no key get 0 and -inf.
+  // FA2 Alg. 1 lines 12-13: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i); rows that saw no key get 0 and -inf.
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -260,7 +260,7 @@ void launch_forward(const Params& p, int batch) {
 // Backward: FA2 Algorithm 2.
 // ============================================================================================================
 
-// Pre-pass (Alg. 2 line 4): D_i = rowsum(dO_i * O_i), and L_i in log2 units (+inf for a row that sees no key,
+// Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i), and L_i in log2 units (+inf for a row that sees no key,
 // so that exp2(s - L) is 0 there rather than inf). dq_accum is cleared separately, by cudaMemsetAsync.
 template <class T, int HeadDim>
 __global__ void backward_prepare_kernel(const Params p, long long rows) {
@@ -301,7 +301,7 @@ struct BackwardShape {
   static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
 };
 
-/// Alg. 2 lines 6-18 for one K/V block: dK_j and dV_j accumulate in registers over every Q block that sees
+/// FA2 Alg. 2 lines 6-18 for one K/V block: dK_j and dV_j accumulate in registers over every Q block that sees
 /// the block, of every query head that shares its KV head (GQA/MQA: dK, dV are summed over the group).
 /// With accumulate_dq, dQ_i += dS_ij K_j goes to p.dq_accum by fp32 atomics (line 15).
 template <class T, int HeadDim, int Br, int Bc>
@@ -349,14 +349,14 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     }
   };
 
-  // Alg. 2 lines 6-7: load K_j, V_j; dK_j = dV_j = 0 in registers.
+  // FA2 Alg. 2 lines 6-7: load K_j, V_j; dK_j = dV_j = 0 in registers.
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
   load_q_block(0, 0);
   mma::cp_async_commit();
   float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
 
-  // Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
+  // FA2 Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
   for (int step = 0; step < steps; ++step) {
     const int stage = step % 2;
     if (step + 1 < steps) {
@@ -809,7 +809,11 @@ TierEntry gpu_tier() {
   TierEntry gpu;
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
-  gpu.forward = forward_gpu;
+  gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_gpu(p, t, options);
+    const std::int64_t Bc = forward_block_cols(p, options);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + Bc - 1) / Bc);
+  };
   gpu.backward = backward_gpu;
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : std::size_t{0};

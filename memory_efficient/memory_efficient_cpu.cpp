@@ -1,4 +1,4 @@
-// memory_efficient, CPU tier: Rabe & Staats' chunked attention (PAPERS.md l. 8-26) as plain loops.
+// memory_efficient, CPU tier: Rabe & Staats' chunked attention (RS Alg. 2 and 3) as plain loops.
 // Forward: per (batch, head, query chunk) a summary of every key chunk, then one combine through the global max.
 // Backward: the summaries' scores recomputed chunk by chunk from the saved log-sum-exp. OpenMP + xsimd.
 #include <omp.h>
@@ -490,8 +490,13 @@ Stage describe() {
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
   cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
-    forward_cpu(p, t, read_chunks(options));
+    const Chunks chunks = read_chunks(options);
+    forward_cpu(p, t, chunks);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + chunks.key - 1) / chunks.key);  // key chunks per row
   };
+  // The paper's default key chunk (4096) would make the ladder's N = 2048 one chunk, and the combine through the
+  // global max (RS Alg. 2 lines 9-10) would have nothing to combine: 512 gives Tc = 4.
+  cpu.ladder_options = {{"key_chunk", 512}};
   cpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_cpu(p, t, read_chunks(options));
   };

@@ -1,5 +1,5 @@
-// memory_efficient, GPU tier: the CPU tier's chunk / summarise / combine structure as CUDA kernels (PAPERS.md
-// l. 8-26). Forward, one query chunk after the other: summarize_kernel writes one summary per (query row, key
+// memory_efficient, GPU tier: the CPU tier's chunk / summarise / combine structure as CUDA kernels (RS Alg.
+// 2 and 3). Forward, one query chunk after the other: summarize_kernel writes one summary per (query row, key
 // chunk) into a device scratch buffer, combine_kernel reduces them through the global max. Backward by
 // recomputation from the saved log-sum-exp. Plain fp32 CUDA-core kernels: this stage is about memory.
 #include <algorithm>
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) summarize_kernel(ProblemView pv, con
   const T* k_chunk = k + pv.kv_offset(b, kv_head, key0);
   const T* v_chunk = v + pv.kv_offset(b, kv_head, key0);
 
-  // Sweep 1: m_c, the chunk's max score (a constant for differentiation, PAPERS.md l. 19).
+  // Sweep 1: m_c, the chunk's max score (a constant for differentiation, RS Alg. 2 line 5).
   float chunk_max = kNegInf;
   for (int j0 = 0; j0 < tile_visible; j0 += kTile) {
     __syncthreads();  // the previous sub-tile has been read
@@ -524,8 +524,11 @@ TierEntry gpu_tier() {
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
   gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
-    forward_gpu(p, t, read_chunks(options));
+    const Chunks chunks = read_chunks(options);
+    forward_gpu(p, t, chunks);
+    options.counters["Tc"] = static_cast<double>((p.seq_k + chunks.key - 1) / chunks.key);  // key chunks per row
   };
+  gpu.ladder_options = {{"key_chunk", 1024}};  // the GPU ladder's N = 4096 in Tc = 4 key chunks, not one
   gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_gpu(p, t, read_chunks(options));
   };

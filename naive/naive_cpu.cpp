@@ -169,7 +169,10 @@ Stage describe() {
   TierEntry cpu;
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
-  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions&) { forward_cpu(p, t); };
+  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_cpu(p, t);
+    options.counters["Tc"] = 1;  // no K/V tiles: S is computed whole
+  };
   cpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions&) { backward_cpu(p, t); };
   cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) {
     return static_cast<std::size_t>(2 * p.batch * p.q_heads * p.seq_q * p.seq_k) * sizeof(float);

@@ -475,6 +475,7 @@ TierEntry gpu_tier() {
   gpu.caps = gpu_caps();
   gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     forward_gpu(p, t, kernels_from_options(options));
+    options.counters["Tc"] = 1;  // no K/V tiles: S is computed whole
   };
   gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
     backward_gpu(p, t, kernels_from_options(options));

@@ -69,7 +69,7 @@ void cpu_decode(benchmark::State& state, std::int64_t sequences, std::int64_t kv
 }
 
 #ifdef ATTN_HAVE_CUDA
-// GPU ceiling: a device-to-device copy of 2 GiB, counting bytes read plus bytes written (as GPU.md does).
+// GPU ceiling: a device-to-device copy of 2 GiB, counting bytes read plus bytes written.
 void gpu_copy_bandwidth(benchmark::State& state) {
   const std::size_t bytes = std::size_t{1} << 31;
   DeviceBuffer<unsigned char> source(bytes), target(bytes);
@@ -129,7 +129,7 @@ int main(int argc, char** argv) {
 #ifdef ATTN_HAVE_CUDA
   if (cuda::device_available()) {
     benchmark::RegisterBenchmark("memory/gpu/copy_2GiB", gpu_copy_bandwidth)->UseManualTime()->Unit(benchmark::kMillisecond);
-    // The problem (B=16, 32 query heads, 8 KV heads, D=128, bf16) from short to long contexts, and a
+    // The chapter's decode problem (B=16, 32 query heads, 8 KV heads, D=128, bf16) from short to long contexts, and a
     // wide batch of short contexts, where v1's single pass has enough work items of its own.
     struct Shape {
       std::int64_t sequences, context;

@@ -1,4 +1,4 @@
-// The memory side of PagedAttention (PAPERS.md l. 87-102): a pool of fixed-size physical KV blocks, a block
+// The memory side of PagedAttention (vLLM Alg. 1 and 2, docs/papers/paged.md): a pool of fixed-size physical KV blocks, a block
 // table per sequence, reference counts for shared (forked) blocks, copy-on-write and preemption. This file
 // only does the bookkeeping of block numbers; paged.hpp owns the K/V bytes the numbers point into.
 #pragma once

@@ -1,4 +1,4 @@
-// Stage 5: PagedAttention (Kwon et al., SOSP 2023; PAPERS.md l. 87-102). The KV cache lives in fixed-size
+// Stage 5: PagedAttention (Kwon et al., SOSP 2023; docs/papers/paged.md). The KV cache lives in fixed-size
 // physical blocks reached through per-sequence block tables; decode attention (one query token per sequence)
 // follows the table while it reads K and V. v1: one work item per (sequence, KV head) over the whole
 // context; v2: the context split into partitions, combined afterwards by their log-sum-exp.

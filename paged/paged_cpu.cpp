@@ -397,6 +397,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const double ms = timer.stop_ms();
   options.counters["decode_ms"] = ms;
   options.counters["kv_GBps"] = paged.batch.kv_bytes(DType::f32) / (ms * 1e-3) / 1e9;
+  options.counters["Tc"] = static_cast<double>(ceil_div(p.seq_k, paged.geometry.block_size));  // cache blocks per sequence
 }
 
 }  // namespace

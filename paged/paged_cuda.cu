@@ -670,6 +670,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const double ms = timer.stop_ms();  // waits: the pools may be released after this
   options.counters["decode_ms"] = ms;
   options.counters["kv_GBps"] = paged.batch.kv_bytes(t.dtype) / (ms * 1e-3) / 1e9;
+  options.counters["Tc"] = static_cast<double>((p.seq_k + block_size - 1) / block_size);  // cache blocks per sequence
 }
 
 }  // namespace

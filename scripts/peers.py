@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-STAGES = ["naive", "memory_efficient", "flash_v1", "flash_v2"]
+STAGES = ["naive", "memory_efficient", "flash_v1", "flash_v2", "flash_v3"]
 BACKENDS = ["flash", "cudnn", "efficient", "math"]
 
 
@@ -178,10 +178,17 @@ def main():
     parser.add_argument("--cli-stages", default="naive,memory_efficient",
                         help="stages timed through `attn run --json` (their bench programs use other shapes)")
     parser.add_argument("--cli-seqs", default="2048,8192", help="N for the --cli-stages (each shape is a process)")
+    parser.add_argument("--shapes", default="",
+                        help="explicit shapes B:H:N:D[:causal] separated by commas, instead of the sweep (e.g. 4:16:8448:128)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="PyTorch SDPA backends to time")
     parser.add_argument("--json-out", help="also write every time measured here")
     args = parser.parse_args()
+    BACKENDS[:] = [b for b in args.backends.split(",") if b]
 
-    wanted = list(sweep([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]))
+    if args.shapes:
+        wanted = [tuple(int(x) for x in item.split(":")[:4]) + (item.endswith(":causal"),) for item in args.shapes.split(",")]
+    else:
+        wanted = list(sweep([int(s) for s in args.seqs.split(",")], [int(d) for d in args.head_dims.split(",")]))
     stages = [s for s in args.stages.split(",") if s]
     cli_stages = [s for s in args.cli_stages.split(",") if s]
     cli_seqs = {int(n) for n in args.cli_seqs.split(",") if n}
@@ -199,13 +206,13 @@ def main():
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"attnlab GPU stages and PyTorch {torch.__version__} scaled_dot_product_attention, bf16, {gpu}, {today}")
     print("TFLOP/s (4 B H N^2 D forward, halved when causal; forward + backward counts 3.5x that), "
-          "batch x N = 16k tokens, hidden 2048. Ratios: flash_v2 (v2) and flash_v1 (v1) over each peer. "
+          "batch x N = 16k tokens, hidden 2048. Ratios: flash_v2 (v2), flash_v1 (v1) and flash_v3 (v3, forward only) over peers. "
           f"attnlab: bench_<stage> JSON (mean over Google Benchmark's timed iterations); {', '.join(cli_stages) or 'none'} "
           f"through `attn run --json` (median of 3) at N = {args.cli_seqs} only. PyTorch: median of 10 after 3 "
           f"warm-ups; math only up to N = {args.math_max}; empty cell = not run.")
     print()
     header = ["pass", "D", "causal", "N"] + stages + ["torch " + b for b in BACKENDS] + \
-             ["v2/" + b for b in BACKENDS] + ["v1/flash"]
+             ["v2/" + b for b in BACKENDS] + ["v1/flash", "v3/flash", "v3/cudnn", "v3/v2"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -227,7 +234,9 @@ def main():
             line += [cell(mine[s]) for s in stages]
             line += [cell(peer_rates[name]) if peer_rates[name] is not None else (peers[name] or "") for name in BACKENDS]
             line += [ratio(mine.get("flash_v2"), peer_rates[name]) for name in BACKENDS]
-            line += [ratio(mine.get("flash_v1"), peer_rates["flash"])]
+            line += [ratio(mine.get("flash_v1"), peer_rates.get("flash"))]
+            line += [ratio(mine.get("flash_v3"), peer_rates.get("flash")), ratio(mine.get("flash_v3"), peer_rates.get("cudnn")),
+                     ratio(mine.get("flash_v3"), mine.get("flash_v2"))]
             print("| " + " | ".join(line) + " |")
             rows.append({"pass": pass_name, "b": b, "h": h, "n": n, "d": d, "causal": causal,
                          "attnlab_tflops": mine, "torch_tflops": peer_rates,

@@ -109,7 +109,7 @@ TEST_CASE("flash_v1/cpu: logits near 1e3 do not overflow", "[flash_v1][cpu]") {
   CHECK(e.worst_gradient() < kBackwardTolerance);
 }
 
-TEST_CASE("flash_v1 block sizes follow Algorithm 1 line 1: Bc = ceil(M / 4d), Br = min(Bc, d)", "[flash_v1]") {
+TEST_CASE("flash_v1 block sizes follow FA1 Alg. 1 line 1: Bc = ceil(M / 4d), Br = min(Bc, d)", "[flash_v1]") {
   // M in bytes; 4-byte floats: M = 64 KiB holds 16384 floats.
   CHECK(flash_v1::block_sizes(64 * 1024, 64).Bc == 64);
   CHECK(flash_v1::block_sizes(64 * 1024, 64).Br == 64);

@@ -159,7 +159,7 @@ TEST_CASE("naive/gpu: causal rows that see no key give zero output, -inf log-sum
   }
 }
 
-TEST_CASE("naive/gpu extra memory: S in fp32 and P in the input dtype (forward); S/dP, P, dS and fp32 dK, dV (backward)",
+TEST_CASE("naive/gpu extra memory: S in fp32 and P in the input dtype (forward), S/dP, P, dS and fp32 dK, dV (backward)",
           "[naive][gpu][memory]") {
   AttentionProblem p;
   p.batch = 2;

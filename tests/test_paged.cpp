@@ -46,7 +46,7 @@ void check_ownership(const BlockManager& m) {
 
 // ---- block manager ----------------------------------------------------------------------------------------
 
-TEST_CASE("paged: appending takes a new block each time the last one fills; slot = block * size + offset", "[paged][blocks]") {
+TEST_CASE("paged: appending takes a new block each time the last one fills, slot = block * size + offset", "[paged][blocks]") {
   BlockManager m(8, 4);
   const SequenceId s = m.add_sequence();
   const AppendResult first = m.append(s, 6);
@@ -91,7 +91,7 @@ TEST_CASE("paged: copy-on-write copies a shared, partly filled last block before
   check_ownership(m);
 }
 
-TEST_CASE("paged: a shared last block that is full is not copied; the append opens a new block", "[paged][blocks]") {
+TEST_CASE("paged: a shared last block that is full is not copied: the append opens a new block", "[paged][blocks]") {
   BlockManager m(8, 4);
   const SequenceId parent = m.add_sequence();
   m.append(parent, 8);

@@ -28,7 +28,7 @@ struct Shape {
   AttentionProblem problem;
 };
 
-/// The awkward shapes of the foundation issue, small enough for CI: N = 1, N not a multiple of any chunk or
+/// The awkward shapes every stage is tested on, small enough for CI: N = 1, N not a multiple of any chunk or
 /// tile, Nq != Nk both ways, causal with Nq > Nk (rows that see no key), D in {16, 32, 64, 128, 256},
 /// GQA and MQA, B * H > 1.
 std::vector<Shape> awkward_shapes();
