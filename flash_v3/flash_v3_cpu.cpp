@@ -665,13 +665,17 @@ Stage describe() {
   TierEntry cpu;
   cpu.tier = Tier::cpu;
   cpu.caps = cpu_caps();
-  cpu.forward = forward_cpu;
+  cpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_cpu(p, t, options);
+    options.counters["Tc"] = static_cast<double>(blocks_of(p.seq_k, read_settings(p, options).Bc));
+  };
   // One CTA's Q tile, K and V rings and consumer tiles, whatever N (exact for the default options; the harness
   // uses the estimate only to refuse problems that cannot fit).
   cpu.extra_bytes = [](const AttentionProblem& p, DType, bool) {
     const Settings s = read_settings(p, StageOptions{});
     return static_cast<std::size_t>(s.ctas * cta_floats(s, p.head_dim)) * sizeof(float);
   };
+  cpu.option_names = {"trace", "block_rows", "block_cols", "stages", "round_p", "ctas"};
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

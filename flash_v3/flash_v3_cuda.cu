@@ -657,6 +657,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const int block_cols = block_cols_option(p, options, schedule);
   const bool persistent = persistent_option(options, schedule, block_cols);
   require_hopper();
+  options.counters["Tc"] = static_cast<double>((p.seq_k + block_cols - 1) / block_cols);  // K/V blocks per row
   const cuda::AttentionParams params = cuda::make_attention_params(p, t);
   cuda::dispatch_dtype(t.dtype, [&](auto element) {
     using T = decltype(element);
@@ -676,6 +677,7 @@ TierEntry gpu_tier() {
   gpu.caps = gpu_caps();
   gpu.forward = forward_gpu;
   gpu.extra_bytes = [](const AttentionProblem&, DType, bool) { return std::size_t{0}; };
+  gpu.option_names = {"schedule", "persistent", "block_cols"};
   return gpu;
 }
 

@@ -21,6 +21,14 @@ namespace {
 // catches any wrong block, offset or head (those give errors near 1).
 constexpr double kTolerance = 1e-5;
 
+// Against the previous stage of the ladder, whatever it is: paged's own bound plus the previous stage's distance
+// from the oracle on the same inputs (a stage that rounds P to bf16, as flash_v3's CPU tier does by default, is
+// 1e-3 from the oracle; an fp32 one 1e-7), so that the comparison checks paged, not the neighbour's precision.
+double bound_against(const StageRun& previous, const oracle::Result& exact, bool lse) {
+  const Errors e = compare_with_oracle(previous, exact);
+  return kTolerance + (lse ? e.lse.rel_frobenius : e.o.rel_frobenius);
+}
+
 /// Checks the manager's books from the outside: every block's reference count equals the number of block
 /// tables holding it, the free list holds exactly the blocks with count 0, once each, and every table has
 /// ceil(length / block_size) entries.
@@ -364,6 +372,7 @@ TEST_CASE("paged/cpu decode matches the previous stage and the oracle: block siz
     const ProblemData data = make_problem_data(shape.problem, DType::f32, Layout::bhnd, ++seed);
     const StageRun reference = run_stage(*previous, Tier::cpu, data, RunSettings{});
     const oracle::Result exact = oracle::attention(data, false);
+    const double o_bound = bound_against(reference, exact, false), lse_bound = bound_against(reference, exact, true);
     for (std::int64_t block_size : {1, 8, 16, 32}) {
       for (int variant : {1, 2}) {
         for (std::int64_t partition : {64, 512}) {
@@ -374,8 +383,8 @@ TEST_CASE("paged/cpu decode matches the previous stage and the oracle: block siz
           settings.options.values = {{"block_size", block_size}, {"variant", variant}, {"partition", partition}};
           const StageRun run = run_stage(stage, Tier::cpu, data, settings);
           const Errors vs_previous = compare_runs(run, reference);
-          CHECK(vs_previous.o.rel_frobenius < kTolerance);
-          CHECK(vs_previous.lse.rel_frobenius < kTolerance);
+          CHECK(vs_previous.o.rel_frobenius < o_bound);
+          CHECK(vs_previous.lse.rel_frobenius < lse_bound);
           const Errors vs_oracle = compare_with_oracle(run, exact);
           CHECK(vs_oracle.o.rel_frobenius < kTolerance);
           CHECK(vs_oracle.lse.rel_frobenius < kTolerance);
@@ -496,9 +505,9 @@ TEST_CASE("paged/cpu decode: variable context lengths, forked (shared) prefixes,
         }
         const ProblemData data = s.contiguous(s.ids[b], q.data() + b * Hq * D);
         const StageRun reference = run_stage(*previous, Tier::cpu, data, RunSettings{});
-        CHECK(compare(o_b, reference.o.span()).rel_frobenius < kTolerance);
-        CHECK(compare(lse_b, reference.lse.span()).rel_frobenius < kTolerance);
         const oracle::Result exact = oracle::attention(data, false);
+        CHECK(compare(o_b, reference.o.span()).rel_frobenius < bound_against(reference, exact, false));
+        CHECK(compare(lse_b, reference.lse.span()).rel_frobenius < bound_against(reference, exact, true));
         CHECK(compare(o_b, std::span<const double>(exact.o)).rel_frobenius < kTolerance);
       }
     }
