@@ -56,6 +56,10 @@ struct TierEntry {
   /// Options `attn ladder` runs this tier with (block sizes pinned so that the ladder's problem spans several
   /// K/V tiles on any machine); empty: the tier's defaults.
   std::map<std::string, std::int64_t> ladder_options;
+  /// What the tier's device code was compiled for, where it matters ("sm_90a"); `attn list` prints it.
+  std::string target;
+  /// Why a tier without a backward has none, for the ladder's note (empty: "no backward pass").
+  std::string no_backward_note;
 };
 
 /// Throws std::invalid_argument naming the first option in `options` that `entry` does not read, and the

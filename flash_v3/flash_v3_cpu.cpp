@@ -676,6 +676,7 @@ Stage describe() {
     return static_cast<std::size_t>(s.ctas * cta_floats(s, p.head_dim)) * sizeof(float);
   };
   cpu.option_names = {"trace", "block_rows", "block_cols", "stages", "round_p", "ctas"};
+  cpu.no_backward_note = "backward not implemented yet";
   stage.tiers.push_back(cpu);
 #ifdef ATTN_HAVE_CUDA
   stage.tiers.push_back(gpu_tier());

@@ -678,6 +678,8 @@ TierEntry gpu_tier() {
   gpu.forward = forward_gpu;
   gpu.extra_bytes = [](const AttentionProblem&, DType, bool) { return std::size_t{0}; };
   gpu.option_names = {"schedule", "persistent", "block_cols"};
+  gpu.target = gpu_build_target();
+  gpu.no_backward_note = "backward not implemented yet";
   return gpu;
 }
 

@@ -302,7 +302,8 @@ Row run_row(const Stage& stage, Tier tier, const ProblemData& data, const RunSet
   RunSettings own = settings;
   if (settings.backward && !stage.find(tier)->caps.has_backward) {  // e.g. a decode kernel: forward only
     own.backward = false;
-    row.note = "no backward pass";
+    const std::string& why = stage.find(tier)->no_backward_note;
+    row.note = why.empty() ? "no backward pass" : why;
   }
   StageRun run = run_stage(stage, tier, data, own);
   row.time_ms = run.forward_ms;
@@ -356,6 +357,9 @@ int command_list() {
     std::printf("%-3d %-17s %-7s %-45s %s\n", rung++, stage.name.c_str(), tiers.c_str(), stage.paper.c_str(),
                 stage.adds.c_str());
   }
+  for (const Stage& stage : ladder())
+    for (const TierEntry& entry : stage.tiers)
+      if (!entry.target.empty()) std::printf("# %s/%s built for: %s\n", stage.name.c_str(), tier_name(entry.tier), entry.target.c_str());
   std::printf("# GPU tier %s\n", gpu_present() ? "built, device present" :
 #ifdef ATTN_HAVE_CUDA
                                                 "built, no device on this machine"
