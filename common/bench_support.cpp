@@ -9,6 +9,17 @@
 #endif
 
 namespace attn::bench {
+
+AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal) {
+  AttentionProblem p;
+  p.batch = batch;
+  p.q_heads = p.kv_heads = heads;
+  p.seq_q = p.seq_k = seq;
+  p.head_dim = head_dim;
+  p.causal = causal;
+  return p;
+}
+
 namespace {
 
 bool tier_usable(Tier tier) {

@@ -9,6 +9,9 @@
 
 namespace attn::bench {
 
+/// A square self-attention problem (MHA, seq_q = seq_k) for the benchmark tables: batch, heads, N, head dim, causal.
+AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal);
+
 struct Case {
   AttentionProblem problem;
   DType gpu_dtype = DType::bf16;  ///< the CPU tier always runs fp32

@@ -10,15 +10,7 @@ using namespace attn;
 
 namespace {
 
-AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal) {
-  AttentionProblem p;
-  p.batch = batch;
-  p.q_heads = p.kv_heads = heads;
-  p.seq_q = p.seq_k = seq;
-  p.head_dim = head_dim;
-  p.causal = causal;
-  return p;
-}
+using bench::problem;
 
 // CPU: B * H = 16 heads, fp32, the size of flash_v2's CPU targets (N = 4096) and a shorter sweep below it.
 std::vector<bench::Case> cpu_cases() {

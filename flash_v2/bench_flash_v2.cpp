@@ -17,15 +17,7 @@ using namespace attn;
 
 namespace {
 
-AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal) {
-  AttentionProblem p;
-  p.batch = batch;
-  p.q_heads = p.kv_heads = heads;
-  p.seq_q = p.seq_k = seq;
-  p.head_dim = head_dim;
-  p.causal = causal;
-  return p;
-}
+using bench::problem;
 
 // CPU: B * H = 16 heads, fp32; N = 4096 is the size of the README's targets. Then the studies of the README: split-K against
 // split-Q (forward; the backward ignores "split") and dQ by atomic adds against per-thread buffers (backward).

@@ -12,15 +12,7 @@ using namespace attn;
 
 namespace {
 
-AttentionProblem problem(std::int64_t batch, std::int64_t heads, std::int64_t seq, std::int64_t head_dim, bool causal) {
-  AttentionProblem p;
-  p.batch = batch;
-  p.q_heads = p.kv_heads = heads;
-  p.seq_q = p.seq_k = seq;
-  p.head_dim = head_dim;
-  p.causal = causal;
-  return p;
-}
+using bench::problem;
 
 // FlashAttention's sweep: batch x seqlen = 16k tokens, hidden 2048 (heads = 2048 / head_dim), bf16; then the
 // ablation: D = 128, N = 8448, B = 4, H = 16, non-causal, each schedule (labelled, so peers.py leaves them out of

@@ -44,19 +44,6 @@ StageOptions options_of(std::initializer_list<std::pair<const char*, std::int64_
   return options;
 }
 
-AttentionProblem problem_of(std::int64_t b, std::int64_t hq, std::int64_t hkv, std::int64_t nq, std::int64_t nk, std::int64_t d,
-                            bool causal) {
-  AttentionProblem p;
-  p.batch = b;
-  p.q_heads = hq;
-  p.kv_heads = hkv;
-  p.seq_q = nq;
-  p.seq_k = nk;
-  p.head_dim = d;
-  p.causal = causal;
-  return p;
-}
-
 // Problems of several 128-row Q tiles and 128-key K/V blocks (the awkward shapes are mostly one tile).
 std::vector<Shape> multi_tile_shapes() {
   return {

@@ -83,19 +83,6 @@ void check_against_references(const ProblemData& data) {
   }
 }
 
-AttentionProblem make(std::int64_t b, std::int64_t hq, std::int64_t hkv, std::int64_t nq, std::int64_t nk,
-                      std::int64_t d, bool causal) {
-  AttentionProblem p;
-  p.batch = b;
-  p.q_heads = hq;
-  p.kv_heads = hkv;
-  p.seq_q = nq;
-  p.seq_k = nk;
-  p.head_dim = d;
-  p.causal = causal;
-  return p;
-}
-
 }  // namespace
 
 TEST_CASE("flash_v3/gpu, every schedule, matches the oracle and flash_v2/gpu on the awkward shapes",
@@ -119,12 +106,14 @@ TEST_CASE("flash_v3/gpu is right across many tiles and blocks: tails, causal wit
   // Lengths that are not multiples of any tile (Br = 64 or 128, Bc = 128 or 64) and long enough for the K/V ring
   // to wrap several times, so that barrier parities, stage reuse, the masked/unmasked split and the drain all run.
   const AttentionProblem cases[] = {
-      make(1, 4, 4, 515, 515, 128, true),  make(1, 4, 4, 515, 515, 128, false), make(2, 16, 2, 333, 777, 128, true),
-      make(1, 8, 1, 700, 190, 64, true),   make(1, 2, 2, 190, 700, 64, true),   make(2, 3, 3, 259, 1000, 64, false),
-      make(1, 2, 1, 390, 450, 256, true),  make(1, 2, 2, 129, 513, 256, false), make(1, 8, 1, 1, 1037, 128, true),
+      problem_of(1, 4, 4, 515, 515, 128, true),  problem_of(1, 4, 4, 515, 515, 128, false),
+      problem_of(2, 16, 2, 333, 777, 128, true), problem_of(1, 8, 1, 700, 190, 64, true),
+      problem_of(1, 2, 2, 190, 700, 64, true),   problem_of(2, 3, 3, 259, 1000, 64, false),
+      problem_of(1, 2, 1, 390, 450, 256, true),  problem_of(1, 2, 2, 129, 513, 256, false),
+      problem_of(1, 8, 1, 1, 1037, 128, true),
       // More tiles than SMs, so that the persistent grid walks several per thread block (ring positions and the Q
       // barriers carried from tile to tile), with empty tiles among them (causal, Nq > Nk).
-      make(2, 16, 4, 1500, 700, 128, true), make(4, 16, 16, 1000, 1000, 64, false),
+      problem_of(2, 16, 4, 1500, 700, 128, true), problem_of(4, 16, 16, 1000, 1000, 64, false),
   };
   std::uint64_t seed = 3900;
   for (const AttentionProblem& p : cases)
@@ -137,7 +126,7 @@ TEST_CASE("flash_v3/gpu is right across many tiles and blocks: tails, causal wit
 TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf log-sum-exp in every schedule",
           "[flash_v3][gpu][small][sanitize]") {
   // Bottom-right aligned: rows 0..229 see nothing (whole Q tiles of 64 and 128, and part of one).
-  const AttentionProblem p = make(1, 2, 2, 300, 70, 64, true);
+  const AttentionProblem p = problem_of(1, 2, 2, 300, 70, 64, true);
   const std::int64_t empty_rows = p.seq_q - p.seq_k;
   for (const Variant& variant : kVariants)
     for (DType dtype : kDtypes) {
@@ -162,7 +151,7 @@ TEST_CASE("flash_v3/gpu: causal rows that see no key give zero output and -inf l
 }
 
 TEST_CASE("flash_v3/gpu: logits near 1e3 do not overflow (the running max is subtracted)", "[flash_v3][gpu][small]") {
-  const AttentionProblem p = make(2, 4, 2, 170, 390, 128, true);
+  const AttentionProblem p = problem_of(2, 4, 2, 170, 390, 128, true);
   for (DType dtype : kDtypes) {
     // Q ~ N(0, 40^2): logits reach about 1e3, where exp() without the max subtracted overflows fp32 (at 88.7).
     const ProblemData data = make_problem_data(p, dtype, Layout::bnhd, 31, 40.0f);
@@ -180,7 +169,7 @@ TEST_CASE("flash_v3/gpu gives the same answers with the wider key blocks (block_
   std::uint64_t seed = 5100;
   for (auto [head_dim, block_cols] : {std::pair<std::int64_t, std::int64_t>{64, 192}, {128, 176}})
     for (bool causal : {false, true}) {
-      const AttentionProblem p = make(2, 4, 2, 301, 533, head_dim, causal);
+      const AttentionProblem p = problem_of(2, 4, 2, 301, 533, head_dim, causal);
       for (DType dtype : kDtypes) {
         const ProblemData data = make_problem_data(p, dtype, Layout::bnhd, ++seed);
         for (int persistent : {0, 1}) {
@@ -198,7 +187,7 @@ TEST_CASE("flash_v3/gpu gives the same answers with the wider key blocks (block_
 }
 
 TEST_CASE("flash_v3/gpu rejects what its kernels cannot take, naming the argument", "[flash_v3][gpu][validation]") {
-  AttentionProblem p = make(1, 2, 2, 8, 8, 64, false);
+  AttentionProblem p = problem_of(1, 2, 2, 8, 8, 64, false);
   StageOptions options;
   auto message = [&](const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& o) {
     return invalid_argument_message([&] { flash_v3::forward_gpu(problem, tensors, o); });
@@ -209,7 +198,7 @@ TEST_CASE("flash_v3/gpu rejects what its kernels cannot take, naming the argumen
   CHECK(dtype.rfind("dtype: ", 0) == 0);
 
   for (std::int64_t head_dim : {32, 96, 16, 512}) {
-    const AttentionProblem odd = make(1, 2, 2, 8, 8, head_dim, false);
+    const AttentionProblem odd = problem_of(1, 2, 2, 8, 8, head_dim, false);
     const std::string text = message(odd, fake_tensors(odd, DType::bf16), options);
     INFO(text);
     CHECK(text.rfind("head_dim: ", 0) == 0);

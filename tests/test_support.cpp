@@ -26,32 +26,33 @@ Errors compare_with_oracle(const StageRun& actual, const oracle::Result& referen
   return e;
 }
 
+AttentionProblem problem_of(std::int64_t batch, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t seq_q,
+                            std::int64_t seq_k, std::int64_t head_dim, bool causal) {
+  AttentionProblem p;
+  p.batch = batch;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.seq_q = seq_q;
+  p.seq_k = seq_k;
+  p.head_dim = head_dim;
+  p.causal = causal;
+  return p;
+}
+
 std::vector<Shape> awkward_shapes() {
-  auto make = [](std::int64_t b, std::int64_t hq, std::int64_t hkv, std::int64_t nq, std::int64_t nk, std::int64_t d,
-                 bool causal) {
-    AttentionProblem p;
-    p.batch = b;
-    p.q_heads = hq;
-    p.kv_heads = hkv;
-    p.seq_q = nq;
-    p.seq_k = nk;
-    p.head_dim = d;
-    p.causal = causal;
-    return p;
-  };
   return {
-      {"single query and key", make(1, 1, 1, 1, 1, 64, false)},
-      {"single query, causal", make(1, 1, 1, 1, 37, 32, true)},
-      {"odd lengths", make(1, 2, 2, 77, 101, 64, false)},
-      {"odd lengths, causal", make(1, 2, 2, 77, 101, 64, true)},
-      {"more queries than keys, causal (empty rows)", make(1, 2, 2, 130, 45, 32, true)},
-      {"more queries than keys", make(2, 1, 1, 130, 45, 16, false)},
-      {"head dim 16", make(1, 2, 2, 65, 65, 16, true)},
-      {"head dim 128", make(1, 2, 2, 100, 129, 128, false)},
-      {"head dim 256", make(1, 1, 1, 67, 90, 256, true)},
-      {"GQA 6:2", make(2, 6, 2, 50, 83, 64, true)},
-      {"MQA 4:1", make(1, 4, 1, 61, 61, 32, false)},
-      {"batch x heads > 1, long", make(2, 2, 2, 300, 300, 64, true)},
+      {"single query and key", problem_of(1, 1, 1, 1, 1, 64, false)},
+      {"single query, causal", problem_of(1, 1, 1, 1, 37, 32, true)},
+      {"odd lengths", problem_of(1, 2, 2, 77, 101, 64, false)},
+      {"odd lengths, causal", problem_of(1, 2, 2, 77, 101, 64, true)},
+      {"more queries than keys, causal (empty rows)", problem_of(1, 2, 2, 130, 45, 32, true)},
+      {"more queries than keys", problem_of(2, 1, 1, 130, 45, 16, false)},
+      {"head dim 16", problem_of(1, 2, 2, 65, 65, 16, true)},
+      {"head dim 128", problem_of(1, 2, 2, 100, 129, 128, false)},
+      {"head dim 256", problem_of(1, 1, 1, 67, 90, 256, true)},
+      {"GQA 6:2", problem_of(2, 6, 2, 50, 83, 64, true)},
+      {"MQA 4:1", problem_of(1, 4, 1, 61, 61, 32, false)},
+      {"batch x heads > 1, long", problem_of(2, 2, 2, 300, 300, 64, true)},
   };
 }
 

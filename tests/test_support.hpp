@@ -22,6 +22,10 @@ struct Errors {
 Errors compare_runs(const StageRun& actual, const StageRun& reference);
 Errors compare_with_oracle(const StageRun& actual, const oracle::Result& reference);
 
+/// A problem from its sizes: batch, query heads, KV heads, query rows, keys, head dim, causal.
+AttentionProblem problem_of(std::int64_t batch, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t seq_q,
+                            std::int64_t seq_k, std::int64_t head_dim, bool causal);
+
 /// A named problem for a test table.
 struct Shape {
   std::string name;
