@@ -170,14 +170,21 @@ inline void max_over_keys(const float* S, std::int64_t keys, std::int64_t querie
   }
 }
 
-/// S[k][q] = exp(S[k][q] - shift[q]); row_sum[q] += sum over keys of the new S[k][q]. shift must be finite.
+/// S[k][q] = exp(S[k][q] - shift[q]) (exp2 with Base2, for scores already in base-2 units); row_sum[q] += sum over
+/// keys of the new S[k][q]. shift must be finite.
+template <bool Base2 = false>
 inline void exp_over_keys(float* S, std::int64_t keys, std::int64_t queries, std::int64_t ld, const float* shift,
                           float* row_sum) {
   for (std::int64_t q = 0; q < queries; q += lanes) {
     const batch s = batch::load_unaligned(shift + q);
     batch sum(0.0f);
     for (std::int64_t k = 0; k < keys; ++k) {
-      const batch e = xsimd::exp(batch::load_unaligned(S + k * ld + q) - s);
+      const batch x = batch::load_unaligned(S + k * ld + q) - s;
+      batch e;
+      if constexpr (Base2)
+        e = xsimd::exp2(x);
+      else
+        e = xsimd::exp(x);
       e.store_unaligned(S + k * ld + q);
       sum += e;
     }

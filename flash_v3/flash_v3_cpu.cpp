@@ -322,21 +322,6 @@ std::int64_t cta_floats(const Settings& s, std::int64_t D) {
   return s.Br * D + 2 * s.stages * s.Bc * D + kConsumers * consumer;
 }
 
-// exp2 version of tiles::exp_over_keys: S[k][q] = exp2(S[k][q] - shift[q]); row_sum[q] += sum over keys.
-void exp2_over_keys(float* S, std::int64_t keys, std::int64_t columns, std::int64_t ld, const float* shift, float* row_sum) {
-  using simd::batch;
-  for (std::int64_t q = 0; q < columns; q += simd::lanes) {
-    const batch s = batch::load_unaligned(shift + q);
-    batch sum(0.0f);
-    for (std::int64_t k = 0; k < keys; ++k) {
-      const batch e = xsimd::exp2(batch::load_unaligned(S + k * ld + q) - s);
-      e.store_unaligned(S + k * ld + q);
-      sum += e;
-    }
-    (batch::load_unaligned(row_sum + q) + sum).store_unaligned(row_sum + q);
-  }
-}
-
 // P~ rounded to the nearest bf16, ties to even (float_to_bf16_bits of common/numeric.hpp without its NaN case:
 // P~ is finite and >= 0), as the GPU converts it to the A operand of the bf16 P V wgmma. The loop vectorises.
 void round_to_bf16(float* P, std::int64_t keys, std::int64_t columns, std::int64_t ld) {
@@ -400,7 +385,7 @@ void online_softmax(const AttentionProblem& p, ConsumerTiles& c, const ConsumerR
     c.alpha[r] = std::exp2(c.m_i[r] - c.shift[r]);
     c.l_i[r] *= c.alpha[r];
   }
-  exp2_over_keys(S, block.keys, rows.columns, c.ld, c.shift.data(), c.l_i.data());
+  tiles::exp_over_keys</*Base2=*/true>(S, block.keys, rows.columns, c.ld, c.shift.data(), c.l_i.data());
   if (round_p) round_to_bf16(S, block.keys, rows.columns, c.ld);
 }
 
