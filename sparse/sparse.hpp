@@ -1,0 +1,76 @@
+// Stage 7: sparse causal flash attention (Pagliardini, Paliotta, Jaggi, Fleuret 2023). Two ways of attending
+// to fewer (query, key) pairs while staying exact on the pairs kept:
+//  - QK-sparse: per head, some queries and some keys are dropped (at random at a given rate, or from the
+//    caller's index lists); the kept rows are compacted (stable, so order is kept) and attended causally on
+//    their original indices.
+//  - hash-sparse: per head, queries and keys are hashed into buckets (argmax over [x R; -x R] for a random
+//    projection R), sorted by (bucket, position), and a query attends only to the keys of its bucket, causally
+//    on original indices.
+// Both run a flash_v2-style kernel over the compacted or sorted rows that skips every K/V tile whose index
+// range (and bucket range) cannot meet the Q tile's, then scatter the results back to original positions.
+//
+// A dropped query, or a kept query that sees no key, gets O = 0 and LSE = -inf; its dQ is 0. A dropped key
+// gets dK = dV = 0.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/registry.hpp"
+
+namespace attn::sparse {
+
+enum class Mode : int { qk = 0, hash = 1 };
+
+/// The stage's options, read from StageOptions by read_settings:
+///   "mode"            0 = QK-sparse (default), 1 = hash-sparse
+///   "drop_q_permille" QK-sparse: queries dropped, per mille, in [0, 1000) (default 0)
+///   "drop_k_permille" QK-sparse: keys dropped, per mille, in [0, 1000) (default 0)
+///   "buckets"         hash-sparse: number of buckets nb, 1 or an even number up to kMaxBuckets (default 8)
+///   "seed"            the seed of the masks and of the projection (default 1)
+/// plus the tier's block sizes ("block_rows", "block_cols" on the CPU tier).
+struct Settings {
+  Mode mode = Mode::qk;
+  int drop_q_permille = 0;
+  int drop_k_permille = 0;
+  int buckets = 8;
+  std::uint64_t seed = 1;
+};
+/// Throws std::invalid_argument naming the option and its rule for a value out of range.
+Settings read_settings(const StageOptions& options);
+
+/// The caller's own QK-sparse masks, as index lists in CSR form: the kept query rows of (batch b, query head
+/// h) are query_indices[query_offsets[b * Hq + h] .. query_offsets[b * Hq + h + 1]), and the kept keys of
+/// (batch b, KV head h) are key_indices[key_offsets[b * Hkv + h] ..]. Each list strictly ascending (sorted, no
+/// duplicates), every index in [0, seq_q) or [0, seq_k). Host memory on both tiers (the GPU tier uploads them).
+struct KeepLists {
+  std::vector<std::int64_t> query_offsets;  ///< B * Hq + 1 entries, non-decreasing, starting at 0
+  std::vector<std::int32_t> query_indices;
+  std::vector<std::int64_t> key_offsets;    ///< B * Hkv + 1 entries, non-decreasing, starting at 0
+  std::vector<std::int32_t> key_indices;
+};
+/// Throws std::invalid_argument naming the list and the rule broken (wrong length, out of range, unsorted or
+/// duplicated), before any work is done.
+void validate_keep_lists(const AttentionProblem& problem, const KeepLists& lists);
+
+/// CPU tier (fp32, OpenMP + the tiles of common/cpu_tiles.hpp). With `lists`, QK-sparse on the caller's masks
+/// (the options' mode and drop rates are then not used).
+void forward_cpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
+                 const KeepLists* lists = nullptr);
+void backward_cpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
+                  const KeepLists* lists = nullptr);
+TierCaps cpu_caps();
+
+/// GPU tier (mma.sync tensor cores, as flash_v2's). Masks, hashing, sorting and compaction run on the device.
+void forward_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
+                 const KeepLists* lists = nullptr);
+void backward_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
+                  const KeepLists* lists = nullptr);
+TierCaps gpu_caps();
+/// The GPU tier's registry entry (defined in sparse_cuda.cu; only in builds with CUDA).
+TierEntry gpu_tier();
+
+/// The registry entry.
+Stage describe();
+
+}  // namespace attn::sparse
