@@ -2,8 +2,16 @@
 // standard attention written with OpenBLAS GEMMs; the GPU tier on FlashAttention's sweep (gpu_cases(), below).
 #include <benchmark/benchmark.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "common/bench_support.hpp"
@@ -11,6 +19,8 @@
 
 #ifdef ATTN_HAVE_CBLAS
 #include <cblas.h>
+
+#include "tests/oracle.hpp"
 #endif
 
 using namespace attn;
@@ -70,14 +80,86 @@ std::vector<bench::Case> gpu_cases() {
 #ifdef ATTN_HAVE_CBLAS
 // ===== CPU peers, built for this benchmark only ==============================================================
 
+// ---- Which OpenBLAS kernels run ----------------------------------------------------------------------------
+// OpenBLAS picks its kernels when the library loads, from the CPU's vendor, family and model. A virtual machine
+// that hides the model (lscpu: "Intel(R) Xeon(R) Processor") gets the generic "Prescott" (SSE3) kernels from
+// Debian 12's OpenBLAS 0.3.21, several times below what the machine does: the ceiling and the BLAS peer would
+// then flatter every CPU ratio. So this program, and only this program (tests and CI use the library as it
+// comes), chooses the core from the instruction set when the library fell back to a generic one: it sets
+// OPENBLAS_CORETYPE (read once, at load time) and runs itself again. A machine that sets OPENBLAS_CORETYPE
+// itself (some do, because older OpenBLAS kernels compute wrong results on them) is left alone. Either way the
+// peers are checked against the fp64 oracle before they are timed, and the core is printed with the results.
+
+std::string scientific(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.3g", value);
+  return text;
+}
+
+/// The OpenBLAS core matching this CPU's instruction set, or nullptr when no better one than generic applies.
+const char* core_for_instruction_set() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl"))
+    return "SkylakeX";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+  return nullptr;
+}
+
+/// OpenBLAS's names for the cores it falls back to when it does not recognise the CPU model.
+bool is_generic_core(std::string core) {
+  std::transform(core.begin(), core.end(), core.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (const char* generic : {"prescott", "core2", "penryn", "dunnington", "nehalem", "katmai", "coppermine",
+                              "northwood", "banias", "atom"})
+    if (core == generic) return true;
+  return false;
+}
+
+/// Runs the program again with OPENBLAS_CORETYPE set when the library chose a generic core on a CPU with AVX2
+/// or AVX-512; returns (without re-running) otherwise. Returns what to print about the choice.
+std::string choose_openblas_core(char** argv) {
+  const std::string loaded = openblas_get_corename();
+  if (const char* chosen_by = std::getenv("ATTN_OPENBLAS_DETECTED"))
+    return loaded + " (OPENBLAS_CORETYPE set by this program from the instruction set; the library detected " +
+           chosen_by + ")";
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return loaded + " (OPENBLAS_CORETYPE set by the environment)";
+  const char* wanted = core_for_instruction_set();
+  if (wanted == nullptr || !is_generic_core(loaded)) return loaded + " (detected by the library)";
+  setenv("OPENBLAS_CORETYPE", wanted, 1);
+  setenv("ATTN_OPENBLAS_DETECTED", loaded.c_str(), 1);
+  execv("/proc/self/exe", argv);  // returns only on failure
+  return loaded + " (detected by the library; running again with OPENBLAS_CORETYPE=" + wanted + " failed)";
+}
+
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // The machine's single-precision GEMM rate (OpenBLAS, all its threads): the ceiling the CPU tier is judged by.
+// Random inputs; before timing, 256 entries of C are checked against fp64 dot products.
 void peer_sgemm(benchmark::State& state, int M, int N, int K) {
-  std::vector<float> a(static_cast<std::size_t>(M) * K, 0.5f), b(static_cast<std::size_t>(K) * N, 0.25f),
-      c(static_cast<std::size_t>(M) * N);
+  std::vector<float> a(static_cast<std::size_t>(M) * K), b(static_cast<std::size_t>(K) * N), c(static_cast<std::size_t>(M) * N);
+  std::mt19937 random(7);
+  std::normal_distribution<float> normal;
+  for (float& x : a) x = normal(random);
+  for (float& x : b) x = normal(random);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, a.data(), K, b.data(), N, 0.0f, c.data(), N);
+  double worst = 0;
+  for (int sample = 0; sample < 256; ++sample) {
+    const int i = static_cast<int>(random() % M), j = static_cast<int>(random() % N);
+    double exact = 0, magnitude = 0;
+    for (int k = 0; k < K; ++k) {
+      exact += static_cast<double>(a[static_cast<std::size_t>(i) * K + k]) * b[static_cast<std::size_t>(k) * N + j];
+      magnitude += std::abs(static_cast<double>(a[static_cast<std::size_t>(i) * K + k]) * b[static_cast<std::size_t>(k) * N + j]);
+    }
+    worst = std::max(worst, std::abs(c[static_cast<std::size_t>(i) * N + j] - exact) / magnitude);
+  }
+  // fp32 accumulation of K products: each error is a few ulps of the sum of magnitudes, far below 1e-5.
+  if (!(worst < 1e-5)) {
+    state.SkipWithError(("sgemm disagrees with fp64 (worst error " + scientific(worst) + ")").c_str());
+    return;
+  }
+  state.SetLabel(openblas_get_corename());
+  state.counters["check_error"] = worst;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, a.data(), K, b.data(), N, 0.0f, c.data(), N);
@@ -145,9 +227,44 @@ struct BlasAttention {
   }
 };
 
+/// The first head of the BLAS peer's outputs against the fp64 oracle on that head alone: the worst of O's
+/// relative Frobenius error and (after a backward) the gradients' errors as the tests measure them.
+double error_against_oracle(const BlasAttention& run, bool backward) {
+  AttentionProblem one_head = run.p;
+  one_head.batch = one_head.q_heads = one_head.kv_heads = 1;
+  ProblemData head = make_problem_data(one_head);
+  const std::int64_t q_size = one_head.q_elements(), kv_size = one_head.kv_elements();
+  std::copy_n(run.data.q.data(), q_size, head.q.data());
+  std::copy_n(run.data.k.data(), kv_size, head.k.data());
+  std::copy_n(run.data.v.data(), kv_size, head.v.data());
+  std::copy_n(run.data.d_o.data(), q_size, head.d_o.data());
+  const oracle::Result exact = oracle::attention(head, backward);
+  double difference = 0, norm = 0;
+  for (std::int64_t i = 0; i < q_size; ++i) {
+    difference += (run.o[i] - exact.o[i]) * (run.o[i] - exact.o[i]);
+    norm += exact.o[i] * exact.o[i];
+  }
+  double worst = std::sqrt(difference / norm);
+  if (backward) {
+    worst = std::max(worst, oracle::gradient_error({run.dq.data(), static_cast<std::size_t>(q_size)}, exact.dq, exact.dq_mag));
+    worst = std::max(worst, oracle::gradient_error({run.dk.data(), static_cast<std::size_t>(kv_size)}, exact.dk, exact.dk_mag));
+    worst = std::max(worst, oracle::gradient_error({run.dv.data(), static_cast<std::size_t>(kv_size)}, exact.dv, exact.dv_mag));
+  }
+  return worst;
+}
+
 void peer_blas_attention(benchmark::State& state, AttentionProblem p, bool backward) {
   BlasAttention run(p);
   run.forward();
+  if (backward) run.backward();
+  // Checked before it is timed: fp32 attention is within about 1e-6 of fp64 here; 1e-4 leaves room.
+  const double error = error_against_oracle(run, backward);
+  if (!(error < 1e-4)) {
+    state.SkipWithError(("BLAS attention disagrees with the fp64 oracle (error " + scientific(error) + ")").c_str());
+    return;
+  }
+  state.SetLabel(openblas_get_corename());
+  state.counters["check_error"] = error;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
     if (backward)
@@ -190,6 +307,10 @@ void register_peers() {
 }  // namespace
 
 int main(int argc, char** argv) {
+#ifdef ATTN_HAVE_CBLAS
+  const std::string blas = std::string(openblas_get_config()) + ", core " + choose_openblas_core(argv);
+  benchmark::AddCustomContext("blas", blas);
+#endif
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   const Stage& stage = find_stage("flash_v2");
