@@ -140,6 +140,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   validate_call(p, t, cpu_caps(), "flash_v1/cpu", false);
   const Settings s = read_settings(p, options);  // line 1: Br, Bc
   const std::int64_t D = p.head_dim, Br = s.Br, Bc = s.Bc;
+  // LAB BEGIN flash-v1: FA1 Alg. 1 lines 2-16: K/V blocks outside, Q blocks inside, O, l, m in HBM
   const std::int64_t Tr = blocks_of(p.seq_q, Br), Tc = blocks_of(p.seq_k, Bc);  // lines 3-4
   progress::expect(static_cast<double>(p.batch * p.q_heads * Tc));
   const std::int64_t q_seq = t.q_strides.seq, kv_seq = t.kv_strides.seq;
@@ -233,12 +234,14 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
     io_bytes += io.bytes;
   }
   if (s.count_io) options.counters["hbm_bytes"] = io_bytes;
+  // LAB END flash-v1
 }
 
 void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_call(p, t, cpu_caps(), "flash_v1/cpu", true);
   const Settings s = read_settings(p, options);  // line 2: Br, Bc
   const std::int64_t D = p.head_dim, Br = s.Br, Bc = s.Bc, group = p.group_size();
+  // LAB BEGIN flash-v1: FA1 Alg. 4 lines 5-24: K/V blocks outside, Q blocks inside, dQ in HBM
   const std::int64_t Tr = blocks_of(p.seq_q, Br), Tc = blocks_of(p.seq_k, Bc);  // lines 3-4
   progress::expect(static_cast<double>(p.batch * p.kv_heads * Tc));
   const std::int64_t q_seq = t.q_strides.seq, kv_seq = t.kv_strides.seq;
@@ -328,6 +331,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     io_bytes += io.bytes;
   }
   if (s.count_io) options.counters["hbm_bytes"] = io_bytes;
+  // LAB END flash-v1
 }
 
 Stage describe() {

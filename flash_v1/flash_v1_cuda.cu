@@ -65,6 +65,7 @@ constexpr int forward_smem_bytes() {
 
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+  // LAB BEGIN flash-v1-gpu: FA1 Alg. 1 for one (batch, head) with mma tiles
   constexpr int kStride = padded(HeadDim);
   constexpr int kNTiles = kBc / 8, kDTiles = HeadDim / 8;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -242,6 +243,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
       }
       if (t == 0) lse[row] = l_hbm[row] > 0.0f ? m_hbm[row] * p.scale + logf(l_hbm[row]) : -kInf;
     }
+  // LAB END flash-v1-gpu
 }
 
 // ============================================================================================================

@@ -91,6 +91,7 @@ struct QueryBlock {
 // FA2 Alg. 1 lines 4-5: load Q_i, set O_i = 0, l_i = 0, m_i = -inf.
 void start_query_block(const AttentionProblem& p, const float* q_rows, std::int64_t q_seq_stride, std::int64_t row0,
                        std::int64_t rows, QueryBlock& block) {
+  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 4-5: load Q_i; O_i = 0, m_i = -inf, l_i = 0
   const std::int64_t D = p.head_dim;
   block.row0 = row0;
   block.rows = rows;
@@ -98,6 +99,7 @@ void start_query_block(const AttentionProblem& p, const float* q_rows, std::int6
   std::fill(block.O.begin(), block.O.begin() + rows * D, 0.0f);
   std::fill(block.m.begin(), block.m.end(), kNegInf);
   std::fill(block.l.begin(), block.l.end(), 0.0f);
+  // LAB END flash-v2-forward
 }
 
 // Causal mask on a block that straddles the diagonal: query r sees keys below visible_keys(row0 + r).
@@ -112,6 +114,7 @@ void mask_above_diagonal(const AttentionProblem& p, QueryBlock& block, std::int6
 // and l_i, and O_i = diag(exp(m_old - m_new)) O_i + P~ V_j. O_i stays unnormalised (FA2's first tweak).
 void attend_kv_block(const AttentionProblem& p, QueryBlock& block, const float* k_rows, const float* v_rows,
                      std::int64_t kv_seq_stride, std::int64_t key0, std::int64_t keys) {
+  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 7-10: S, the online softmax, O_i rescaled, O_i += P~ V_j
   const std::int64_t D = p.head_dim, padded = block.padded;
   // Line 8: S_ij^T = K_j (scale Q_i^T), keys x padded.
   tiles::matmul(Update::overwrite, keys, padded, D, MatrixView{k_rows + key0 * kv_seq_stride, kv_seq_stride, 1},
@@ -132,12 +135,14 @@ void attend_kv_block(const AttentionProblem& p, QueryBlock& block, const float* 
   tiles::scale_rows(block.O.data(), block.rows, D, D, block.alpha.data());
   tiles::matmul(Update::accumulate, block.rows, D, keys, tiles::transposed(block.S.data(), padded),
                 v_rows + key0 * kv_seq_stride, kv_seq_stride, block.O.data(), D);
+  // LAB END flash-v2-forward
 }
 
 // FA2 Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i and L_i = m_i + log(l_i), written once. A row that saw no key
 // (causal, Nq > Nk) has l = 0: O = 0, L = -inf.
 void finish_query_block(const AttentionProblem& p, const QueryBlock& block, float* o_rows, std::int64_t o_seq_stride,
                         float* lse) {
+  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i)
   const std::int64_t D = p.head_dim;
   for (std::int64_t r = 0; r < block.rows; ++r) {
     float* out = o_rows + (block.row0 + r) * o_seq_stride;
@@ -146,6 +151,7 @@ void finish_query_block(const AttentionProblem& p, const QueryBlock& block, floa
     for (std::int64_t d = 0; d < D; ++d) out[d] = inverse * block.O[r * D + d];
     lse[block.row0 + r] = l > 0.0f ? block.m[r] + std::log(l) : kNegInf;
   }
+  // LAB END flash-v2-forward
 }
 
 struct Head {
@@ -285,6 +291,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
 
 void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_call(p, t, cpu_caps(), "flash_v2/cpu", true);
+  // LAB BEGIN flash-v2-backward: FA2 Alg. 2: D once, K/V blocks in parallel, dQ by buffers or atomics
   const Settings s = read_settings(p, options);
   const std::int64_t D = p.head_dim, Br = s.Br, Bc = s.Bc, group = p.group_size();
   const float scale = p.softmax_scale();
@@ -405,6 +412,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
       }
     }
   if (s.dq == DqAccumulation::thread_buffers) options.counters["dq_reduction_ms"] = 1e3 * reduction_seconds;
+  // LAB END flash-v2-backward
 }
 
 Stage describe() {

@@ -103,6 +103,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[MTiles][NTiles][4], fl
 
 template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
+  // LAB BEGIN flash-v2-gpu: FA2 Alg. 1 for one Q block, the softmax state in registers
   using Shape = ForwardShape<HeadDim, Br, Bc>;
   constexpr int kStride = Shape::kStride;
   constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles, kDTiles = Shape::kDTiles;
@@ -244,6 +245,7 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
       if (t == 0) lse[row] = l > 0.0f ? row_max[mt][half] * p.scale + logf(l) : -kInf;
     }
   }
+  // LAB END flash-v2-gpu
 }
 
 template <class T, int HeadDim, int Br, int Bc>

@@ -453,6 +453,7 @@ void fill_stage(const Launch& launch, Ring& ring, RingPosition& position, const 
 // order the consumers read them (line 5's loop): K one block ahead of V (K_last; then K_j and V_{j+1}, j
 // descending; then V_0), as FA3's code does, where the paper's line 7 loads K_j and V_j together.
 void producer(const Launch& launch, Cta& cta, std::int64_t first_tile) {
+  // LAB BEGIN flash-v3-cpu: the producer, FA3 Alg. 1 lines 2-8: Q_i, then the K and V rings
   const AttentionProblem& p = launch.p;
   const std::int64_t D = p.head_dim, q_seq = launch.t.q_strides.seq;
   RingPosition k_position, v_position;
@@ -472,6 +473,7 @@ void producer(const Launch& launch, Cta& cta, std::int64_t first_tile) {
       if (step > 0) fill_stage(launch, cta.V, v_position, "V", head.v, key_block(p, launch.s, tile, step - 1));
     }
   }
+  // LAB END flash-v3-cpu
 }
 
 // A consumer's reads of a ring: wait until the stage is full; release it (arrive on its empty barrier).
@@ -504,6 +506,7 @@ void pass_turn(const Launch& launch, Cta& cta, int me) {
 // S_next runs after the token has passed, while the other consumer multiplies.
 void attend_tile(const Launch& launch, Cta& cta, int me, const QueryTile& tile, const ConsumerRows& rows,
                  RingPosition& k_position, RingPosition& v_position) {
+  // LAB BEGIN flash-v3-cpu: a consumer, FA3 Alg. 2 lines 3-20, with the pingpong token
   const AttentionProblem& p = launch.p;
   const Settings& s = launch.s;
   Trace& trace = launch.trace;
@@ -557,6 +560,7 @@ void attend_tile(const Launch& launch, Cta& cta, int me, const QueryTile& tile, 
   trace.step(role, "gemm1", "Alg. 2 line 19", "O += P~_cur V[%lld] (stage %lld)", static_cast<long long>(block.j),
              static_cast<long long>(v_position.stage));
   release(launch, cta.V, v_position, me, "V", block, "Alg. 2 line 20");
+  // LAB END flash-v3-cpu
 }
 
 // A consumer: for each of this CTA's Q tiles, its half of the rows through FA3 Alg. 2.

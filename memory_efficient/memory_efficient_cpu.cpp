@@ -234,6 +234,7 @@ void chunk_scores(const HeadSlice& x, Range rows, Range keys, std::int64_t Ck, f
 // Subtracting the chunk's own max keeps every exponent <= 0: exp never overflows, whatever the logits.
 void summarize_chunk(const HeadSlice& x, Range rows, Range keys, std::int64_t c, std::int64_t Ck, float* kt,
                      float* block, const Summaries& out) {
+  // LAB BEGIN memory-efficient: summarise a (query chunk, key chunk): m_c, sum exp(s - m_c), sum exp(s - m_c) v
   const std::int64_t D = x.p->head_dim;
   chunk_scores(x, rows, keys, Ck, kt, block);
   for (std::int64_t r = 0; r < rows.count; ++r) {
@@ -259,11 +260,13 @@ void summarize_chunk(const HeadSlice& x, Range rows, Range keys, std::int64_t c,
                              out.values_of(c, r), D);
     });
   });
+  // LAB END memory-efficient
 }
 
 // The paper's combine: M = max_c m_c; every chunk's values and weights rescaled by exp(m_c - M) and summed;
 // O = values / weights, LSE = M + log(weights). A row that saw no key at all gets O = 0, LSE = -inf.
 void combine_summaries(const HeadSlice& x, Range rows, std::int64_t key_chunks, const Summaries& in) {
+  // LAB BEGIN memory-efficient: combine the summaries of each row into O and LSE
   const std::int64_t D = x.p->head_dim;
   for (std::int64_t r = 0; r < rows.count; ++r) {
     const std::int64_t i = rows.begin + r;
@@ -285,6 +288,7 @@ void combine_summaries(const HeadSlice& x, Range rows, std::int64_t key_chunks, 
     simd::scale(1.0f / all_weights, o_row, D);
     x.lse(i) = global_max + std::log(all_weights);
   }
+  // LAB END memory-efficient
 }
 
 // Number of key chunks that query rows [rows.begin, rows.begin + rows.count) see at all (causal: the later

@@ -35,6 +35,7 @@ TierCaps cpu_caps() { return TierCaps{{DType::f32}, 256, {}, true, 0}; }
 
 void forward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
   validate_call(p, t, cpu_caps(), "naive/cpu", false);
+  // LAB BEGIN naive: forward per (batch, head): S = scale Q K^T, P = softmax(S), O = P V, LSE
   const auto* q = static_cast<const float*>(t.q);
   const auto* k = static_cast<const float*>(t.k);
   const auto* v = static_cast<const float*>(t.v);
@@ -81,10 +82,12 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
       }
     }
   }
+  // LAB END naive
 }
 
 void backward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
   validate_call(p, t, cpu_caps(), "naive/cpu", true);
+  // LAB BEGIN naive: backward: P = exp(S - LSE), dP, dS = P (dP - D), dQ, then dK and dV per KV head
   const auto* q = static_cast<const float*>(t.q);
   const auto* k = static_cast<const float*>(t.k);
   const auto* v = static_cast<const float*>(t.v);
@@ -155,6 +158,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t) {
       }
     }
   }
+  // LAB END naive
 }
 
 }  // namespace attn::naive

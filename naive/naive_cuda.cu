@@ -118,6 +118,7 @@ __device__ __forceinline__ float load_element(const Operand<const T>& m, std::in
 template <class T, class TC>
 __global__ void __launch_bounds__(kGemmThreads)
     gemm_tiled_kernel(GemmShape g, Operand<const T> a, Operand<const T> b, Operand<TC> c) {
+  // LAB BEGIN naive-gpu: the tiled GEMM through shared memory, one C tile per block
   // One float of padding per row: threads that store down a column of a tile then hit different banks.
   __shared__ float a_tile[kTileK][kTile + 1];  // a_tile[k][m] = op(A)(tile_row + m, k0 + k)
   __shared__ float b_tile[kTileK][kTile + 1];  // b_tile[k][n] = op(B)(k0 + k, tile_col + n)
@@ -172,6 +173,7 @@ __global__ void __launch_bounds__(kGemmThreads)
       out = cuda::from_float<TC>(g.alpha * acc[i][j] + g.beta * previous);
     }
   }
+  // LAB END naive-gpu
 }
 
 template <class T, class TC>
@@ -277,6 +279,7 @@ __device__ float block_reduce(float value, Op op, float identity) {
 template <class T>
 __global__ void __launch_bounds__(kRowThreads)
     softmax_rows_kernel(const float* S, T* P, float* lse, std::int64_t seq_q, std::int64_t seq_k, bool causal) {
+  // LAB BEGIN naive-gpu: one block per row: m, l by block reductions, P and LSE
   const std::int64_t row = blockIdx.x;  // (b, h, i) flattened, matching lse's [B, Hq, Nq] layout
   const std::int64_t visible = visible_keys(row % seq_q, seq_q, seq_k, causal);
   const float* s_row = S + row * seq_k;
@@ -293,6 +296,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (std::int64_t j = threadIdx.x; j < seq_k; j += blockDim.x)
     p_row[j] = cuda::from_float<T>(j < visible ? expf(s_row[j] - m) * inverse_l : 0.0f);
   if (threadIdx.x == 0) lse[row] = visible > 0 ? m + logf(l) : kNegInf;
+  // LAB END naive-gpu
 }
 
 /// Backward, P recomputed from the scores and the saved LSE: P = exp(S - LSE) (0 where masked).

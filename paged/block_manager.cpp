@@ -48,20 +48,26 @@ const BlockManager::Sequence& BlockManager::find(SequenceId sequence, const char
 }
 
 BlockId BlockManager::take_block() {
+  // LAB BEGIN paged-blocks: allocate: a block off the free list
   const BlockId block = free_list_.back();
   free_list_.pop_back();
   ref_counts_[block] = 1;
   return block;
+  // LAB END paged-blocks
 }
 
 void BlockManager::release_block(BlockId block) {
+  // LAB BEGIN paged-blocks: drop a reference; free the block at zero
   if (--ref_counts_[block] == 0) free_list_.push_back(block);
+  // LAB END paged-blocks
 }
 
 void BlockManager::release_all(Sequence& sequence) {
+  // LAB BEGIN paged-blocks: free: release a sequence's blocks
   for (BlockId block : sequence.table) release_block(block);
   sequence.table.clear();
   sequence.length = 0;
+  // LAB END paged-blocks
 }
 
 SequenceId BlockManager::add_sequence() {
@@ -91,6 +97,7 @@ AppendResult BlockManager::append(SequenceId id, std::int64_t tokens) {
                         " free blocks for " + std::to_string(tokens) + " tokens, but only " +
                         std::to_string(free_block_count()) + " of " + std::to_string(num_blocks()) +
                         " are free (preempt or free a sequence first)");
+  // LAB BEGIN paged-blocks: append: copy-on-write, then one slot per token
   Sequence& s = sequences_.at(id);
   AppendResult result;
   if (tokens > 0 && s.length % block_size_ != 0 && ref_counts_[s.table.back()] > 1) {
@@ -107,13 +114,16 @@ AppendResult BlockManager::append(SequenceId id, std::int64_t tokens) {
     result.slots.push_back(static_cast<std::int64_t>(s.table.back()) * block_size_ + offset);
   }
   return result;
+  // LAB END paged-blocks
 }
 
 SequenceId BlockManager::fork(SequenceId parent) {
+  // LAB BEGIN paged-blocks: fork: share every block of the parent
   const Sequence copy = find(parent, "fork");
   for (BlockId block : copy.table) ++ref_counts_[block];
   sequences_[next_id_] = copy;
   return next_id_++;
+  // LAB END paged-blocks
 }
 
 void BlockManager::free(SequenceId id) {

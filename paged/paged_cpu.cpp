@@ -171,6 +171,7 @@ struct SoftmaxState {
 /// lines 8-10): logits, new max, rescale by exp(m_old - m_new), accumulate p V.
 void attend_partition(const DecodeBatch& batch, const DecodeTensors& t, std::int64_t b, std::int64_t kv_head,
                       std::int64_t begin, std::int64_t end, std::vector<SoftmaxState>& heads, std::vector<float>& logits) {
+  // LAB BEGIN paged-decode: one partition's online softmax through the block table
   const CacheGeometry& g = batch.cache;
   const std::int64_t D = g.head_dim, G = batch.group_size();
   const float scale = batch.softmax_scale();
@@ -207,6 +208,7 @@ void attend_partition(const DecodeBatch& batch, const DecodeTensors& t, std::int
       s.m = m_new;
     }
   }
+  // LAB END paged-decode
 }
 
 /// O = acc / l and LSE = m + log l; a sequence with no keys gives O = 0 and LSE = -inf.
@@ -218,6 +220,7 @@ void finish_row(const SoftmaxState& s, std::int64_t D, float* o, float* lse) {
 
 /// v1: one work item per (sequence, KV head) runs the whole context as a single partition.
 void decode_v1(const DecodeBatch& batch, const DecodeTensors& t) {
+  // LAB BEGIN paged-decode: decode v1: one partition per (sequence, KV head)
   const std::int64_t B = batch.sequences(), Hkv = batch.cache.kv_heads, G = batch.group_size(), D = batch.cache.head_dim;
   auto* o = static_cast<float*>(t.o);
 #pragma omp parallel
@@ -235,12 +238,14 @@ void decode_v1(const DecodeBatch& batch, const DecodeTensors& t) {
       }
     }
   }
+  // LAB END paged-decode
 }
 
 /// v2 (flash-decoding): every (sequence, KV head, partition) is a work item writing a partial O_p normalised
 /// by its own l_p, and its LSE_p; then per (sequence, query head) the partials combine as
 ///   LSE = log sum_p exp(LSE_p),   O = sum_p exp(LSE_p - LSE) O_p.
 void decode_v2(const DecodeBatch& batch, const DecodeTensors& t, std::int64_t partition_tokens) {
+  // LAB BEGIN paged-decode: decode v2: partitions in parallel, then their merge
   const std::int64_t B = batch.sequences(), Hkv = batch.cache.kv_heads, G = batch.group_size(), D = batch.cache.head_dim;
   const std::int64_t Hq = batch.q_heads;
   const std::int64_t P = std::max<std::int64_t>(1, ceil_div(batch.max_context(), partition_tokens));
@@ -294,6 +299,7 @@ void decode_v2(const DecodeBatch& batch, const DecodeTensors& t, std::int64_t pa
       *lse = total_lse;
     }
   }
+  // LAB END paged-decode
 }
 
 }  // namespace

@@ -71,6 +71,22 @@ TEST_CASE("flash_v1/cpu matches the previous stage and the fp64 oracle on awkwar
   }
 }
 
+// The same shapes and layouts against the oracle alone: the course lab's grade, which must not depend on
+// another stage (a blank memory_efficient cannot fail it).
+TEST_CASE("flash_v1/cpu matches the fp64 oracle on awkward shapes (oracle only)", "[flash_v1][cpu][lab]") {
+  const Stage& stage = find_stage("flash_v1");
+  RunSettings settings;
+  settings.backward = true;
+  std::uint64_t seed = 350;
+  for (const Shape& shape : awkward_shapes()) {
+    for (Layout layout : {Layout::bhnd, Layout::bnhd}) {
+      INFO(label(shape) << " layout " << layout_name(layout));
+      const ProblemData data = make_problem_data(shape.problem, DType::f32, layout, ++seed);
+      check_against_oracle(run_stage(stage, Tier::cpu, data, settings), data, true);
+    }
+  }
+}
+
 TEST_CASE("flash_v1/cpu gives the same answer for any block sizes, including Br = 1 and blocks larger than N",
           "[flash_v1][cpu][blocks]") {
   const Stage& stage = find_stage("flash_v1");

@@ -256,6 +256,25 @@ TEST_CASE("flash_v3/cpu on several Q tiles and K/V blocks: N % 128 != 0, Nq != N
   check_shapes(multi_tile_shapes(), StageOptions{}, kRoundedPTolerance, 1300);
 }
 
+// The shapes of the three cases above against the oracle alone: the course lab's grade, which must not depend
+// on another stage (a blank flash_v2 cannot fail it).
+TEST_CASE("flash_v3/cpu matches the fp64 oracle on awkward shapes and several tiles, round_p 1 and 0 (oracle only)",
+          "[flash_v3][cpu][lab]") {
+  std::uint64_t seed = 1400;
+  for (int round_p : {1, 0}) {
+    RunSettings settings;
+    settings.options = options_of({{"round_p", round_p}});
+    for (const std::vector<Shape>& shapes : {awkward_shapes(), multi_tile_shapes()})
+      for (const Shape& shape : shapes)
+        for (Layout layout : {Layout::bhnd, Layout::bnhd}) {
+          INFO(label(shape) << " layout " << layout_name(layout) << " round_p " << round_p);
+          const ProblemData data = make_problem_data(shape.problem, DType::f32, layout, ++seed);
+          check_against_oracle(run_stage(this_stage(), Tier::cpu, data, settings), data,
+                               round_p == 1 ? kRoundedPTolerance : kFp32Tolerance);
+        }
+  }
+}
+
 TEST_CASE("flash_v3/cpu: causal rows with no visible key give zero output and -inf LSE", "[flash_v3][cpu]") {
   // Nq = 457 > Nk = 200: rows 0-256 see no key, so the first two 128-row Q tiles visit no K/V block at all and
   // the third has a consumer whose first row sees none. block_rows = 6 also leaves tiles with rows only for some.

@@ -85,6 +85,27 @@ TEST_CASE("memory_efficient/cpu matches naive and the fp64 oracle on awkward sha
   }
 }
 
+// The same shapes, chunk sizes and layouts against the oracle alone: the course lab's grade, which must not
+// depend on another stage (a blank naive cannot fail it).
+TEST_CASE("memory_efficient/cpu matches the fp64 oracle on awkward shapes, chunk sizes and layouts (oracle only)",
+          "[memory_efficient][cpu][lab]") {
+  std::uint64_t seed = 250;
+  for (const ChunkCase& chunks : kChunkCases) {
+    for (const Shape& shape : awkward_shapes()) {
+      for (Layout layout : {Layout::bhnd, Layout::bnhd}) {
+        INFO(label(shape) << " layout " << layout_name(layout) << ", " << chunks.name);
+        const ProblemData data = make_problem_data(shape.problem, DType::f32, layout, ++seed);
+        const StageRun run = run_stage(stage(), Tier::cpu, data, settings_for(chunks, true));
+        const Errors e = compare_with_oracle(run, oracle::attention(data, true));
+        CHECK(e.o.bad_values + e.lse.bad_values == 0);
+        CHECK(e.o.rel_frobenius < kForwardTolerance);
+        CHECK(e.lse.rel_frobenius < kForwardTolerance);
+        CHECK(e.worst_gradient() < kBackwardTolerance);
+      }
+    }
+  }
+}
+
 TEST_CASE("memory_efficient/cpu: rows that see no key give zero output, -inf log-sum-exp and zero dQ",
           "[memory_efficient][cpu]") {
   AttentionProblem p;

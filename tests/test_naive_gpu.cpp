@@ -99,6 +99,28 @@ TEST_CASE("naive/gpu, both versions, matches the fp64 oracle and the CPU tier on
   }
 }
 
+// The same shapes, layouts, dtypes and versions against the oracle alone: the course lab's grade, which must not
+// depend on the CPU tier.
+TEST_CASE("naive/gpu, both versions, matches the fp64 oracle on awkward shapes, forward and backward (oracle only)",
+          "[naive][gpu][lab]") {
+  const Stage stage = naive::describe();
+  std::uint64_t seed = 700;
+  for (const Shape& shape : awkward_shapes()) {
+    for (Layout layout : {Layout::bhnd, Layout::bnhd}) {
+      for (DType dtype : kDtypes) {
+        const ProblemData data = make_problem_data(shape.problem, dtype, layout, ++seed);
+        const oracle::Result exact = oracle::attention(data, true);
+        for (naive::GpuKernels kernels : kVersions) {
+          INFO(label(shape) << " layout " << layout_name(layout) << " dtype " << dtype_name(dtype) << " version "
+                            << version_name(kernels));
+          check_within(compare_with_oracle(run_stage(stage, Tier::gpu, data, settings_for(kernels, true)), exact),
+                       tolerance(dtype), true);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("naive/gpu: logits near 1e3 do not overflow (the softmax subtracts the row max)", "[naive][gpu][small]") {
   AttentionProblem p;
   p.batch = 2;

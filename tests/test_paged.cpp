@@ -348,18 +348,17 @@ TEST_CASE("paged: slot mappings outside the pool, and bad registry options, are 
 
 // ---- decode -----------------------------------------------------------------------------------------------
 
-TEST_CASE("paged/cpu decode matches the previous stage and the oracle: block sizes 1-32, v1 and v2, GQA/MQA",
-          "[paged][cpu][decode]") {
-  const Stage stage = paged::describe();
-  const Stage* previous = previous_stage("paged", Tier::cpu);
-  REQUIRE(previous != nullptr);
+namespace {
+
+// One query per sequence; context lengths that are not multiples of any block size or partition, and one of a
+// single token.
+std::vector<Shape> decode_shapes() {
   auto make = [](std::int64_t b, std::int64_t hq, std::int64_t hkv, std::int64_t nk, std::int64_t d) {
     AttentionProblem p;
     p.batch = b, p.q_heads = hq, p.kv_heads = hkv, p.seq_q = 1, p.seq_k = nk, p.head_dim = d;
     return p;
   };
-  // Context lengths that are not multiples of any block size or partition, and one of a single token.
-  const std::vector<Shape> shapes = {
+  return {
       {"one key", make(1, 1, 1, 1, 64)},
       {"odd context, MHA", make(2, 2, 2, 77, 64)},
       {"GQA 8:2, D=128", make(2, 8, 2, 301, 128)},
@@ -367,8 +366,17 @@ TEST_CASE("paged/cpu decode matches the previous stage and the oracle: block siz
       {"D=256, GQA 6:3", make(1, 6, 3, 97, 256)},
       {"several partitions", make(3, 4, 2, 1100, 32)},
   };
+}
+
+}  // namespace
+
+TEST_CASE("paged/cpu decode matches the previous stage and the oracle: block sizes 1-32, v1 and v2, GQA/MQA",
+          "[paged][cpu][decode]") {
+  const Stage stage = paged::describe();
+  const Stage* previous = previous_stage("paged", Tier::cpu);
+  REQUIRE(previous != nullptr);
   std::uint64_t seed = 500;
-  for (const Shape& shape : shapes) {
+  for (const Shape& shape : decode_shapes()) {
     const ProblemData data = make_problem_data(shape.problem, DType::f32, Layout::bhnd, ++seed);
     const StageRun reference = run_stage(*previous, Tier::cpu, data, RunSettings{});
     const oracle::Result exact = oracle::attention(data, false);
@@ -464,6 +472,32 @@ struct ForkedSequences {
 };
 
 }  // namespace
+
+// The same shapes, block sizes and variants against the oracle alone: the course lab's grade, which must not
+// depend on another stage.
+TEST_CASE("paged/cpu decode matches the fp64 oracle: block sizes 1-32, v1 and v2, GQA/MQA (oracle only)",
+          "[paged][cpu][decode][lab]") {
+  const Stage stage = paged::describe();
+  std::uint64_t seed = 600;
+  for (const Shape& shape : decode_shapes()) {
+    const ProblemData data = make_problem_data(shape.problem, DType::f32, Layout::bhnd, ++seed);
+    const oracle::Result exact = oracle::attention(data, false);
+    for (std::int64_t block_size : {1, 8, 16, 32}) {
+      for (int variant : {1, 2}) {
+        for (std::int64_t partition : {64, 512}) {
+          if (variant == 1 && partition != 512) continue;  // v1 has no partitions
+          INFO(label(shape) << " block_size " << block_size << " variant " << variant << " partition " << partition);
+          RunSettings settings;
+          settings.options.values = {{"block_size", block_size}, {"variant", variant}, {"partition", partition}};
+          const Errors e = compare_with_oracle(run_stage(stage, Tier::cpu, data, settings), exact);
+          CHECK(e.o.bad_values + e.lse.bad_values == 0);
+          CHECK(e.o.rel_frobenius < kTolerance);
+          CHECK(e.lse.rel_frobenius < kTolerance);
+        }
+      }
+    }
+  }
+}
 
 TEST_CASE("paged/cpu decode: variable context lengths, forked (shared) prefixes, shuffled blocks, one batch",
           "[paged][cpu][decode]") {
