@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -126,19 +127,37 @@ int fp8_error_study(const std::vector<std::string>& args) {
   p.head_dim = 128;
   std::uint64_t seed = 1;
   float outlier_std = 10.0f;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--help" || args[i] == "-h") {
+  auto integer = [](const std::string& flag, const std::string& text) {  // the whole text, a non-negative integer
+    std::size_t end = 0;
+    long long value = -1;
+    try {
+      value = std::stoll(text, &end);
+    } catch (const std::exception&) {
+      end = 0;
+    }
+    if (end != text.size() || value < 0) throw std::invalid_argument(flag + ": '" + text + "' is not a non-negative integer");
+    return value;
+  };
+  for (std::size_t i = 0; i < args.size(); i += 2) {
+    const std::string& flag = args[i];
+    if (flag == "--help" || flag == "-h") {
       std::fputs(kUsage, stdout);
       return 0;
     }
-    if (i + 1 >= args.size()) throw std::invalid_argument(args[i] + ": unknown, or missing its value\n" + kUsage);
-    const std::string& value = args[++i];
-    if (args[i - 1] == "--heads") p.q_heads = p.kv_heads = std::stoll(value);
-    else if (args[i - 1] == "--seq") p.seq_q = p.seq_k = std::stoll(value);
-    else if (args[i - 1] == "--head-dim") p.head_dim = std::stoll(value);
-    else if (args[i - 1] == "--seed") seed = std::stoull(value);
-    else if (args[i - 1] == "--outlier-std") outlier_std = std::stof(value);
-    else throw std::invalid_argument(args[i - 1] + ": unknown flag\n" + kUsage);
+    if (flag != "--heads" && flag != "--seq" && flag != "--head-dim" && flag != "--seed" && flag != "--outlier-std")
+      throw std::invalid_argument(flag + ": unknown flag (attn fp8-error --help lists them)");
+    if (i + 1 >= args.size()) throw std::invalid_argument(flag + ": needs a value");
+    const std::string& value = args[i + 1];
+    if (flag == "--heads") p.q_heads = p.kv_heads = integer(flag, value);
+    if (flag == "--seq") p.seq_q = p.seq_k = integer(flag, value);
+    if (flag == "--head-dim") p.head_dim = integer(flag, value);
+    if (flag == "--seed") seed = static_cast<std::uint64_t>(integer(flag, value));
+    if (flag == "--outlier-std") {
+      char* end = nullptr;
+      outlier_std = std::strtof(value.c_str(), &end);
+      if (end == value.c_str() || *end != '\0' || !std::isfinite(outlier_std) || outlier_std < 0.0f)
+        throw std::invalid_argument(flag + ": '" + value + "' is not a finite number >= 0");
+    }
   }
   validate_problem(p);
   if (p.head_dim < 16 || (p.head_dim & (p.head_dim - 1)) != 0)
