@@ -61,4 +61,11 @@ Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int6
 void forward_cpu(const AttentionProblem& problem, const Quantized& q, const Quantized& k, const Quantized& v,
                  std::span<float> o, std::span<float> lse);
 
+/// The whole FP8 path on fp32 inputs (contiguous bhnd, K and V [batch, kv_heads, seq_k, head_dim]): with
+/// `incoherent`, Q and K rotated by M (random_signs(head_dim, seed)); Q, K, V quantized with block scales
+/// (kBlockRows, kBlockCols) or, without `block_scales`, one scale per tensor; forward_cpu; O rounded to bf16, as the
+/// GPU kernel writes it.
+std::vector<float> attention_cpu(const AttentionProblem& problem, std::span<const float> q, std::span<const float> k,
+                                 std::span<const float> v, bool block_scales, bool incoherent, std::uint64_t seed);
+
 }  // namespace attn::flash_v3::fp8

@@ -190,4 +190,22 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
   }
 }
 
+std::vector<float> attention_cpu(const AttentionProblem& p, std::span<const float> q, std::span<const float> k,
+                                 std::span<const float> v, bool block_scales, bool incoherent, std::uint64_t seed) {
+  const int d = static_cast<int>(p.head_dim);
+  std::vector<float> q_in(q.begin(), q.end()), k_in(k.begin(), k.end());
+  if (incoherent) {
+    const std::vector<float> signs = random_signs(d, seed);
+    rotate_rows(q_in, d, signs);
+    rotate_rows(k_in, d, signs);
+  }
+  const Quantized q8 = quantize(q_in, p.batch * p.q_heads, p.seq_q, d, kBlockRows, !block_scales);
+  const Quantized k8 = quantize(k_in, p.batch * p.kv_heads, p.seq_k, d, kBlockCols, !block_scales);
+  const Quantized v8 = quantize(v, p.batch * p.kv_heads, p.seq_k, d, kBlockCols, !block_scales);
+  std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
+  forward_cpu(p, q8, k8, v8, o, lse);
+  round_to_dtype(o, DType::bf16);
+  return o;
+}
+
 }  // namespace attn::flash_v3::fp8

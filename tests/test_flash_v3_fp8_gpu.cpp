@@ -36,23 +36,9 @@ StageRun run_fp8(const ProblemData& data, bool incoherent) {
   return run_stage(flash_v3::describe(), Tier::gpu, data, settings);
 }
 
-/// The CPU emulation on the same (bf16) inputs, O rounded to bf16 as the kernel writes it.
+/// The CPU emulation on the same (bf16) inputs (the kernel's signs: seed 1).
 std::vector<float> emulate(const ProblemData& data, bool incoherent) {
-  const AttentionProblem& p = data.problem;
-  const int d = static_cast<int>(p.head_dim);
-  std::vector<float> q(data.q.begin(), data.q.end()), k(data.k.begin(), data.k.end());
-  if (incoherent) {
-    const std::vector<float> signs = fp8::random_signs(d, 1);
-    fp8::rotate_rows(q, d, signs);
-    fp8::rotate_rows(k, d, signs);
-  }
-  const auto q8 = fp8::quantize(q, p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows);
-  const auto k8 = fp8::quantize(k, p.batch * p.kv_heads, p.seq_k, d, fp8::kBlockCols);
-  const auto v8 = fp8::quantize(data.v.span(), p.batch * p.kv_heads, p.seq_k, d, fp8::kBlockCols);
-  std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
-  fp8::forward_cpu(p, q8, k8, v8, o, lse);
-  round_to_dtype(o, DType::bf16);
-  return o;
+  return fp8::attention_cpu(data.problem, data.q.span(), data.k.span(), data.v.span(), true, incoherent, 1);
 }
 
 void check_forward(const AttentionProblem& p, bool incoherent) {

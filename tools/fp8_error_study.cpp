@@ -79,28 +79,6 @@ std::vector<float> standard_attention(const ProblemData& data, DType dtype) {
   return o;
 }
 
-/// The FP8 forward (CPU emulation) on fp32 data: optional incoherent processing of Q and K, per-tensor or
-/// block scales, O rounded to bf16 as the GPU kernel writes it.
-std::vector<float> fp8_attention(const ProblemData& data, bool block_scales, bool incoherent, std::uint64_t seed) {
-  namespace fp8 = flash_v3::fp8;
-  const AttentionProblem& p = data.problem;
-  std::vector<float> q(data.q.begin(), data.q.end()), k(data.k.begin(), data.k.end());
-  if (incoherent) {
-    const std::vector<float> signs = fp8::random_signs(static_cast<int>(p.head_dim), seed);
-    fp8::rotate_rows(q, static_cast<int>(p.head_dim), signs);
-    fp8::rotate_rows(k, static_cast<int>(p.head_dim), signs);
-  }
-  const int d = static_cast<int>(p.head_dim);
-  const bool per_tensor = !block_scales;
-  const auto q8 = fp8::quantize(q, p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows, per_tensor);
-  const auto k8 = fp8::quantize(k, p.batch * p.kv_heads, p.seq_k, d, fp8::kBlockCols, per_tensor);
-  const auto v8 = fp8::quantize(data.v.span(), p.batch * p.kv_heads, p.seq_k, d, fp8::kBlockCols, per_tensor);
-  std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
-  fp8::forward_cpu(p, q8, k8, v8, o, lse);
-  round_to_dtype(o, DType::bf16);
-  return o;
-}
-
 /// data's inputs rounded to dtype, as a ProblemData of that dtype.
 ProblemData rounded_copy(const ProblemData& data, DType dtype) {
   ProblemData copy = make_problem_data(data.problem, dtype, data.layout, 1);
@@ -174,6 +152,9 @@ int fp8_error_study(const std::vector<std::string>& args) {
       add_outliers(data.v.span(), seed + 3, outlier_std);
     }
     const oracle::Result exact = oracle::attention(data, false);
+    auto fp8 = [&](const ProblemData& in, bool block_scales, bool incoherent) {
+      return flash_v3::fp8::attention_cpu(p, in.q.span(), in.k.span(), in.v.span(), block_scales, incoherent, seed);
+    };
     for (const DType dtype : {DType::f16, DType::bf16}) {
       const ProblemData rounded = rounded_copy(data, dtype);
       const std::string type = dtype_name(dtype);
@@ -191,10 +172,10 @@ int fp8_error_study(const std::vector<std::string>& args) {
                   rmse(run.o.span(), exact.o));
       }
     }
-    print_row(inputs, "fp8 e4m3, per-tensor scales (baseline)", rmse(fp8_attention(data, false, false, seed), exact.o));
-    print_row(inputs, "fp8 e4m3, per-tensor scales + incoherent processing", rmse(fp8_attention(data, false, true, seed), exact.o));
-    print_row(inputs, "fp8 e4m3, block quantization", rmse(fp8_attention(data, true, false, seed), exact.o));
-    print_row(inputs, "fp8 e4m3, block quantization + incoherent processing", rmse(fp8_attention(data, true, true, seed), exact.o));
+    print_row(inputs, "fp8 e4m3, per-tensor scales (baseline)", rmse(fp8(data, false, false), exact.o));
+    print_row(inputs, "fp8 e4m3, per-tensor scales + incoherent processing", rmse(fp8(data, false, true), exact.o));
+    print_row(inputs, "fp8 e4m3, block quantization", rmse(fp8(data, true, false), exact.o));
+    print_row(inputs, "fp8 e4m3, block quantization + incoherent processing", rmse(fp8(data, true, true), exact.o));
   }
   return 0;
 }
