@@ -17,6 +17,7 @@
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime_api.h>
 #include <cudaTypedefs.h>
 
@@ -40,12 +41,15 @@ constexpr int kSwizzleAtomBytes = 1024;  // 8 rows of 128 bytes
 // query so that programs do not link libcuda and still start on machines without a driver).
 // ============================================================================================================
 
-/// A 4-D tensor map over a [batch][heads][seq][dim] tensor of 16-bit elements with the given element strides
-/// (dim contiguous), read or written in boxes of `box_rows` rows by 64 columns with the 128-byte swizzle.
+/// A 4-D tensor map over a [batch][heads][seq][dim] tensor of 16-bit elements (bf16 or fp16: make_tensor_map) or
+/// bytes (make_tensor_map_bytes) with the given element strides
+/// (dim contiguous), read or written in boxes of `box_rows` rows by 128 bytes (64 16-bit elements) with the
+/// 128-byte swizzle.
 /// Coordinates, innermost first: (column, row, head, batch). Rows past `seq` read as zeros and are not
 /// written (TMA clips at the tensor's bounds), which handles every tail tile.
-inline CUtensorMap make_tensor_map(const void* base, DType dtype, std::int64_t batch, std::int64_t heads,
-                                   std::int64_t seq, std::int64_t dim, const Strides& strides, int box_rows) {
+inline CUtensorMap encode_tensor_map(const void* base, CUtensorMapDataType data_type, int element_bytes, std::int64_t batch,
+                                     std::int64_t heads, std::int64_t seq, std::int64_t dim, const Strides& strides,
+                                     int box_rows) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -55,18 +59,17 @@ inline CUtensorMap make_tensor_map(const void* base, DType dtype, std::int64_t b
       throw std::runtime_error("cuTensorMapEncodeTiled: not provided by this CUDA driver");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
   }();
-  const cuuint64_t element_bytes = 2;
   const cuuint64_t sizes[4] = {static_cast<cuuint64_t>(dim), static_cast<cuuint64_t>(seq),
                                static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   // Strides in bytes of dimensions 1..3 (dimension 0 is contiguous); each a multiple of 16.
-  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(strides.seq) * element_bytes,
-                                      static_cast<cuuint64_t>(strides.head) * element_bytes,
-                                      static_cast<cuuint64_t>(strides.batch) * element_bytes};
-  const cuuint32_t box[4] = {kPanelColumns, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(strides.seq * element_bytes),
+                                      static_cast<cuuint64_t>(strides.head * element_bytes),
+                                      static_cast<cuuint64_t>(strides.batch * element_bytes)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kPanelRowBytes / element_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_steps[4] = {1, 1, 1, 1};
   CUtensorMap map{};
   const CUresult status = encode(
-      &map, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      &map, data_type, 4,
       const_cast<void*>(base), sizes, byte_strides, box, element_steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (status != CUDA_SUCCESS)
@@ -75,6 +78,19 @@ inline CUtensorMap make_tensor_map(const void* base, DType dtype, std::int64_t b
                              std::to_string(seq) + "x" + std::to_string(dim) + " tensor, box " +
                              std::to_string(box_rows) + " rows");
   return map;
+}
+
+inline CUtensorMap make_tensor_map(const void* base, DType dtype, std::int64_t batch, std::int64_t heads,
+                                   std::int64_t seq, std::int64_t dim, const Strides& strides, int box_rows) {
+  return encode_tensor_map(base, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                           2, batch, heads, seq, dim, strides, box_rows);
+}
+
+/// The same over a tensor of 1-byte elements (FP8 e4m3 codes): boxes of `box_rows` rows by 128 columns, again 128
+/// bytes wide with the 128-byte swizzle, so that the panel layout above holds with 128 elements per panel row.
+inline CUtensorMap make_tensor_map_bytes(const void* base, std::int64_t batch, std::int64_t heads, std::int64_t seq,
+                                         std::int64_t dim, const Strides& strides, int box_rows) {
+  return encode_tensor_map(base, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, batch, heads, seq, dim, strides, box_rows);
 }
 
 // ============================================================================================================

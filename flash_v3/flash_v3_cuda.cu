@@ -24,6 +24,7 @@
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "flash_v3/flash_v3.hpp"
+#include "flash_v3/fp8_gpu.hpp"
 
 namespace attn::flash_v3 {
 namespace {
@@ -651,7 +652,22 @@ TierCaps gpu_caps() {
   return caps;
 }
 
+/// Option "fp8" = 1: the e4m3 path of fp8_cuda.cu (its own options: "incoherent", "stages"), else the bf16/fp16
+/// kernels.
+bool fp8_option(const StageOptions& options) {
+  const std::int64_t value = options.get("fp8", 0);
+  if (value != 0 && value != 1)
+    throw std::invalid_argument("fp8: " + std::to_string(value) + " must be 0 (bf16/fp16 kernels) or 1 (e4m3 forward)");
+  for (const char* name : {"schedule", "persistent", "block_cols"})
+    if (value == 1 && options.values.count(name))
+      throw std::invalid_argument(std::string(name) + ": not an option of the FP8 kernel (fp8 = 1: schedule 3, Bc = 128)");
+  for (const char* name : {"incoherent", "stages"})
+    if (value == 0 && options.values.count(name)) throw std::invalid_argument(std::string(name) + ": needs fp8 = 1");
+  return value == 1;
+}
+
 void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+  if (fp8_option(options)) return fp8::forward_gpu(p, t, options);
   validate_call(p, t, gpu_caps(), kWho, false);
   const int schedule = schedule_option(options);
   const int block_cols = block_cols_option(p, options, schedule);
@@ -676,8 +692,10 @@ TierEntry gpu_tier() {
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
   gpu.forward = forward_gpu;
-  gpu.extra_bytes = [](const AttentionProblem&, DType, bool) { return std::size_t{0}; };
-  gpu.option_names = {"schedule", "persistent", "block_cols"};
+  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool, const StageOptions& options) {
+    return options.get("fp8", 0) == 1 ? fp8::scratch_bytes(p) : std::size_t{0};  // the e4m3 copies and scales
+  };
+  gpu.option_names = {"schedule", "persistent", "block_cols", "fp8", "incoherent", "stages"};
   gpu.target = gpu_build_target();
   gpu.no_backward_note = "backward not implemented yet";
   return gpu;

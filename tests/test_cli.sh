@@ -66,6 +66,11 @@ if ! "$attn" list | grep -q "device present"; then
   expect_usage_error "no CUDA device" run --stage naive --tier gpu
   expect_usage_error "no CUDA device" ladder --tier gpu
 fi
+if "$attn" list | grep -q "^[0-9]* *flash_v3 "; then
+  expect_usage_error "--bogus: unknown flag" fp8-error --bogus 1
+  expect_usage_error "--seq: 'x' is not a non-negative integer" fp8-error --seq x
+  expect_usage_error "head_dim: 96 must be a power of two" fp8-error --head-dim 96
+fi
 if "$attn" list | grep -q "^[0-9]* *paged "; then
   expect_usage_error "--requests: 1e19 is outside [1, 100000000]" paged-sim --requests 1e19
   expect_usage_error "--pool-tokens: 2147483647 tokens in blocks of 1 need" paged-sim --block-size 1 --pool-tokens 2147483647

@@ -27,6 +27,12 @@
 #ifdef ATTN_HAVE_CUDA
 #include "common/cuda_utils.hpp"
 #endif
+#ifdef ATTN_STAGE_flash_v3
+#include "tools/fp8_error_study.hpp"
+#define FP8_ERROR_NAME ", fp8-error"
+#else
+#define FP8_ERROR_NAME ""
+#endif
 #ifdef ATTN_STAGE_paged
 #include "paged/paged.hpp"
 #define PAGED_SIM_NAME ", paged-sim"
@@ -48,6 +54,7 @@ const char* kUsage =
     "                [--layout bhnd|bnhd] [--opt NAME=VALUE]... [--sram-bytes N] [--io] [--progress]\n"
     "       attn ladder [--tier cpu|gpu|all] [problem] [--backward] [--json] [--repeats N] [--progress]\n"
     "       attn paged-sim [--help]   (with the paged stage: the KV-cache serving simulation)\n"
+    "       attn fp8-error [--help]   (with flash_v3: FA3 Table 3, RMSE of fp16/bf16/FP8 attention vs fp64)\n"
     "       attn run --help, attn ladder --help: each command's flags\n"
     "problem: --batch N --heads N --kv-heads N --seq-q N --seq-k N (or --seq N) --head-dim N --causal\n"
     "         --scale X --dtype f32|bf16|f16 --q-std X (scale of Q's entries; large values give large logits)\n";
@@ -642,10 +649,13 @@ int main(int argc, char** argv) {
     }
     if (command == "run") return command_run(flags);
     if (command == "ladder") return command_ladder(flags);
+#ifdef ATTN_STAGE_flash_v3
+    if (command == "fp8-error") return tools::fp8_error_study(flags.args);
+#endif
 #ifdef ATTN_STAGE_paged
     if (command == "paged-sim") return paged::sim_command(flags.args);
 #endif
-    throw UsageError("unknown command '" + command + "' (list, run, ladder" PAGED_SIM_NAME ")");
+    throw UsageError("unknown command '" + command + "' (list, run, ladder" FP8_ERROR_NAME PAGED_SIM_NAME ")");
   } catch (const ProblemTooLarge& e) {
     std::fprintf(stderr, "attn: problem too large: %s\n", e.what());
     return 2;

@@ -1,0 +1,722 @@
+// flash_v3 FP8, GPU tier: the e4m3 forward of FA3 Section 3.3 on Hopper (sm_90a), built on the bf16 kernel's
+// schedule 3 (flash_v3_cuda.cu): a producer warpgroup and two consumer warpgroups of 64 query rows, pingpong
+// between the consumers, and the next S = Q K^T overlapped with this block's softmax (FA3 Alg. 2). What FP8
+// changes:
+//  - a quantization kernel first turns Q, K, V (bf16) into e4m3 codes with one fp32 scale per block of rows
+//    (B_r = 128 rows of Q, B_c = 128 of K and of V), optionally after incoherent processing (Q and K rotated by
+//    M = diag(signs) H / sqrt(d), a Walsh-Hadamard transform per row, in registers across one warp);
+//  - both GEMMs are wgmma e4m3 (k = 32 per instruction), whose operands must both be K-major. S = Q K^T is (Q and
+//    K rows hold the head dimension contiguously); O += P V is not: V's rows are keys, the reduction dimension.
+//    So the producer warpgroup, once TMA has brought a V tile in, transposes it in shared memory into V^T (keys
+//    contiguous) and only then hands it to the consumers;
+//  - P is computed as exp2(x - m + 8), in (0, 256], converted to e4m3 straight into the A-operand registers. The
+//    fp32 accumulator holds, per thread and per 32 keys, keys {2t, 2t+1, 8+2t, 9+2t} and {16+2t, ...} of its two
+//    rows, while the e4m3 A operand wants 4 consecutive k per register. Instead of moving data between threads,
+//    P's keys are renumbered: the thread's four values go into one register as they are, and the V transpose
+//    writes V's rows in the same permuted order (README: "FP8: the two register layouts");
+//  - the scales: S's fp32 sums are multiplied by q_scale x k_scale (folded with softmax scale x log2 e into the
+//    exp2's FFMA); O is kept in units of the current V block's scale and moved to the next one's in the rescale
+//    that the online softmax does anyway; O = O x v_scale / l at the end, written in bf16; LSE in fp32.
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/attention_params.cuh"
+#include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
+#include "common/e4m3.hpp"
+#include "common/hopper.cuh"
+#include "common/mma.cuh"
+#include "common/validate.hpp"
+#include "flash_v3/flash_v3.hpp"
+#include "flash_v3/fp8.hpp"
+#include "flash_v3/fp8_gpu.hpp"
+
+namespace attn::flash_v3::fp8 {
+namespace {
+
+using namespace attn::hopper;
+using E4M3 = __nv_fp8_e4m3;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ============================================================================================================
+// Quantization (+ incoherent processing): one thread block of 4 warps per block of rows; a warp holds one row,
+// HeadDim / 32 elements per lane.
+// ============================================================================================================
+
+/// Two fp32 values to two e4m3 codes, `low` in the low byte (cvt.rn.satfinite.e4m3x2.f32 puts its first source in
+/// the high byte): round to nearest even, saturating, as e4m3::from_float.
+__device__ __forceinline__ std::uint32_t e4m3x2(float low, float high) {
+  unsigned short pair;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;\n" : "=h"(pair) : "f"(high), "f"(low));
+  return pair;
+}
+/// Four fp32 values to one register of four e4m3 codes, x0 in the lowest byte.
+__device__ __forceinline__ std::uint32_t e4m3x4(float x0, float x1, float x2, float x3) {
+  return e4m3x2(x0, x1) | (e4m3x2(x2, x3) << 16);
+}
+
+/// Row `row` of a [seq, HeadDim] slice, elements lane * E .. lane * E + E - 1 in x; with Incoherent, times M =
+/// diag(signs) H / sqrt(d): the butterflies of walsh_hadamard (fp8_cpu.cpp) in the same order, those of stride
+/// < E inside the lane, the others between lanes (__shfl_xor), so that the result is bit-identical to the CPU's.
+template <int HeadDim, bool Incoherent>
+__device__ __forceinline__ void load_row(float (&x)[HeadDim / 32], const __nv_bfloat16* row_pointer,
+                                         const float* signs, float norm) {
+  constexpr int E = HeadDim / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int e = 0; e < E; ++e) x[e] = __bfloat162float(row_pointer[lane * E + e]);
+  if constexpr (Incoherent) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] *= signs[lane * E + e];
+#pragma unroll
+    for (int h = 1; h < E; h *= 2)
+#pragma unroll
+      for (int e = 0; e < E; ++e)
+        if ((e & h) == 0) {
+          const float a = x[e], b = x[e + h];
+          x[e] = a + b;
+          x[e + h] = a - b;
+        }
+#pragma unroll
+    for (int lanes = 1; lanes < 32; lanes *= 2)  // stride h = lanes * E
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const float other = __shfl_xor_sync(0xFFFFFFFFu, x[e], lanes);
+        x[e] = (lane & lanes) ? other - x[e] : x[e] + other;
+      }
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] *= norm;
+  }
+}
+
+/// Block quantization (fp8.hpp: quantize) of one block of `block_rows` rows of one (batch, head): grid (blocks per
+/// head, batch x heads), 128 threads. Pass 1 finds the block's amax, pass 2 writes the codes (rows recomputed).
+template <int HeadDim, bool Incoherent>
+__global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, long long batch_stride,
+                                                       long long head_stride, long long seq_stride, int heads, int seq,
+                                                       int block_rows, std::uint8_t* codes, float* scales,
+                                                       const float* signs, float norm) {
+  constexpr int E = HeadDim / 32;
+  __shared__ float warp_amax[4];
+  const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = blockIdx.x * block_rows, row_end = min(row0 + block_rows, seq);
+  const __nv_bfloat16* slice = x + b * batch_stride + h * head_stride;
+  float amax = 0.0f, values[E];
+  for (int row = row0 + warp; row < row_end; row += 4) {
+    load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
+#pragma unroll
+    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(values[e]));
+  }
+#pragma unroll
+  for (int lanes = 16; lanes >= 1; lanes /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, lanes));
+  if (lane == 0) warp_amax[warp] = amax;
+  __syncthreads();
+  amax = fmaxf(fmaxf(warp_amax[0], warp_amax[1]), fmaxf(warp_amax[2], warp_amax[3]));
+  const float inverse = amax == 0.0f ? 1.0f : e4m3::kMax / amax;  // the CPU's block_scale, operation for operation
+  if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = amax == 0.0f ? 1.0f : amax / e4m3::kMax;
+  for (int row = row0 + warp; row < row_end; row += 4) {
+    load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
+    std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row) * HeadDim + lane * E;
+    if constexpr (E == 2) {  // D = 64: two codes per lane
+      *reinterpret_cast<std::uint16_t*>(out) = static_cast<std::uint16_t>(e4m3x2(values[0] * inverse, values[1] * inverse));
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; e += 4)
+        *reinterpret_cast<std::uint32_t*>(out + e) =
+            e4m3x4(values[e] * inverse, values[e + 1] * inverse, values[e + 2] * inverse, values[e + 3] * inverse);
+    }
+  }
+}
+
+// ============================================================================================================
+// The forward kernel's configuration and pipeline.
+// ============================================================================================================
+
+/// Deep: the K and V rings 4 stages deep at D = 128 and 3 at D = 256 (what shared memory holds beside 3 V^T
+/// stages): TMA's latency must hide behind fewer FLOPs per block than in bf16, since e4m3 halves the GEMM time.
+/// Shallow: 2 stages, as the bf16 kernel (option "stages" = 2, for the comparison).
+template <int HeadDim_, bool Deep = true>
+struct Config {
+  static constexpr int HeadDim = HeadDim_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
+  static constexpr int Br = 64 * kConsumers;  // = kBlockRows: one Q scale per tile
+  // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block), 64 at D = 256, where S, P and O of
+  // 128 keys would not fit the consumers' registers next to O (64 x 256 fp32 = 128 per thread). V^T keeps rows of
+  // 128 bytes (the 128-byte swizzle) and at Bc = 64 uses the first 64 keys of each.
+  static constexpr int Bc = HeadDim == 256 ? 64 : 128;
+  static constexpr int kStages = !Deep ? 2 : HeadDim == 128 ? 4 : 3;  // depth of the K and V rings (as loaded)
+  static constexpr int kVtStages = 3;  // depth of the V^T ring: the transposition runs up to two blocks ahead
+  static constexpr int kPanels = HeadDim / kPanelRowBytes;  // 128 e4m3 columns per 128-byte panel row
+  static constexpr int kQBytes = Br * HeadDim;
+  static constexpr int kTileBytes = Bc * HeadDim;           // one K or V block
+  static constexpr int kVtBytes = HeadDim * kPanelRowBytes;  // one V^T block: HeadDim rows of 128 bytes
+  // Shared memory from a 1024-byte aligned base: Q | K stages | V stages (as TMA wrote them) | V^T stages | mbarriers.
+  static constexpr int kKOffset = kQBytes;
+  static constexpr int kVOffset = kKOffset + kStages * kTileBytes;
+  static constexpr int kVtOffset = kVOffset + kStages * kTileBytes;
+  static constexpr int kBarrierOffset = kVtOffset + kVtStages * kVtBytes;
+  static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages + 2 * kVtStages) + kSwizzleAtomBytes;
+  static_assert(HeadDim % kPanelRowBytes == 0, "head dims of whole 128-byte panels");
+  static_assert(Br == kBlockRows && kBlockCols % Bc == 0, "a tile lies within one quantization block");
+};
+
+// Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
+constexpr int kPingpongBarrier = 3;  // + consumer
+constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
+
+template <class Cfg>
+struct Barriers {
+  std::uint64_t q_full;
+  std::uint64_t k_full[Cfg::kStages], k_empty[Cfg::kStages];  // K: TMA -> consumers (one arrival per consumer)
+  std::uint64_t v_full[Cfg::kStages], v_empty[Cfg::kStages];  // V as loaded: TMA -> transposing warps (96 arrivals)
+  std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (96) -> consumers
+};
+
+struct Slot {
+  int stage;
+  std::uint32_t phase;
+};
+template <int Stages>
+__device__ __forceinline__ Slot slot_of(int it) {
+  return {it % Stages, static_cast<std::uint32_t>((it / Stages) & 1)};
+}
+
+/// Scales and output of the FP8 forward, beside the common parameters (q, k, v unused: the codes are read by TMA).
+struct Fp8Params {
+  cuda::AttentionParams base;
+  const float* q_scales;  // [batch x q_heads][ceil(seq_q / Br)]
+  const float* k_scales;  // [batch x kv_heads][ceil(seq_k / Bc)]
+  const float* v_scales;
+};
+
+/// The Q tile of one thread block and its K/V blocks, visited from the last visible one down to 0 so that the
+/// blocks needing a mask come first (as in flash_v3_cuda.cu).
+struct Tile {
+  int row0, q_block, head, kv_head, batch;
+  int blocks, masked_blocks;
+};
+
+template <int Br, int Bc>
+__device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int index) {
+  Tile tile;
+  const int q_blocks = cuda::ceil_div(p.seq_q, Br);
+  tile.q_block = p.causal ? q_blocks - 1 - index % q_blocks : index % q_blocks;
+  tile.row0 = tile.q_block * Br;
+  tile.head = index / q_blocks % p.q_heads;
+  tile.batch = index / q_blocks / p.q_heads;
+  tile.kv_head = tile.head / p.group_size;
+  const int offset = p.seq_k - p.seq_q;
+  int blocks = cuda::ceil_div(p.seq_k, Bc);
+  int unmasked = p.seq_k / Bc;
+  if (p.causal) {
+    const int last_visible = tile.row0 + Br - 1 + offset;
+    blocks = last_visible < 0 ? 0 : min(blocks, last_visible / Bc + 1);
+    const int first_row_sees = tile.row0 + offset + 1;
+    unmasked = min(unmasked, max(first_row_sees, 0) / Bc);
+  }
+  tile.blocks = blocks;
+  tile.masked_blocks = blocks - min(unmasked, blocks);
+  return tile;
+}
+
+// ============================================================================================================
+// Producer warpgroup: thread 0 issues the TMA loads; all 128 threads transpose each V tile into V^T.
+// ============================================================================================================
+
+/// Key held at position l (0..15) of a 16-key group of the e4m3 A operand of P: a thread's register holds
+/// accumulator columns {2t, 2t+1, 8+2t, 9+2t} at A positions {4t .. 4t+3} (see the file comment).
+__host__ __device__ constexpr int key_at_position(int l) { return 2 * (l / 4) + (l % 2) + 8 * (l % 4 / 2); }
+
+/// V (Bc keys x HeadDim, TMA's swizzled panels of 128 columns) -> V^T (HeadDim rows x Bc keys, 128-byte rows,
+/// swizzled), with the keys of each 16-group in A-operand order: V^T[d][16c + l] = V[16c + key_at_position(l)][d].
+/// A lane's unit is 4 keys x 4 columns: 4 32-bit loads (one per key, 4 columns each), a 4 x 4 byte transpose by
+/// byte permutes, 4 32-bit stores (one per column, 4 keys each). A warp takes 32 units at once: one 16-key group,
+/// 32 columns (lane = q + 4t + 16h: columns 16h + 4q .. + 3, A positions 4t .. 4t + 3 of the group), so that each
+/// load instruction touches 32 distinct banks through the swizzle and each store 8 (4-way conflicts).
+template <class Cfg>
+__device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, int warp, int warps) {
+  constexpr int kGroups = Cfg::Bc / 16, kItems = kGroups * Cfg::HeadDim / 32;
+  const int lane = threadIdx.x % 32, q = lane % 4, t = lane / 4 % 4, h = lane / 16;
+  for (int item = warp; item < kItems; item += warps) {
+    const int group = item % kGroups, column0 = item / kGroups * 32 + 16 * h + 4 * q;
+    const int panel = column0 / kPanelRowBytes, byte = column0 % kPanelRowBytes;
+    const unsigned char* v_panel = v + panel * Cfg::Bc * kPanelRowBytes;
+    std::uint32_t r[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // the key at A position 4t + e of the group
+      const int key = 16 * group + key_at_position(4 * t + e);
+      r[e] = *reinterpret_cast<const std::uint32_t*>(
+          v_panel + key * kPanelRowBytes + ((((byte >> 4) ^ (key & 7)) << 4) | (byte & 15)));
+    }
+    // 4 x 4 byte transpose: out[c] = (r0.byte c, r1.byte c, r2.byte c, r3.byte c).
+    const std::uint32_t low01 = __byte_perm(r[0], r[1], 0x5140), high01 = __byte_perm(r[0], r[1], 0x7362);
+    const std::uint32_t low23 = __byte_perm(r[2], r[3], 0x5140), high23 = __byte_perm(r[2], r[3], 0x7362);
+    const std::uint32_t out[4] = {__byte_perm(low01, low23, 0x5410), __byte_perm(low01, low23, 0x7632),
+                                  __byte_perm(high01, high23, 0x5410), __byte_perm(high01, high23, 0x7632)};
+    const int position = 16 * group + 4 * t;  // byte within the 128-byte V^T row
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int row = column0 + c;
+      *reinterpret_cast<std::uint32_t*>(vt + row * kPanelRowBytes +
+                                        ((((position >> 4) ^ (row & 7)) << 4) | (position & 15))) = out[c];
+    }
+  }
+}
+
+/// The producer warpgroup: warp 0's first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through
+/// a ring with full/empty barriers); warps 1-3 transpose each V tile that lands into the V^T ring.
+template <class Cfg>
+__device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
+                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile) {
+  const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32;
+  if (warp == 0) {
+    if (thread != 0) return;
+    auto load_tile = [&](const CUtensorMap* map, int offset, std::uint64_t* full, std::uint64_t* empty, int it) {
+      const Slot slot = slot_of<Cfg::kStages>(it);
+      mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
+      mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
+      const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
+      for (int panel = 0; panel < Cfg::kPanels; ++panel)
+        tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
+                 &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
+    };
+    mbarrier_arrive_expect_tx(&bars->q_full, Cfg::kQBytes);  // line 4: Q_i
+    for (int panel = 0; panel < Cfg::kPanels; ++panel)
+      tma_load(smem + panel * Cfg::Br * kPanelRowBytes, q_map, &bars->q_full, panel * kPanelRowBytes, tile.row0,
+               tile.head, tile.batch);
+    for (int it = 0; it < tile.blocks; ++it) {  // lines 5-8
+      load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
+      load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
+    }
+    return;
+  }
+  for (int it = 0; it < tile.blocks; ++it) {
+    const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
+    mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);           // V_j has landed
+    mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);   // the consumers are done with this V^T slot
+    transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
+                     smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
+    fence_proxy_async();  // ordinary stores read next by wgmma (the async proxy)
+    mbarrier_arrive(&bars->vt_full[vt_slot.stage]);
+    mbarrier_arrive(&bars->v_empty[v_slot.stage]);  // TMA may load the next V into the slot
+  }
+}
+
+// ============================================================================================================
+// Consumers: FA3 Alg. 2 on 64 query rows each.
+// ============================================================================================================
+
+/// S (64 x Bc) = Q_i K_j^T in e4m3: HeadDim / 32 wgmmas, both operands K-major (32 bytes of each row per step).
+template <class Cfg>
+__device__ __forceinline__ void issue_qk(float (&s)[Cfg::Bc / 2], const unsigned char* q_rows, const unsigned char* k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < Cfg::HeadDim / 32; ++kk) {
+    const int panel = kk / 4, byte_in_row = (kk % 4) * 32;
+    const std::uint64_t a = smem_descriptor(q_rows + panel * Cfg::Br * kPanelRowBytes + byte_in_row, 16, 1024);
+    const std::uint64_t b = smem_descriptor(k_tile + panel * Cfg::Bc * kPanelRowBytes + byte_in_row, 16, 1024);
+    wgmma_ss<Cfg::Bc, E4M3>(s, a, b, kk > 0);
+  }
+  wgmma_commit();
+}
+
+/// O (64 x HeadDim) += P (registers, e4m3) V_j: Bc / 32 wgmmas, B = V^T K-major (32 keys = 32 bytes per step).
+template <class Cfg>
+__device__ __forceinline__ void issue_pv(float (&o)[Cfg::HeadDim / 2], const std::uint32_t (&p)[Cfg::Bc / 32][4],
+                                         const unsigned char* vt_tile) {
+#pragma unroll
+  for (int kk = 0; kk < Cfg::Bc / 32; ++kk) {
+    const std::uint64_t b = smem_descriptor(vt_tile + kk * 32, 16, 1024);
+    wgmma_rs<Cfg::HeadDim, E4M3>(o, p[kk], b, true);
+  }
+  wgmma_commit();
+}
+
+/// P~ (fp32 accumulator layout) -> the e4m3 A operand, 4 registers per 32 keys: slices 4kk, 4kk+1 (keys 2t, 2t+1,
+/// 8+2t, 9+2t of 32kk) into a[0] (row g) and a[1] (row g + 8); slices 4kk+2, 4kk+3 into a[2], a[3]. Each register
+/// takes this thread's own four values: P's keys are renumbered (key_at_position) instead of moved.
+template <int Bc>
+__device__ __forceinline__ void to_p_operand(std::uint32_t (&p)[Bc / 32][4], const float (&s)[Bc / 2]) {
+#pragma unroll
+  for (int kk = 0; kk < Bc / 32; ++kk) {
+    const float* x = s + 16 * kk;
+    p[kk][0] = e4m3x4(x[0], x[1], x[4], x[5]);
+    p[kk][1] = e4m3x4(x[2], x[3], x[6], x[7]);
+    p[kk][2] = e4m3x4(x[8], x[9], x[12], x[13]);
+    p[kk][3] = e4m3x4(x[10], x[11], x[14], x[15]);
+  }
+}
+
+struct RowState {
+  float m[2] = {-kInf, -kInf};  // running max of the base-2 logits x = s q_scale k_scale scale log2(e)
+  float l[2] = {0.0f, 0.0f};    // running sum of P~ = exp2(x - m + 8), this thread's columns only
+};
+
+/// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + 8) over s;
+/// l updated; `rescale` = exp2(m_old - m_new).
+template <bool Masked, int Bc>
+__device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
+                                               const cuda::AttentionParams& p, int query0, int key0) {
+  const int group = mma::lane_group(), t = mma::lane_in_group();
+  if constexpr (Masked) {
+#pragma unroll
+    for (int i = 0; i < Bc / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = query0 + group + 8 * (e / 2), key = key0 + 8 * i + 2 * t + e % 2;
+        if (key >= p.seq_k || (p.causal && key > query + (p.seq_k - p.seq_q))) s[4 * i + e] = -kInf;
+      }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float block_max = -kInf;
+#pragma unroll
+    for (int i = 0; i < Bc / 8; ++i) block_max = fmaxf(block_max, fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]));
+    const float m_new = fmaxf(rows.m[half], mma::group_max(block_max) * to_logits);  // to_logits > 0
+    const float shift = m_new == -kInf ? 0.0f : m_new - kPExponent;  // a row with no key yet keeps P = 0
+    rescale[half] = mma::exp2_fast(rows.m[half] - (m_new == -kInf ? 0.0f : m_new));
+    rows.m[half] = m_new;
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < Bc / 8; ++i)
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        s[4 * i + e] = mma::exp2_fast(s[4 * i + e] * to_logits - shift);  // one FFMA + one MUFU.EX2
+        sum += s[4 * i + e];
+      }
+    rows.l[half] = rows.l[half] * rescale[half] + sum;
+  }
+}
+
+template <int HeadDim>
+__device__ __forceinline__ void rescale_output(float (&o)[HeadDim / 2], float row0_factor, float row8_factor) {
+#pragma unroll
+  for (int i = 0; i < HeadDim / 8; ++i) {
+    o[4 * i + 0] *= row0_factor;
+    o[4 * i + 1] *= row0_factor;
+    o[4 * i + 2] *= row8_factor;
+    o[4 * i + 3] *= row8_factor;
+  }
+}
+
+template <class Cfg>
+__device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* smem, Barriers<Cfg>* bars,
+                         int consumer_index) {
+  constexpr int Bc = Cfg::Bc, HeadDim = Cfg::HeadDim;
+  const cuda::AttentionParams& p = fp.base;
+  const bool releases = threadIdx.x % kWarpgroupThreads == 0;
+  const unsigned char* q_rows = smem + consumer_index * 64 * kPanelRowBytes;
+  const int warp = threadIdx.x % kWarpgroupThreads / 32;
+  const int query0 = tile.row0 + consumer_index * 64 + warp * 16;
+  const long long q_bh = static_cast<long long>(tile.batch) * p.q_heads + tile.head;
+  const long long kv_bh = static_cast<long long>(tile.batch) * (p.q_heads / p.group_size) + tile.kv_head;
+  const int kv_blocks = cuda::ceil_div(p.seq_k, kBlockCols);  // quantization blocks per KV head
+  const float q_factor = fp.q_scales[q_bh * cuda::ceil_div(p.seq_q, Cfg::Br) + tile.q_block] * p.scale_log2;
+  auto block_of = [&](int it) { return tile.blocks - 1 - it; };
+  // The K and V scales of block `it`, loaded one block ahead so that the load's latency is hidden behind a GEMM.
+  auto scale_index = [&](int it) { return kv_bh * kv_blocks + block_of(min(it, tile.blocks - 1)) * Bc / kBlockCols; };
+  auto k_scale_of = [&](int it) { return __ldg(fp.k_scales + scale_index(it)); };
+  auto v_scale_of = [&](int it) { return __ldg(fp.v_scales + scale_index(it)); };
+  auto k_tile = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kTileBytes; };
+  auto vt_tile = [&](int stage) { return smem + Cfg::kVtOffset + stage * Cfg::kVtBytes; };
+  RowState rows;
+  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale) {
+    if (it < tile.masked_blocks)
+      online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
+    else
+      online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
+  };
+  auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
+  auto pass_turn = [&] { named_barrier_arrive(kPingpongBarrier + (1 - consumer_index), 2 * kWarpgroupThreads); };
+
+  float s[Bc / 2], o[HeadDim / 2], rescale[2];
+  std::uint32_t p_operand[Bc / 32][4];
+#pragma unroll
+  for (int i = 0; i < HeadDim / 2; ++i) o[i] = 0.0f;
+
+  float k_scale = k_scale_of(0), o_v_scale = v_scale_of(0);  // O will hold sum P8 V8 in units of o_v_scale
+  float next_k_scale = k_scale_of(1), next_v_scale = v_scale_of(1);
+
+  // FA3 Alg. 2 lines 2-5.
+  mbarrier_wait(&bars->q_full, 0);
+  Slot slot = slot_of<Cfg::kStages>(0);
+  mbarrier_wait(&bars->k_full[slot.stage], slot.phase);
+  wait_for_turn();
+  wgmma_fence();
+  issue_qk<Cfg>(s, q_rows, k_tile(slot.stage));
+  pass_turn();
+  wgmma_wait<0>();
+  fence_registers(s);
+  if (releases) mbarrier_arrive(&bars->k_empty[slot.stage]);
+  softmax(s, rescale, 0, k_scale);
+  to_p_operand<Bc>(p_operand, s);
+
+  // FA3 Alg. 2 lines 6-17.
+  for (int it = 1; it < tile.blocks; ++it) {
+    const Slot k_slot = slot_of<Cfg::kStages>(it), v_slot = slot_of<Cfg::kVtStages>(it - 1);
+    mbarrier_wait(&bars->k_full[k_slot.stage], k_slot.phase);    // line 7
+    mbarrier_wait(&bars->vt_full[v_slot.stage], v_slot.phase);   // line 9 (V^T, transposed by the producer)
+    wait_for_turn();
+    wgmma_fence();
+    issue_qk<Cfg>(s, q_rows, k_tile(k_slot.stage));              // line 8
+    issue_pv<Cfg>(o, p_operand, vt_tile(v_slot.stage));          // line 10
+    pass_turn();
+    wgmma_wait<1>();                                             // line 11
+    fence_registers(s);
+    if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
+    k_scale = next_k_scale;
+    const float v_scale = next_v_scale;
+    next_k_scale = k_scale_of(it + 1);
+    next_v_scale = v_scale_of(it + 1);
+    softmax(s, rescale, it, k_scale);                             // line 12
+    wgmma_wait<0>();                                              // line 13
+    fence_registers(o);
+    if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
+    const float units = o_v_scale / v_scale;
+    rescale_output<HeadDim>(o, rescale[0] * units, rescale[1] * units);  // line 14, and into V_j's units
+    o_v_scale = v_scale;
+    to_p_operand<Bc>(p_operand, s);                                // line 16
+  }
+
+  // FA3 Alg. 2 lines 18-20.
+  slot = slot_of<Cfg::kVtStages>(tile.blocks - 1);
+  mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
+  wait_for_turn();
+  wgmma_fence();
+  issue_pv<Cfg>(o, p_operand, vt_tile(slot.stage));
+  pass_turn();
+  wgmma_wait<0>();
+  fence_registers(o);
+  if (releases) mbarrier_arrive(&bars->vt_empty[slot.stage]);
+
+  // FA3 Alg. 2 lines 21-22: O = O v_scale / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
+  const int group = mma::lane_group(), t = mma::lane_in_group();
+  auto* out = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
+  float* lse = p.lse + q_bh * p.seq_q;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const float l = mma::group_sum(rows.l[half]);
+    const float factor = l > 0.0f ? o_v_scale / l : 0.0f;
+    const int row = query0 + group + 8 * half;
+    if (row >= p.seq_q) continue;
+    if (t == 0) lse[row] = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
+#pragma unroll
+    for (int i = 0; i < HeadDim / 8; ++i)
+      *reinterpret_cast<std::uint32_t*>(out + row * p.q_seq + 8 * i + 2 * t) =
+          mma::pack2<__nv_bfloat16>(o[4 * i + 2 * half] * factor, o[4 * i + 2 * half + 1] * factor);
+  }
+}
+
+/// Rows of a tile that see no key (causal, seq_q > seq_k): O = 0, LSE = -inf.
+template <int HeadDim>
+__device__ void write_empty_rows(const cuda::AttentionParams& p, const Tile& tile, int rows) {
+  auto* o = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
+  float* lse = p.lse + (static_cast<long long>(tile.batch) * p.q_heads + tile.head) * p.seq_q;
+  for (int i = threadIdx.x; i < rows * HeadDim; i += blockDim.x) {
+    const int row = tile.row0 + i / HeadDim;
+    if (row < p.seq_q) o[row * p.q_seq + i % HeadDim] = __float2bfloat16_rn(0.0f);
+  }
+  for (int i = threadIdx.x; i < rows; i += blockDim.x)
+    if (tile.row0 + i < p.seq_q) lse[tile.row0 + i] = -kInf;
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
+                   const __grid_constant__ CUtensorMap v_map, const Fp8Params fp) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char shared_bytes[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<std::uintptr_t>(shared_bytes) + kSwizzleAtomBytes - 1) & ~std::uintptr_t(kSwizzleAtomBytes - 1));
+  auto* bars = reinterpret_cast<Barriers<Cfg>*>(smem + Cfg::kBarrierOffset);
+  const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(fp.base, blockIdx.x);
+  if (tile.blocks == 0) {  // every thread leaves by the same path, before any barrier
+    write_empty_rows<Cfg::HeadDim>(fp.base, tile, Cfg::Br);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    prefetch_tensor_map(&q_map);
+    prefetch_tensor_map(&k_map);
+    prefetch_tensor_map(&v_map);
+    mbarrier_init(&bars->q_full, 1);
+    for (int stage = 0; stage < Cfg::kStages; ++stage) {
+      mbarrier_init(&bars->k_full[stage], 1);
+      mbarrier_init(&bars->k_empty[stage], Cfg::kConsumers);
+      mbarrier_init(&bars->v_full[stage], 1);
+      mbarrier_init(&bars->v_empty[stage], 32 * kTransposeWarps);  // every transposing thread read part of it
+    }
+    for (int stage = 0; stage < Cfg::kVtStages; ++stage) {
+      mbarrier_init(&bars->vt_full[stage], 32 * kTransposeWarps);  // every transposing thread wrote part of it
+      mbarrier_init(&bars->vt_empty[stage], Cfg::kConsumers);
+    }
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+  const int warpgroup = threadIdx.x / kWarpgroupThreads;
+  if (warpgroup == 0) {
+    // The producer transposes as well as loads: 40 registers (40 x 128 + 232 x 256 <= 65536).
+    setmaxnreg_decrease<40>();
+    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile);
+  } else {
+    setmaxnreg_increase<232>();
+    const int consumer_index = warpgroup - 1;
+    if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
+    consumer<Cfg>(fp, tile, smem, bars, consumer_index);
+  }
+#endif
+}
+
+// ============================================================================================================
+// Host side.
+// ============================================================================================================
+
+const char* const kWho = "flash_v3/gpu (fp8)";
+
+void require_hopper() {
+#ifndef ATTN_FLASH_V3_SM90A
+  throw std::runtime_error(std::string(kWho) + ": " + gpu_build_target());
+#else
+  int device = 0, major = 0, minor = 0;
+  ATTN_CUDA_CHECK(cudaGetDevice(&device));
+  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (major != 9 || minor != 0)
+    throw std::runtime_error(std::string(kWho) + ": needs a Hopper GPU (sm_90a); this device is sm_" +
+                             std::to_string(major) + std::to_string(minor));
+#endif
+}
+
+template <int HeadDim>
+void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads, std::int64_t seq,
+                     int block_rows, bool incoherent, const float* signs, float norm, std::uint8_t* codes, float* scales) {
+  const dim3 grid(static_cast<unsigned>(cuda::ceil_div(seq, block_rows)), static_cast<unsigned>(batch * heads));
+  auto kernel = incoherent ? quantize_kernel<HeadDim, true> : quantize_kernel<HeadDim, false>;
+  kernel<<<grid, 128>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
+                        static_cast<int>(heads), static_cast<int>(seq), block_rows, codes, scales, signs, norm);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads,
+                       std::int64_t seq, int block_rows, bool incoherent, const float* signs, float norm,
+                       std::uint8_t* codes, float* scales) {
+  switch (head_dim) {
+    case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
+    case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
+    case 256: return launch_quantize<256>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
+  }
+  throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not 64, 128 or 256 (quantization kernel)");
+}
+
+template <int HeadDim, bool Deep>
+void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch) {
+  using Cfg = Config<HeadDim, Deep>;
+  const Strides q_strides = make_strides(Layout::bhnd, p.q_heads, p.seq_q, p.head_dim);
+  const Strides kv_strides = make_strides(Layout::bhnd, p.kv_heads, p.seq_k, p.head_dim);
+  const CUtensorMap q_map = make_tensor_map_bytes(scratch.q, p.batch, p.q_heads, p.seq_q, HeadDim, q_strides, Cfg::Br);
+  const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
+  const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
+  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales};
+  auto kernel = forward_kernel<Cfg>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+  const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
+  if (tiles > std::numeric_limits<int>::max())
+    throw std::invalid_argument("batch: batch x q_heads x ceil(seq_q / 128) exceeds 2^31 - 1 tiles");
+  kernel<<<static_cast<int>(tiles), Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, fp);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+TierCaps gpu_caps() {
+  TierCaps caps;
+  caps.dtypes = {DType::bf16};
+  caps.head_dims = {128, 256};  // whole 128-byte e4m3 panel rows (64 would need the 64-byte swizzle)
+  caps.max_head_dim = 256;
+  caps.has_backward = false;
+  caps.pointer_alignment = 16;
+  caps.stride_multiple = 8;
+  caps.max_seq = 1 << 30;
+  return caps;
+}
+
+std::size_t scratch_bytes(const AttentionProblem& p) {
+  const std::size_t q_blocks = static_cast<std::size_t>((p.seq_q + kBlockRows - 1) / kBlockRows);
+  const std::size_t kv_blocks = static_cast<std::size_t>((p.seq_k + kBlockCols - 1) / kBlockCols);
+  return static_cast<std::size_t>(p.q_elements() + 2 * p.kv_elements()) +
+         sizeof(float) * (static_cast<std::size_t>(p.batch * p.q_heads) * q_blocks +
+                          2 * static_cast<std::size_t>(p.batch * p.kv_heads) * kv_blocks + static_cast<std::size_t>(p.head_dim));
+}
+
+Scratch::Scratch(const AttentionProblem& p)
+    : codes(static_cast<std::size_t>(p.q_elements() + 2 * p.kv_elements())),
+      floats(static_cast<std::size_t>(p.batch * p.q_heads * ((p.seq_q + kBlockRows - 1) / kBlockRows) +
+                                      2 * p.batch * p.kv_heads * ((p.seq_k + kBlockCols - 1) / kBlockCols) + p.head_dim)) {
+  q = codes.data();
+  k = q + p.q_elements();
+  v = k + p.kv_elements();
+  q_scales = floats.data();
+  k_scales = q_scales + p.batch * p.q_heads * ((p.seq_q + kBlockRows - 1) / kBlockRows);
+  v_scales = k_scales + p.batch * p.kv_heads * ((p.seq_k + kBlockCols - 1) / kBlockCols);
+  signs = v_scales + p.batch * p.kv_heads * ((p.seq_k + kBlockCols - 1) / kBlockCols);
+}
+
+void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool incoherent, std::uint64_t seed,
+                  Scratch& scratch) {
+  const int d = static_cast<int>(p.head_dim);
+  const float norm = 1.0f / std::sqrt(static_cast<float>(d));  // as rotate_rows computes it
+  if (incoherent) {
+    const std::vector<float> signs = random_signs(d, seed);
+    ATTN_CUDA_CHECK(cudaMemcpy(scratch.signs, signs.data(), signs.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  // Q and K rotated by the same M (incoherent processing); V never.
+  quantize_dispatch(d, t.q, t.q_strides, p.batch, p.q_heads, p.seq_q, static_cast<int>(kBlockRows), incoherent,
+                    scratch.signs, norm, scratch.q, scratch.q_scales);
+  quantize_dispatch(d, t.k, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), incoherent,
+                    scratch.signs, norm, scratch.k, scratch.k_scales);
+  quantize_dispatch(d, t.v, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), false,
+                    scratch.signs, norm, scratch.v, scratch.v_scales);
+}
+
+void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep) {
+  require_hopper();
+  switch (p.head_dim) {
+    case 128: return deep ? launch_forward<128, true>(p, t, scratch) : launch_forward<128, false>(p, t, scratch);
+    case 256: return deep ? launch_forward<256, true>(p, t, scratch) : launch_forward<256, false>(p, t, scratch);
+  }
+  throw std::invalid_argument(std::string("head_dim: ") + std::to_string(p.head_dim) + " is not taken by " + kWho);
+}
+
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+  validate_call(p, t, gpu_caps(), kWho, false);
+  const std::int64_t incoherent = options.get("incoherent", 0);
+  if (incoherent != 0 && incoherent != 1)
+    throw std::invalid_argument("incoherent: " + std::to_string(incoherent) + " must be 0 or 1 (Q and K rotated by a " +
+                                "random Hadamard matrix before quantization)");
+  const std::int64_t stages = options.get("stages", 0);
+  if (stages != 0 && stages != 2)
+    throw std::invalid_argument("stages: " + std::to_string(stages) + " must be 0 (the deep K/V rings, default) or 2 " +
+                                "(the bf16 kernel's depth, for comparison)");
+  require_hopper();
+  Scratch scratch(p);
+  // The two steps timed apart (counters quantize_ms, attention_ms): the paper's figure is the attention kernel's.
+  cudaEvent_t marks[3];
+  for (cudaEvent_t& mark : marks) ATTN_CUDA_CHECK(cudaEventCreate(&mark));
+  ATTN_CUDA_CHECK(cudaEventRecord(marks[0]));
+  quantize_gpu(p, t, incoherent == 1, 1, scratch);
+  ATTN_CUDA_CHECK(cudaEventRecord(marks[1]));
+  forward_quantized_gpu(p, t, scratch, stages == 0);
+  ATTN_CUDA_CHECK(cudaEventRecord(marks[2]));
+  ATTN_CUDA_CHECK(cudaEventSynchronize(marks[2]));
+  float quantize_ms = 0.0f, attention_ms = 0.0f;
+  ATTN_CUDA_CHECK(cudaEventElapsedTime(&quantize_ms, marks[0], marks[1]));
+  ATTN_CUDA_CHECK(cudaEventElapsedTime(&attention_ms, marks[1], marks[2]));
+  for (cudaEvent_t mark : marks) ATTN_CUDA_CHECK(cudaEventDestroy(mark));
+  options.counters["quantize_ms"] = quantize_ms;
+  options.counters["attention_ms"] = attention_ms;
+  options.counters["attention_tflops"] = p.forward_flops() / (attention_ms * 1e-3) / 1e12;
+}
+
+}  // namespace attn::flash_v3::fp8
