@@ -97,14 +97,29 @@ std::int64_t key_head_of(const AttentionProblem& p, std::int64_t x) {
   return (x / p.q_heads) * p.kv_heads + p.kv_head_of(x % p.q_heads);
 }
 
-// SCFA Alg. 1 line 10: hide the pairs of a tile that the masks do not keep (other bucket, or causally later on
-// the original indices). S is key-major: entry (key c, query r) is S[c * padded + r].
-void mask_hidden_pairs(const AttentionProblem& p, QueryBlock& block, const HeadRows& q, const HeadRows& k,
-                       std::int64_t key0, std::int64_t keys) {
-  for (std::int64_t c = 0; c < keys; ++c)
+// What the mask needs of a Q tile's rows (SCFA Alg. 1 line 10): each row's bucket and the first original key
+// index it may not see (Nk when not causal), so that a pair's test is two integer comparisons.
+struct QueryRowMasks {
+  explicit QueryRowMasks(std::int64_t Br) : bucket(Br), limit(Br) {}
+  std::vector<std::int32_t> bucket, limit;
+  void load(const AttentionProblem& p, const HeadRows& q, std::int64_t row0, std::int64_t rows) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      bucket[r] = q.bucket[row0 + r];
+      limit[r] = static_cast<std::int32_t>(p.causal ? p.visible_keys(q.index[row0 + r]) : p.seq_k);
+    }
+  }
+};
+
+// SCFA Alg. 1 line 10: hide the pairs of a tile that the masks do not keep (another bucket, or causally later on
+// the original indices); the same test as pair_visible. S is key-major: entry (key c, query r) is S[c * padded + r].
+void mask_hidden_pairs(QueryBlock& block, const QueryRowMasks& rows, const HeadRows& k, std::int64_t key0,
+                       std::int64_t keys) {
+  for (std::int64_t c = 0; c < keys; ++c) {
+    const std::int32_t key_bucket = k.bucket[key0 + c], key_index = k.index[key0 + c];
+    float* scores = block.S.data() + c * block.padded;
     for (std::int64_t r = 0; r < block.rows; ++r)
-      if (!pair_visible(p, q.index[block.row0 + r], q.bucket[block.row0 + r], k.index[key0 + c], k.bucket[key0 + c]))
-        block.S[c * block.padded + r] = kNegInf;
+      if (rows.bucket[r] != key_bucket || key_index >= rows.limit[r]) scores[r] = kNegInf;
+  }
 }
 
 void report(const AttentionProblem& p, const Plan& plan, StageOptions& options) {
@@ -123,10 +138,12 @@ TierCaps cpu_caps() { return TierCaps{{DType::f32}, 256, {}, true, 0}; }
 void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists) {
   const Checked c = check_call(p, t, options, lists, false);
   const std::int64_t D = p.head_dim, Br = c.blocks.Br, Bc = c.blocks.Bc;
+  const double start = omp_get_wtime();
   const Plan plan = make_plan(p, t, c.settings, lists, Br, Bc);  // SCFA Alg. 1 lines 1-3
   const HostBuffer<float> Q = gather(static_cast<const float*>(t.q), t.q_strides, p.q_heads, plan.queries, D);
   const HostBuffer<float> K = gather(static_cast<const float*>(t.k), t.kv_strides, p.kv_heads, plan.keys, D);
   const HostBuffer<float> V = gather(static_cast<const float*>(t.v), t.kv_strides, p.kv_heads, plan.keys, D);
+  options.counters["plan_ms"] = 1e3 * (omp_get_wtime() - start);
   auto* o = static_cast<float*>(t.o);
 
   // The work items: (query head, Q tile of its sorted rows), as flash_v2's split-Q.
@@ -137,6 +154,7 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
 #pragma omp parallel
   {
     QueryBlock block(Br, Bc, D);
+    QueryRowMasks masks(Br);
 #pragma omp for schedule(dynamic, 1)
     for (std::size_t item = 0; item < items.size(); ++item) {  // SCFA Alg. 1 line 4, in parallel
       progress::advance();
@@ -149,13 +167,14 @@ void forward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
       // Lines 5-6 (FA2 Alg. 1 lines 4-5): load Q_i; O_i = 0, l_i = 0, m_i = -inf.
       flash_cpu::start_query_block(Q.data() + x * plan.queries.capacity * D, D, row0, rows, D, p.softmax_scale(), block);
       const TileExtent& q_tile = plan.query_tile(x, i);
+      masks.load(p, q, row0, rows);
       for (std::int64_t j = 0; j < plan.key_tile_count(kv); ++j) {  // line 7
         const TileExtent& k_tile = plan.key_tile(kv, j);
         if (!tiles_can_meet(p, q_tile, k_tile)) continue;  // line 8: the tile pair cannot meet
         const std::int64_t key0 = j * Bc, keys = std::min(Bc, k.count - key0);
         // Lines 9-10: S = tau Q_i K_j^T (K_j read in place from the gathered K), masked unless every pair is visible.
         flash_cpu::score_tile(block, K_head, D, key0, keys, D);
-        if (!tiles_fully_visible(p, q_tile, k_tile)) mask_hidden_pairs(p, block, q, k, key0, keys);
+        if (!tiles_fully_visible(p, q_tile, k_tile)) mask_hidden_pairs(block, masks, k, key0, keys);
         flash_cpu::softmax_update(block, V_head, D, key0, keys, D);  // line 11 (FA2 Alg. 1 lines 9-10)
       }
       // Lines 13-14: O_i = O_i / l_i and L_i = m_i + log(l_i), written at the rows' original positions.
@@ -181,6 +200,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   const std::int64_t D = p.head_dim, Br = c.blocks.Br, Bc = c.blocks.Bc, group = p.group_size();
   const float scale = p.softmax_scale();
   // SCFA Alg. 2 line 1: the same plan as the forward's (the same inputs and seed give the same masks and buckets).
+  const double start = omp_get_wtime();
   const Plan plan = make_plan(p, t, c.settings, lists, Br, Bc);
   const std::int64_t Nq = plan.queries.capacity, Nk = plan.keys.capacity;
   // Line 2: Q, dO, L and D = rowsum(dO * O) in query order; K, V in key order.
@@ -200,6 +220,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
       Dsum[x * Nq + r] = simd::dot(row_pointer(d_o, t.q_strides, b, h, i), row_pointer(o, t.q_strides, b, h, i), D);
     }
   }
+  options.counters["plan_ms"] = 1e3 * (omp_get_wtime() - start);
   auto* dq = static_cast<float*>(t.dq);
   auto* dk = static_cast<float*>(t.dk);
   auto* dv = static_cast<float*>(t.dv);
@@ -218,6 +239,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
 #pragma omp parallel num_threads(threads)
     {
       KeyBlockTiles tile(Br, ld, D);
+      QueryRowMasks masks(Br);
       const int me = omp_get_thread_num(), team = omp_get_num_threads();
       float* my_dq = dq_buffers.data() + me * group * Nq * D;
       std::fill_n(my_dq, group * Nq * D, 0.0f);
@@ -240,13 +262,16 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
             // Line 8: S = tau Q_i K_j^T; P = exp(S - L_i), 0 where the masks hide the pair.
             flash_cpu::score_rows(Q_head + row0 * D, D, rows, keys, D, scale, tile);
             const bool full = tiles_fully_visible(p, q_tile, k_tile);
+            if (!full) masks.load(p, q, row0, rows);
             for (std::int64_t r = 0; r < rows; ++r) {
               float* p_row = tile.P.data() + r * ld;
               tiles::exp_shifted(p_row, L[x * Nq + row0 + r], keys);
               if (full) continue;
+              const std::int32_t query_bucket = masks.bucket[r], limit = masks.limit[r];
+              const std::int32_t* key_bucket = k.bucket + key0;
+              const std::int32_t* key_index = k.index + key0;
               for (std::int64_t col = 0; col < keys; ++col)
-                if (!pair_visible(p, q.index[row0 + r], q.bucket[row0 + r], k.index[key0 + col], k.bucket[key0 + col]))
-                  p_row[col] = 0.0f;
+                if (key_bucket[col] != query_bucket || key_index[col] >= limit) p_row[col] = 0.0f;
             }
             // Line 9: dV_j += P^T dO_i; dP = dO_i V_j^T; dS = P * (dP - D_i) (times tau).
             flash_cpu::value_and_score_gradients(dO_head + row0 * D, D, Dsum.data() + x * Nq + row0, rows, keys, D,

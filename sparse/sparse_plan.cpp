@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/simd.hpp"
 #include "sparse/sparsity.hpp"
 
 namespace attn::sparse {
@@ -115,17 +116,53 @@ void keep_rows(RowOrder& order, std::int64_t x, std::int64_t length, const std::
   order.count[x] = kept;
 }
 
+// bucket_of (sparsity.hpp) for `count` rows, bit for bit: the same sequential fma over the head dimension for
+// each projection, and the same argmax order. Only the loops are reordered: a SIMD width of rows at a time,
+// transposed, so that one fused multiply-add instruction advances the same projection of all those rows (lanes
+// are rows, each lane's sum in bucket_of's order; a vector fma rounds as the scalar one) instead of one sum
+// waiting on its previous fma.
+void buckets_of_rows(const float* rows, std::int64_t stride, std::int64_t count, std::int64_t D, int buckets,
+                     const float* projection, std::int32_t* out) {
+  if (buckets <= 1) {
+    std::fill(out, out + count, 0);
+    return;
+  }
+  constexpr std::int64_t kRows = simd::lanes;
+  const int half = buckets / 2;
+  std::vector<float> xt(static_cast<std::size_t>(D * kRows)), dots(static_cast<std::size_t>(half * kRows));
+  for (std::int64_t row0 = 0; row0 < count; row0 += kRows) {
+    const std::int64_t n = std::min(kRows, count - row0);
+    for (std::int64_t d = 0; d < D; ++d)  // xt[d][r] = row r's element d (rows past the end: 0, unused)
+      for (std::int64_t r = 0; r < kRows; ++r) xt[d * kRows + r] = r < n ? rows[(row0 + r) * stride + d] : 0.0f;
+    std::fill(dots.begin(), dots.end(), 0.0f);
+    for (std::int64_t d = 0; d < D; ++d)
+      for (int c = 0; c < half; ++c) {
+        float* dot = dots.data() + c * kRows;
+        const simd::batch x = simd::batch::load_unaligned(xt.data() + d * kRows);
+        xsimd::fma(x, simd::batch(projection[d * half + c]), simd::batch::load_unaligned(dot)).store_unaligned(dot);
+      }
+    for (std::int64_t r = 0; r < n; ++r) {  // bucket_of's argmax over [x R_0, -x R_0, x R_1, -x R_1, ...]
+      int best = 0;
+      float best_value = 0;
+      for (int c = 0; c < half; ++c) {
+        const float dot = dots[c * kRows + r];
+        if (c == 0 || dot > best_value) { best = c; best_value = dot; }
+        if (-dot > best_value) { best = c + half; best_value = -dot; }
+      }
+      out[row0 + r] = best;
+    }
+  }
+}
+
 // Hash-sparse, SCFA Alg. 1 lines 1-2: every row of head x (rows of `rows`, `stride` apart) hashed into its
 // bucket, then sorted stably by (bucket, original index) with one counting sort over the buckets.
 void hash_rows(RowOrder& order, std::int64_t x, const float* rows, std::int64_t stride, std::int64_t length,
                std::int64_t D, int buckets, const float* projection, std::vector<std::int32_t>& row_bucket,
                std::vector<std::int64_t>& start) {
   row_bucket.resize(length);
+  buckets_of_rows(rows, stride, length, D, buckets, projection, row_bucket.data());
   start.assign(buckets + 1, 0);
-  for (std::int64_t i = 0; i < length; ++i) {
-    row_bucket[i] = bucket_of(rows + i * stride, static_cast<int>(D), buckets, projection);
-    ++start[row_bucket[i] + 1];
-  }
+  for (std::int64_t i = 0; i < length; ++i) ++start[row_bucket[i] + 1];
   for (int c = 0; c < buckets; ++c) start[c + 1] += start[c];
   std::int32_t* index = order.index.data() + x * order.capacity;
   std::int32_t* bucket = order.bucket.data() + x * order.capacity;
