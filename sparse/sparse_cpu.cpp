@@ -101,7 +101,7 @@ std::int64_t key_head_of(const AttentionProblem& p, std::int64_t x) {
 // index it may not see (Nk when not causal), so that a pair's test is two integer comparisons.
 struct QueryRowMasks {
   explicit QueryRowMasks(std::int64_t Br) : bucket(Br), limit(Br) {}
-  std::vector<std::int32_t> bucket, limit;
+  HostBuffer<std::int32_t> bucket, limit;
   void load(const AttentionProblem& p, const HeadRows& q, std::int64_t row0, std::int64_t rows) {
     for (std::int64_t r = 0; r < rows; ++r) {
       bucket[r] = q.bucket[row0 + r];

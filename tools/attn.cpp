@@ -404,6 +404,13 @@ std::unique_ptr<progress::Reporter> progress_reporter(bool json, bool asked) {
 // speedup against dense flash_v2 (what the sparsity buys).
 bool is_sparse(const Stage& stage) { return stage.name == "sparse"; }
 
+// The dense stage sparse is measured against: flash_v2, when this build has it.
+const Stage* dense_reference(Tier tier) {
+  for (const Stage& stage : ladder())
+    if (stage.name == "flash_v2" && stage.find(tier) != nullptr) return &stage;
+  return nullptr;
+}
+
 oracle::Result sparse_oracle(const ProblemData& data, const StageOptions& options, bool backward) {
   const sparse::ReferenceMask mask(data.problem, data.q.data(), data.q_strides(), data.k.data(), data.kv_strides(),
                                    sparse::read_settings(options));
@@ -423,10 +430,15 @@ void sparse_against_dense(Row& row, const Stage& stage, Tier tier, const Problem
   degenerate.options.values["mode"] = 0;
   const StageRun dense = run_stage(stage, tier, data, degenerate);
   row.speedup_prev = flash_v2.forward_ms / sparse_forward_ms;
+  // TFLOP/s of the pairs attended (the dense count times the visible fraction), not of the dense problem.
+  if (const auto fraction = row.counters.find("visible_fraction"); fraction != row.counters.end()) {
+    if (row.tflops) *row.tflops *= fraction->second;
+    if (row.bwd_tflops) *row.bwd_tflops *= fraction->second;
+  }
   row.rel_err_prev = compare(dense.o.span(), flash_v2.o.span()).rel_frobenius;
   if (settings.backward && flash_v2.dq.size() > 0) row.bwd_rel_err_prev = worst_relative(dense, flash_v2);
   add_note(row, "err fp64: against the oracle under the same mask; err prev: sparse with nothing dropped against "
-                "flash_v2; speedup: against dense flash_v2");
+                "flash_v2; speedup: against dense flash_v2; TFLOP/s: of the pairs attended");
 }
 #endif
 
@@ -482,7 +494,7 @@ int command_run(Flags& flags) {
   // The previous stage (same tier) on the same inputs, for the error column: only when it can run this problem.
   const Stage* previous = previous_stage(stage.name, tier);
 #ifdef ATTN_STAGE_sparse
-  if (is_sparse(stage)) previous = &find_stage("flash_v2");  // the dense stage it is measured against
+  if (is_sparse(stage)) previous = dense_reference(tier);  // the dense stage it is measured against
 #endif
   std::string previous_refusal;
   if (previous != nullptr) {
@@ -662,12 +674,13 @@ int command_ladder(Flags& flags) {
           // Its own oracle (the same mask) and flash_v2 run again here, timed as the ladder times every row.
           std::optional<oracle::Result> masked;
           if (oracle::affordable(problem)) masked = sparse_oracle(data, stage_settings.options, settings.backward);
-          const Stage& flash_v2 = find_stage("flash_v2");
-          RunSettings dense = settings;
-          dense.options.values = flash_v2.find(tier)->ladder_options;
-          const StageRun flash_v2_run = run_stage(flash_v2, tier, data, dense);
           row = run_row(stage, tier, data, stage_settings, nullptr, masked, nullptr);
-          sparse_against_dense(row, stage, tier, data, stage_settings, flash_v2_run, *row.time_ms);
+          if (const Stage* flash_v2 = dense_reference(tier)) {
+            RunSettings dense = settings;
+            dense.options.values = flash_v2->find(tier)->ladder_options;
+            const StageRun flash_v2_run = run_stage(*flash_v2, tier, data, dense);
+            sparse_against_dense(row, stage, tier, data, stage_settings, flash_v2_run, *row.time_ms);
+          }
           std::string sparsity;
           for (const auto& [name, value] : entry->ladder_options) sparsity += " " + name + "=" + std::to_string(value);
           add_note(row, "ladder sparsity:" + sparsity);
