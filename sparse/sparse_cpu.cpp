@@ -110,8 +110,8 @@ struct QueryRowMasks {
   }
 };
 
-// SCFA Alg. 1 line 10: hide the pairs of a tile that the masks do not keep (another bucket, or causally later on
-// the original indices); the same test as pair_visible. S is key-major: entry (key c, query r) is S[c * padded + r].
+// SCFA Alg. 1 line 10: hide the pairs of a tile that the masks do not keep: a key of another bucket, or (causal)
+// at or past the query's limit on the original indices. S is key-major: entry (key c, query r) is S[c * padded + r].
 void mask_hidden_pairs(QueryBlock& block, const QueryRowMasks& rows, const HeadRows& k, std::int64_t key0,
                        std::int64_t keys) {
   for (std::int64_t c = 0; c < keys; ++c) {

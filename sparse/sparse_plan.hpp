@@ -36,12 +36,6 @@ struct TileExtent {
   std::int32_t first_bucket, last_bucket;
 };
 
-/// Does query (original index i, bucket a) see key (original index j, bucket c)? Same bucket (always, in
-/// QK-sparse) and, when causal, j visible from i on the original indices (bottom-right aligned).
-inline bool pair_visible(const AttentionProblem& p, std::int64_t i, std::int32_t a, std::int64_t j, std::int32_t c) {
-  return a == c && (!p.causal || j < p.visible_keys(i));
-}
-
 /// Can some query of tile q see some key of tile k? Their bucket ranges overlap and, when causal, the
 /// earliest key is visible from the latest query (SCFA Alg. 1 line 8). Conservative: true may still find nothing.
 inline bool tiles_can_meet(const AttentionProblem& p, const TileExtent& q, const TileExtent& k) {
