@@ -352,6 +352,7 @@ TEST_CASE("sparse rejects bad index lists before any work, naming the list and t
     sparse::KeepLists lists = good();
     edit(lists);
     const std::string validated = invalid_argument_message([&] { sparse::validate_keep_lists(p, lists); });
+    if (validated.empty()) return validated;  // good lists: the passes would run (on memory that is not there)
     StageOptions options;
     const std::string forward = invalid_argument_message([&] { sparse::forward_cpu(p, fake, options, &lists); });
     const std::string backward = invalid_argument_message([&] { sparse::backward_cpu(p, fake, options, &lists); });
