@@ -334,7 +334,8 @@ Stage describe() {
     const std::int64_t forward = (q_rows + 2 * k_rows) * D + threads * (D * Br + Bc * Br + Br * D + 5 * (Br + 8));
     const std::int64_t backward_floats = (2 * q_rows + 2 * k_rows) * D + 2 * q_rows + threads * p.group_size() * p.seq_q * D +
                                          threads * (4 * D * ld + 2 * Br * ld + 2 * Br * D);
-    return plan_bytes(p, Br, Bc) + static_cast<std::size_t>(backward ? backward_floats : forward) * sizeof(float);
+    const std::size_t masks = static_cast<std::size_t>(threads * 2 * Br) * sizeof(std::int32_t);  // QueryRowMasks
+    return plan_bytes(p, Br, Bc) + masks + static_cast<std::size_t>(backward ? backward_floats : forward) * sizeof(float);
   };
   cpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_rows", "block_cols"};
   // The ladder's stated sparsity: hash-sparse with 8 buckets (about 1/8 of the pairs), seed 1.

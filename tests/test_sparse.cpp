@@ -299,6 +299,27 @@ TEST_CASE("sparse/cpu counts visible pairs as the reference mask does, and skips
   }
 }
 
+TEST_CASE("sparse/cpu extra memory grows linearly with N and stays within the tier's estimate", "[sparse][cpu][memory]") {
+  const TierEntry& cpu = *find_stage("sparse").find(Tier::cpu);
+  for (const StageOptions& options : {options_of({{"mode", 0}, {"drop_q_permille", 500}, {"drop_k_permille", 500}}),
+                                      options_of({{"mode", 1}, {"buckets", 8}})}) {
+    auto extra = [&](std::int64_t n) {
+      const ProblemData data = make_problem_data(problem_of(1, 2, 2, n, n, 32, true));
+      const StageRun run = run_sparse(data, options, true);
+      INFO(describe(options) << "N = " << n << ": forward " << run.forward_extra_bytes << " B, backward "
+                             << run.backward_extra_bytes << " B");
+      CHECK(run.forward_extra_bytes <= cpu.extra_bytes(data.problem, DType::f32, false, options));
+      CHECK(run.backward_extra_bytes <= cpu.extra_bytes(data.problem, DType::f32, true, options));
+      return std::pair<double, double>(static_cast<double>(run.forward_extra_bytes), static_cast<double>(run.backward_extra_bytes));
+    };
+    const auto [forward_small, backward_small] = extra(256);
+    const auto [forward_large, backward_large] = extra(1024);
+    // O(N) buffers (the plan, the gathered rows, dQ buffers) grow 4x with 4x N; an N x N matrix would grow 16x.
+    CHECK(forward_large <= 4.0 * forward_small);
+    CHECK(backward_large <= 4.0 * backward_small);
+  }
+}
+
 TEST_CASE("sparse/cpu on the caller's index lists matches the masked oracle (empty lists included)",
           "[sparse][cpu][lists]") {
   std::uint64_t seed = 1400;
