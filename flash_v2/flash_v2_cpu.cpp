@@ -10,6 +10,7 @@
 #include <string>
 
 #include "common/cpu_tiles.hpp"
+#include "common/flash_cpu.hpp"
 #include "common/memory.hpp"
 #include "common/progress.hpp"
 #include "common/simd.hpp"
@@ -71,36 +72,9 @@ std::int64_t kv_blocks_for_rows(const AttentionProblem& p, std::int64_t row0, st
   return blocks_of(p.visible_keys(row0 + rows - 1), Bc);
 }
 
-// ---- forward: one Q block's on-chip state and the three phases of Algorithm 1 ------------------------------
+// ---- forward: the three phases of Algorithm 1 (the steps are in common/flash_cpu.hpp) ----------------------
 
-// What FA2 keeps on chip for Q block i (FA2 Alg. 1 lines 4-5). S is stored key-major (row = key, column = query;
-// see common/cpu_tiles.hpp) so that m_i and l_i are updated with vertical SIMD operations.
-struct QueryBlock {
-  QueryBlock(std::int64_t Br, std::int64_t Bc, std::int64_t D)
-      : padded(tiles::round_up_to_lanes(Br)), Qt(D * padded), S(Bc * padded), O(Br * D), m(padded), l(padded),
-        m_new(padded), shift(padded), alpha(padded) {}
-  std::int64_t padded;          // Br rounded up to the SIMD width: the column count (and row stride) of Q_i^T and S
-  std::int64_t row0 = 0, rows = 0;
-  HostBuffer<float> Qt;         // D x padded: scale * Q_i^T (the softmax scale folded into Q once)
-  HostBuffer<float> S;          // Bc x padded: S_ij^T, overwritten by P~_ij^T
-  HostBuffer<float> O;          // Br x D: the unnormalised output O_i^(j)
-  HostBuffer<float> m, l;       // m_i^(j), l_i^(j), one per query
-  HostBuffer<float> m_new, shift, alpha;
-};
-
-// FA2 Alg. 1 lines 4-5: load Q_i, set O_i = 0, l_i = 0, m_i = -inf.
-void start_query_block(const AttentionProblem& p, const float* q_rows, std::int64_t q_seq_stride, std::int64_t row0,
-                       std::int64_t rows, QueryBlock& block) {
-  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 4-5: load Q_i; O_i = 0, m_i = -inf, l_i = 0
-  const std::int64_t D = p.head_dim;
-  block.row0 = row0;
-  block.rows = rows;
-  tiles::pack_transposed(q_rows + row0 * q_seq_stride, rows, D, q_seq_stride, p.softmax_scale(), block.Qt.data(), block.padded, block.padded);
-  std::fill(block.O.begin(), block.O.begin() + rows * D, 0.0f);
-  std::fill(block.m.begin(), block.m.end(), kNegInf);
-  std::fill(block.l.begin(), block.l.end(), 0.0f);
-  // LAB END flash-v2-forward
-}
+using flash_cpu::QueryBlock;
 
 // Causal mask on a block that straddles the diagonal: query r sees keys below visible_keys(row0 + r).
 void mask_above_diagonal(const AttentionProblem& p, QueryBlock& block, std::int64_t key0, std::int64_t keys) {
@@ -110,48 +84,26 @@ void mask_above_diagonal(const AttentionProblem& p, QueryBlock& block, std::int6
   }
 }
 
-// FA2 Alg. 1 lines 7-10 for K/V block j (keys [key0, key0 + keys)): S = Q_i K_j^T, the online softmax update of m_i
-// and l_i, and O_i = diag(exp(m_old - m_new)) O_i + P~ V_j. O_i stays unnormalised (FA2's first tweak).
+// FA2 Alg. 1 lines 7-10 for K/V block j (keys [key0, key0 + keys)): S = Q_i K_j^T, the causal mask where the
+// block straddles the diagonal, then the online softmax update of m_i, l_i and O_i.
 void attend_kv_block(const AttentionProblem& p, QueryBlock& block, const float* k_rows, const float* v_rows,
                      std::int64_t kv_seq_stride, std::int64_t key0, std::int64_t keys) {
-  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 7-10: S, the online softmax, O_i rescaled, O_i += P~ V_j
-  const std::int64_t D = p.head_dim, padded = block.padded;
-  // Line 8: S_ij^T = K_j (scale Q_i^T), keys x padded.
-  tiles::matmul(Update::overwrite, keys, padded, D, MatrixView{k_rows + key0 * kv_seq_stride, kv_seq_stride, 1},
-                block.Qt.data(), padded, block.S.data(), padded);
+  flash_cpu::score_tile(block, k_rows, kv_seq_stride, key0, keys, p.head_dim);
   if (p.causal && key0 + keys > p.visible_keys(block.row0)) mask_above_diagonal(p, block, key0, keys);
-  // Line 9: m_new = max(m_old, rowmax(S)); P~ = exp(S - m_new); l = exp(m_old - m_new) l + rowsum(P~).
-  std::copy(block.m.begin(), block.m.end(), block.m_new.begin());
-  tiles::max_over_keys(block.S.data(), keys, padded, padded, block.m_new.data());
-  for (std::int64_t r = 0; r < padded; ++r) {
-    // A query that has seen only masked keys keeps m = -inf; shifting by 0 then gives exp(-inf) = 0, not NaN.
-    block.shift[r] = block.m_new[r] == kNegInf ? 0.0f : block.m_new[r];
-    block.alpha[r] = std::exp(block.m[r] - block.shift[r]);
-    block.l[r] *= block.alpha[r];
-    block.m[r] = block.m_new[r];
-  }
-  tiles::exp_over_keys(block.S.data(), keys, padded, padded, block.shift.data(), block.l.data());
-  // Line 10: O_i = diag(alpha) O_i + P~_ij V_j (P~ read transposed out of the key-major tile).
-  tiles::scale_rows(block.O.data(), block.rows, D, D, block.alpha.data());
-  tiles::matmul(Update::accumulate, block.rows, D, keys, tiles::transposed(block.S.data(), padded),
-                v_rows + key0 * kv_seq_stride, kv_seq_stride, block.O.data(), D);
-  // LAB END flash-v2-forward
+  flash_cpu::softmax_update(block, v_rows, kv_seq_stride, key0, keys, p.head_dim);
+}
+
+void start_query_block(const AttentionProblem& p, const float* q_rows, std::int64_t q_seq_stride, std::int64_t row0,
+                       std::int64_t rows, QueryBlock& block) {
+  flash_cpu::start_query_block(q_rows, q_seq_stride, row0, rows, p.head_dim, p.softmax_scale(), block);
 }
 
 // FA2 Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i and L_i = m_i + log(l_i), written once. A row that saw no key
 // (causal, Nq > Nk) has l = 0: O = 0, L = -inf.
 void finish_query_block(const AttentionProblem& p, const QueryBlock& block, float* o_rows, std::int64_t o_seq_stride,
                         float* lse) {
-  // LAB BEGIN flash-v2-forward: FA2 Alg. 1 lines 12-15: O_i = diag(l_i)^-1 O_i, L_i = m_i + log(l_i)
-  const std::int64_t D = p.head_dim;
-  for (std::int64_t r = 0; r < block.rows; ++r) {
-    float* out = o_rows + (block.row0 + r) * o_seq_stride;
-    const float l = block.l[r];
-    const float inverse = l > 0.0f ? 1.0f / l : 0.0f;
-    for (std::int64_t d = 0; d < D; ++d) out[d] = inverse * block.O[r * D + d];
-    lse[block.row0 + r] = l > 0.0f ? block.m[r] + std::log(l) : kNegInf;
-  }
-  // LAB END flash-v2-forward
+  for (std::int64_t r = 0; r < block.rows; ++r)
+    lse[block.row0 + r] = flash_cpu::finish_row(block, r, p.head_dim, o_rows + (block.row0 + r) * o_seq_stride);
 }
 
 struct Head {
@@ -240,17 +192,7 @@ void forward_split_key(const AttentionProblem& p, const AttentionTensors& t, con
 
 // ---- backward: Algorithm 2 -----------------------------------------------------------------------------------
 
-// One thread's on-chip tiles for K/V block j (FA2 Alg. 2 lines 6-7) and for the current Q block. Query-major here:
-// K_j^T and V_j^T are packed once per K/V block and reused by every Q block of the inner loop.
-struct KeyBlockTiles {
-  KeyBlockTiles(std::int64_t Br, std::int64_t Bc, std::int64_t D)
-      : Qs(Br * D), Kt(D * Bc), Vt(D * Bc), dK(Bc * D), dV(Bc * D), P(Br * Bc), dS(Br * Bc), dQ(Br * D) {}
-  HostBuffer<float> Qs;      // Br x D: scale * Q_i, rounded as the forward's, for S = (scale Q_i) K_j^T
-  HostBuffer<float> Kt, Vt;  // D x Bc: K_j^T and V_j^T (Bc here is the row stride: the block rounded up to lanes)
-  HostBuffer<float> dK, dV;  // Bc x D: the accumulators of FA2 Alg. 2 line 7
-  HostBuffer<float> P, dS;   // Br x Bc: P_ij, and dP_ij overwritten by dS_ij (which includes the softmax scale)
-  HostBuffer<float> dQ;      // Br x D: dS_ij K_j before it is added to dQ_i (atomic mode only)
-};
+using flash_cpu::KeyBlockTiles;
 
 // Where a thread's contribution to dQ goes. FA2 Alg. 2 line 15 is a read-modify-write of dQ_i that several
 // threads (owning different K/V blocks) do to the same rows: either each thread adds into its own copy of dQ
@@ -346,10 +288,7 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
           progress::advance();
           const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
           // Lines 6-7: load K_j, V_j (transposed, for S and dP); dK_j = dV_j = 0.
-          tiles::pack_transposed(k_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Kt.data(), ld, ld);
-          tiles::pack_transposed(v_rows + key0 * kv_seq, keys, D, kv_seq, 1.0f, tile.Vt.data(), ld, ld);
-          std::fill_n(tile.dK.data(), keys * D, 0.0f);
-          std::fill_n(tile.dV.data(), keys * D, 0.0f);
+          flash_cpu::start_key_block(k_rows + key0 * kv_seq, v_rows + key0 * kv_seq, kv_seq, keys, D, tile);
           // Causal: Q rows before first_row see none of these keys; their blocks are skipped.
           const std::int64_t first_row = p.causal ? std::max<std::int64_t>(key0 + p.seq_q - p.seq_k, 0) : 0;
           for (std::int64_t g = 0; g < group; ++g) {  // GQA: dK_j, dV_j sum over the group's query heads
@@ -362,35 +301,21 @@ void backward_cpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
                                                      : DqTarget{s.dq, row_pointer(dq, t.q_strides, b, h, 0), q_seq};
             for (std::int64_t row0 = first_row / Br * Br; row0 < p.seq_q; row0 += Br) {  // line 8
               const std::int64_t rows = std::min(Br, p.seq_q - row0);
-              const MatrixView Qi{q_rows + row0 * q_seq, q_seq, 1}, dOi{do_rows + row0 * q_seq, q_seq, 1};
-              // Line 10: S = (scale Q_i) K_j^T, with the causal mask on blocks that straddle the diagonal. The scale
-              // goes on Q, as in the forward, so that S is rounded the same way there and here: P = exp(S - L) then
-              // stays <= 1. (Scaling K instead shifts S by an ulp of S, which at logits near 1e4 is 1e-3: P and dV
-              // were off by that much.)
-              for (std::int64_t r = 0; r < rows; ++r)
-                for (std::int64_t d = 0; d < D; ++d) tile.Qs[r * D + d] = scale * Qi.at(r, d);
-              tiles::matmul(Update::overwrite, rows, tiles::round_up_to_lanes(keys), D, MatrixView{tile.Qs.data(), D, 1},
-                            tile.Kt.data(), ld, tile.P.data(), ld);
-              // Line 11: P = exp(S - L_i).
+              // Line 10: S = (scale Q_i) K_j^T (the scale on Q, as in the forward: see flash_cpu::score_rows).
+              flash_cpu::score_rows(q_rows + row0 * q_seq, q_seq, rows, keys, D, scale, tile);
+              // Line 11: P = exp(S - L_i), with the causal mask on blocks that straddle the diagonal.
               for (std::int64_t r = 0; r < rows; ++r) {
                 float* p_row = tile.P.data() + r * ld;
                 const std::int64_t visible = p.causal ? std::clamp<std::int64_t>(p.visible_keys(row0 + r) - key0, 0, keys) : keys;
                 tiles::exp_shifted(p_row, lse[row0 + r], visible);
                 std::fill(p_row + visible, p_row + keys, 0.0f);
               }
-              // Line 12: dV_j += P^T dO_i.
-              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.P.data(), ld), do_rows + row0 * q_seq,
-                            q_seq, tile.dV.data(), D);
-              // Line 13: dP = dO_i V_j^T.
-              tiles::matmul(Update::overwrite, rows, keys, D, dOi, tile.Vt.data(), ld, tile.dS.data(), ld);
-              // Line 14: dS = P * (dP - D_i), times the softmax scale that both dQ and dK need.
-              for (std::int64_t r = 0; r < rows; ++r)
-                tiles::softmax_gradient_row(tile.P.data() + r * ld, tile.dS.data() + r * ld, Di[row0 + r], scale, keys);
+              // Lines 12-14: dV_j += P^T dO_i; dP = dO_i V_j^T; dS = P * (dP - D_i) (times the scale).
+              flash_cpu::value_and_score_gradients(do_rows + row0 * q_seq, q_seq, Di + row0, rows, keys, D, scale, tile);
               // Line 15: dQ_i += dS K_j (into the thread's buffer, or atomically into dQ).
               add_dq(target, tile, k_rows + key0 * kv_seq, kv_seq, row0, rows, keys, ld, D);
               // Line 16: dK_j += dS^T Q_i.
-              tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.dS.data(), ld), q_rows + row0 * q_seq,
-                            q_seq, tile.dK.data(), D);
+              flash_cpu::key_gradient(q_rows + row0 * q_seq, q_seq, rows, keys, D, tile);
             }
           }
           // Line 18: write dK_j, dV_j (this thread owns these key rows: no race).

@@ -70,6 +70,22 @@ TierCaps gpu_caps();
 /// The GPU tier's registry entry (defined in sparse_cuda.cu; only in builds with CUDA).
 TierEntry gpu_tier();
 
+/// Which pairs a call attends to, written plainly from sparsity.hpp's rules (no sorting, no tiles, none of the
+/// tiers' planning): the reference mask for the fp64 oracle in the tests and in `attn run` / `attn ladder`.
+/// visible(b, h, i, j) is true when query i of (b, query head h) and key j of its KV head are both kept and share
+/// a bucket; the causal mask is not included (the oracle applies it). q and k are host fp32 tensors.
+class ReferenceMask {
+ public:
+  ReferenceMask(const AttentionProblem& problem, const float* q, const Strides& q_strides, const float* k,
+                const Strides& kv_strides, const Settings& settings, const KeepLists* lists = nullptr);
+  bool operator()(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const;
+
+ private:
+  AttentionProblem problem_;
+  std::vector<std::int32_t> query_bucket_;  ///< [B * Hq][Nq]: the query's bucket, -1 when dropped
+  std::vector<std::int32_t> key_bucket_;    ///< [B * Hkv][Nk]: the key's bucket, -2 when dropped
+};
+
 /// The registry entry.
 Stage describe();
 

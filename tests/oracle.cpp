@@ -8,7 +8,9 @@
 
 namespace attn::oracle {
 
-Result attention(const ProblemData& data, bool backward) {
+Result attention(const ProblemData& data, bool backward) { return attention(data, backward, PairMask{}); }
+
+Result attention(const ProblemData& data, bool backward, const PairMask& mask) {
   const AttentionProblem& p = data.problem;
   const Strides qs = data.q_strides();
   const Strides ks = data.kv_strides();
@@ -35,15 +37,18 @@ Result attention(const ProblemData& data, bool backward) {
     for (std::int64_t kv_head = 0; kv_head < p.kv_heads; ++kv_head) {
       progress::advance();
       std::vector<double> prob(p.seq_k), dprob(p.seq_k);
+      std::vector<std::int64_t> keys(p.seq_k);  // the keys row i attends to: keys[0..visible)
       for (std::int64_t h = kv_head * p.group_size(); h < (kv_head + 1) * p.group_size(); ++h) {
         for (std::int64_t i = 0; i < p.seq_q; ++i) {
-          const std::int64_t visible = p.visible_keys(i);
+          std::int64_t visible = 0;
+          for (std::int64_t j = 0; j < p.visible_keys(i); ++j)
+            if (!mask || mask(b, h, i, j)) keys[visible++] = j;
           if (visible == 0) continue;  // O = 0, LSE = -inf, no gradient
           const float* q = data.q.data() + at(qs, b, h, i);
           // s_j = scale * q . k_j ; m = max_j s_j ; p_j = exp(s_j - m) / sum
           double row_max = -std::numeric_limits<double>::infinity();
           for (std::int64_t j = 0; j < visible; ++j) {
-            const float* k = data.k.data() + at(ks, b, kv_head, j);
+            const float* k = data.k.data() + at(ks, b, kv_head, keys[j]);
             double s = 0;
             for (std::int64_t d = 0; d < D; ++d) s += static_cast<double>(q[d]) * k[d];
             prob[j] = s * scale;
@@ -55,7 +60,7 @@ Result attention(const ProblemData& data, bool backward) {
           r.lse[(b * p.q_heads + h) * p.seq_q + i] = row_max + std::log(sum);
           double* o = r.o.data() + at(qs, b, h, i);
           for (std::int64_t j = 0; j < visible; ++j) {
-            const float* v = data.v.data() + at(ks, b, kv_head, j);
+            const float* v = data.v.data() + at(ks, b, kv_head, keys[j]);
             for (std::int64_t d = 0; d < D; ++d) o[d] += prob[j] * v[d];
           }
           if (!backward) continue;
@@ -64,7 +69,7 @@ Result attention(const ProblemData& data, bool backward) {
           const float* d_o = data.d_o.data() + at(qs, b, h, i);
           double weighted = 0;
           for (std::int64_t j = 0; j < visible; ++j) {
-            const float* v = data.v.data() + at(ks, b, kv_head, j);
+            const float* v = data.v.data() + at(ks, b, kv_head, keys[j]);
             double dp = 0;
             for (std::int64_t d = 0; d < D; ++d) dp += static_cast<double>(d_o[d]) * v[d];
             dprob[j] = dp;
@@ -75,11 +80,11 @@ Result attention(const ProblemData& data, bool backward) {
           for (std::int64_t j = 0; j < visible; ++j) {
             const double ds = prob[j] * (dprob[j] - weighted) * scale;
             const double ds_mag = prob[j] * (std::fabs(dprob[j]) + std::fabs(weighted)) * std::fabs(scale);
-            const float* k = data.k.data() + at(ks, b, kv_head, j);
-            double* dk = r.dk.data() + at(ks, b, kv_head, j);
-            double* dv = r.dv.data() + at(ks, b, kv_head, j);
-            double* dk_mag = r.dk_mag.data() + at(ks, b, kv_head, j);
-            double* dv_mag = r.dv_mag.data() + at(ks, b, kv_head, j);
+            const float* k = data.k.data() + at(ks, b, kv_head, keys[j]);
+            double* dk = r.dk.data() + at(ks, b, kv_head, keys[j]);
+            double* dv = r.dv.data() + at(ks, b, kv_head, keys[j]);
+            double* dk_mag = r.dk_mag.data() + at(ks, b, kv_head, keys[j]);
+            double* dv_mag = r.dv_mag.data() + at(ks, b, kv_head, keys[j]);
             for (std::int64_t d = 0; d < D; ++d) {
               dq[d] += ds * k[d];
               dk[d] += ds * q[d];

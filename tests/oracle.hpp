@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -23,6 +25,14 @@ struct Result {
 
 /// Exact attention on data's (rounded) inputs, in fp64.
 Result attention(const ProblemData& data, bool backward);
+
+/// An explicit boolean mask: does query i of (batch b, query head h) attend to key j? Applied on top of the
+/// problem's causal mask (a pair hidden by either is not attended).
+using PairMask = std::function<bool(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j)>;
+
+/// Exact attention over the pairs `mask` keeps, in fp64 (sparse attention's reference). A query row that keeps
+/// no key gets O = 0, LSE = -inf and no gradient; a key no query keeps gets dK = dV = 0.
+Result attention(const ProblemData& data, bool backward, const PairMask& mask);
 
 /// Host bytes of a Result: o and lse, plus the gradients and their magnitudes with backward, all fp64.
 inline std::size_t result_bytes(const AttentionProblem& p, bool backward) {

@@ -156,6 +156,20 @@ else
   echo "ok: memory estimate $estimate B, peak $peak B, baseline $baseline B"
 fi
 
+# sparse: an option out of range is refused by name; a run's errors are against the masked oracle and, with
+# nothing dropped, against flash_v2 (both small: a wrong mask or comparison gives errors near 1).
+if "$attn" list | grep -q "^[0-9]* *sparse "; then
+  expect_usage_error "buckets: must be 1 or even" run --stage sparse --opt mode=1 --opt buckets=3
+  expect_usage_error "drop_q_permille: must be a drop rate" run --stage sparse --opt drop_q_permille=1000
+  json=$("$attn" run --stage sparse --seq 70 --head-dim 16 --causal --backward --json --opt mode=1 --opt buckets=4); rc=$?
+  if [[ $rc -ne 0 ]] || ! awk -v o="$(field "$json" rel_err_oracle)" -v p="$(field "$json" rel_err_prev)" \
+      'BEGIN { exit !(o >= 0 && o < 1e-5 && p >= 0 && p < 1e-5) }'; then
+    echo "FAIL: attn run --stage sparse errors (exit $rc): $json"; failures=$((failures + 1))
+  else
+    echo "ok: attn run --stage sparse: $json"
+  fi
+fi
+
 json=$("$attn" run --stage naive --seq-q 17 --seq-k 29 --head-dim 16 --causal --backward --json); rc=$?
 for field in stage tier dtype time_ms tflops extra_bytes rel_err_prev rel_err_oracle; do
   if [[ $rc -ne 0 || "$json" != *"\"$field\":"* ]]; then

@@ -33,6 +33,9 @@
 #else
 #define FP8_ERROR_NAME ""
 #endif
+#ifdef ATTN_STAGE_sparse
+#include "sparse/sparse.hpp"
+#endif
 #ifdef ATTN_STAGE_paged
 #include "paged/paged.hpp"
 #define PAGED_SIM_NAME ", paged-sim"
@@ -85,7 +88,10 @@ const char* kRunUsage =
     "  --json             one JSON object instead of the table\n"
     "  --progress         progress lines on stderr even with --json (they are on by default otherwise)\n"
     "The error columns compare with the previous stage of the ladder and the fp64 oracle; a comparison that\n"
-    "cannot be made (the previous stage refuses the problem, or memory is short) is shown as '-' with a note.\n";
+    "cannot be made (the previous stage refuses the problem, or memory is short) is shown as '-' with a note.\n"
+    "sparse: --opt mode=0|1 (QK-sparse, hash-sparse), drop_q_permille=N, drop_k_permille=N, buckets=N, seed=N;\n"
+    "its fp64 error is against the oracle under the same mask, its 'err prev' is sparse with nothing dropped\n"
+    "against flash_v2, and its speedup is against dense flash_v2.\n";
 
 const char* kLadderUsage =
     "usage: attn ladder [flags]   every stage on one default problem (or the one given), one row each\n"
@@ -397,6 +403,52 @@ std::unique_ptr<progress::Reporter> progress_reporter(bool json, bool asked) {
   return !json || asked ? std::make_unique<progress::Reporter>() : nullptr;
 }
 
+#ifdef ATTN_STAGE_sparse
+// sparse attends to fewer pairs than the dense stages before it, so its row is checked in its own terms (and
+// the row's note says so): "err fp64" against the fp64 oracle under the same mask (sparse::ReferenceMask, from
+// the mask rules alone), "err prev" against dense flash_v2 with sparse run again in its degenerate setting
+// (mode 0, nothing dropped, the same blocks), where it must equal dense attention within rounding, and the
+// speedup against dense flash_v2 (what the sparsity buys).
+bool is_sparse(const Stage& stage) { return stage.name == "sparse"; }
+
+// The dense stage sparse is measured against: flash_v2, when this build has it.
+const Stage* dense_reference(Tier tier) {
+  for (const Stage& stage : ladder())
+    if (stage.name == "flash_v2" && stage.find(tier) != nullptr) return &stage;
+  return nullptr;
+}
+
+oracle::Result sparse_oracle(const ProblemData& data, const StageOptions& options, bool backward) {
+  const sparse::ReferenceMask mask(data.problem, data.q.data(), data.q_strides(), data.k.data(), data.kv_strides(),
+                                   sparse::read_settings(options));
+  return oracle::attention(data, backward,
+                           [&mask](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) { return mask(b, h, i, j); });
+}
+
+// The sparse row's error columns and speedup against flash_v2's run on the same data (see above).
+void sparse_against_dense(Row& row, const Stage& stage, Tier tier, const ProblemData& data, const RunSettings& settings,
+                          const StageRun& flash_v2, double sparse_forward_ms) {
+  RunSettings degenerate = settings;
+  degenerate.repeats = 1;
+  degenerate.warmup = 0;
+  degenerate.options = StageOptions{};
+  for (const char* name : {"block_rows", "block_cols"})
+    if (settings.options.values.count(name)) degenerate.options.values[name] = settings.options.values.at(name);
+  degenerate.options.values["mode"] = 0;
+  const StageRun dense = run_stage(stage, tier, data, degenerate);
+  row.speedup_prev = flash_v2.forward_ms / sparse_forward_ms;
+  // TFLOP/s of the pairs attended (the dense count times the visible fraction), not of the dense problem.
+  if (const auto fraction = row.counters.find("visible_fraction"); fraction != row.counters.end()) {
+    if (row.tflops) *row.tflops *= fraction->second;
+    if (row.bwd_tflops) *row.bwd_tflops *= fraction->second;
+  }
+  row.rel_err_prev = compare(dense.o.span(), flash_v2.o.span()).rel_frobenius;
+  if (settings.backward && flash_v2.dq.size() > 0) row.bwd_rel_err_prev = worst_relative(dense, flash_v2);
+  add_note(row, "err fp64: against the oracle under the same mask; err prev: sparse with nothing dropped against "
+                "flash_v2; speedup: against dense flash_v2; TFLOP/s: of the pairs attended");
+}
+#endif
+
 int command_run(Flags& flags) {
   if (flags.help()) {
     std::printf(kRunUsage, kProblemFlags);
@@ -448,6 +500,9 @@ int command_run(Flags& flags) {
   if (want_oracle && !run_oracle) notes.push_back("fp64 comparison not made: the oracle's " + format_bytes(oracle_bytes) + " do not fit");
   // The previous stage (same tier) on the same inputs, for the error column: only when it can run this problem.
   const Stage* previous = previous_stage(stage.name, tier);
+#ifdef ATTN_STAGE_sparse
+  if (is_sparse(stage)) previous = dense_reference(tier);  // the dense stage it is measured against
+#endif
   std::string previous_refusal;
   if (previous != nullptr) {
     try {
@@ -470,7 +525,14 @@ int command_run(Flags& flags) {
 
   const ProblemData data = make_problem_data(problem, dtype, layout, seed, q_std);
   std::optional<oracle::Result> exact;
-  if (run_oracle) exact = oracle::attention(data, settings.backward);
+  if (run_oracle) {
+#ifdef ATTN_STAGE_sparse
+    if (is_sparse(stage))
+      exact = sparse_oracle(data, settings.options, settings.backward);
+    else
+#endif
+      exact = oracle::attention(data, settings.backward);
+  }
   StageRun previous_run;
   bool have_previous = false;
   if (previous != nullptr && previous_refusal.empty()) {
@@ -487,7 +549,14 @@ int command_run(Flags& flags) {
   }
   if (previous != nullptr && !have_previous)
     notes.push_back("comparison with " + previous->name + " not made: " + previous_refusal);
-  Row row = run_row(stage, tier, data, settings, have_previous ? &previous_run : nullptr, exact, nullptr);
+  Row row;
+#ifdef ATTN_STAGE_sparse
+  if (is_sparse(stage)) {
+    row = run_row(stage, tier, data, settings, nullptr, exact, nullptr);
+    if (have_previous) sparse_against_dense(row, stage, tier, data, settings, previous_run, *row.time_ms);
+  } else
+#endif
+    row = run_row(stage, tier, data, settings, have_previous ? &previous_run : nullptr, exact, nullptr);
   for (const std::string& note : notes) add_note(row, note);
   row.host_estimate_bytes = planned;
   row.host_peak_bytes = peak_resident_bytes();
@@ -606,7 +675,25 @@ int command_ladder(Flags& flags) {
             if (reference) row.speedup_prev = reference->forward_ms / decode_ms->second;
           }
           row.note = "decode problem: " + decode.describe() + (reference ? ", errors against " + previous_stage_run->name : "");
-        } else {
+        }
+#ifdef ATTN_STAGE_sparse
+        else if (is_sparse(stage)) {
+          // Its own oracle (the same mask) and flash_v2 run again here, timed as the ladder times every row.
+          std::optional<oracle::Result> masked;
+          if (oracle::affordable(problem)) masked = sparse_oracle(data, stage_settings.options, settings.backward);
+          row = run_row(stage, tier, data, stage_settings, nullptr, masked, nullptr);
+          if (const Stage* flash_v2 = dense_reference(tier)) {
+            RunSettings dense = settings;
+            dense.options.values = flash_v2->find(tier)->ladder_options;
+            const StageRun flash_v2_run = run_stage(*flash_v2, tier, data, dense);
+            sparse_against_dense(row, stage, tier, data, stage_settings, flash_v2_run, *row.time_ms);
+          }
+          std::string sparsity;
+          for (const auto& [name, value] : entry->ladder_options) sparsity += " " + name + "=" + std::to_string(value);
+          add_note(row, "ladder sparsity:" + sparsity);
+        }
+#endif
+        else {
           row = run_row(stage, tier, data, stage_settings, have_previous ? &previous : nullptr, exact, &run);
           previous = std::move(run);
           have_previous = true;

@@ -22,6 +22,9 @@
 #ifdef ATTN_STAGE_paged
 #include "paged/paged.hpp"
 #endif
+#ifdef ATTN_STAGE_sparse
+#include "sparse/sparse.hpp"
+#endif
 
 namespace attn {
 
@@ -44,6 +47,9 @@ const std::vector<Stage>& ladder() {
 #endif
 #ifdef ATTN_STAGE_paged
       paged::describe(),
+#endif
+#ifdef ATTN_STAGE_sparse
+      sparse::describe(),
 #endif
   };
   return stages;

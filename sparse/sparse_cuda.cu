@@ -1,0 +1,1096 @@
+// sparse, GPU tier: sparse causal flash attention (QK-sparse and hash-sparse) on tensor cores, bf16 and fp16.
+// Every step runs on the device: the keep mask or bucket of each row (sparsity.hpp, the same rules as the CPU
+// tier), a stable counting sort of each head's rows by (bucket, original index), and flash_v2's kernels run
+// over the sorted rows, gathering them through the permutation, skipping the tiles that cannot meet and
+// scattering the results back to the rows' original places.
+#include <climits>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/attention_params.cuh"
+#include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
+#include "common/flash_blocks.cuh"
+#include "common/mma.cuh"
+#include "common/validate.hpp"
+#include "sparse/sparse.hpp"
+#include "sparse/sparsity.hpp"
+
+namespace attn::sparse {
+namespace {
+
+using flash::exp2_fast;
+using flash::kInf;
+using flash::online_softmax;
+using flash::padded;
+using mma::a_from_accumulators;
+using mma::load_a;
+using mma::load_a_transposed;
+using mma::load_b_pair;
+using mma::load_b_pair_transposed;
+using mma::mma_m16n8k16;
+
+// Tile ranges are kept per 64 sorted rows; a kernel tile of 128 rows combines two of them.
+constexpr int kRangeRows = 64;
+
+/// One side (queries or keys) of a call after sorting, for every (batch, head) of that side, "head" below
+/// meaning the flattened b * heads + h:
+///   order[head * seq + pos]  original index of the row at sorted position pos; positions [0, count[head]) hold
+///                            the kept rows by (bucket, original index), then the dropped rows
+///   bucket[head * seq + pos] its bucket (QK-sparse: 0 for kept rows)
+///   ranges[head * range_tiles + t] over the kept rows among positions [64 t, 64 t + 64): (lowest original
+///                            index, highest original index, lowest bucket, highest bucket), or (INT_MAX, -1,
+///                            INT_MAX, -1) where there are none
+struct SortedRows {
+  const int* order = nullptr;
+  const int* bucket = nullptr;
+  const int* count = nullptr;
+  const int4* ranges = nullptr;
+  int range_tiles = 0;
+};
+
+struct Params : cuda::AttentionParams {
+  SortedRows queries, keys;
+  float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
+  float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
+  float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
+  unsigned long long* tiles_visited = nullptr;  // forward: (Q tile, K/V tile) pairs computed, for the counters
+};
+
+// ============================================================================================================
+// Masks, buckets and the sort: SCFA Alg. 1 lines 1-3 (and Alg. 2 line 1), on the device.
+// ============================================================================================================
+
+/// Hash-sparse's projection R (head_dim x buckets / 2, row-major), one thread per entry.
+__global__ void projection_kernel(float* projection, std::uint64_t seed, int head_dim, int half) {
+  const int index = blockIdx.x * blockDim.x + threadIdx.x;
+  if (index < head_dim * half) projection[index] = projection_entry(seed, index / half, index % half);
+}
+
+/// What classify_rows_kernel needs besides the tensor. Kept rows get buckets [0, buckets); a dropped row gets
+/// bucket `buckets`, so that the sort puts it after every kept row.
+struct Classify {
+  Mode mode = Mode::qk;
+  bool queries = true;  // which random stream (sparsity.hpp): query rows or key rows
+  int drop_permille = 0;
+  int buckets = 1;      // kept buckets: 1 for QK-sparse, nb for hash-sparse
+  std::uint64_t seed = 1;
+  const float* projection = nullptr;
+};
+
+/// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
+/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
+template <class T, int HeadDim>
+__global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int heads, int seq, Classify c,
+                                     int* row_bucket) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= static_cast<long long>(batch) * heads * seq) return;
+  const int i = static_cast<int>(row % seq);
+  const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
+  if (c.mode == Mode::qk) {
+    const std::uint64_t stream = c.queries ? query_stream(batch, heads, b, head) : key_stream(batch, heads, b, head);
+    row_bucket[row] = keep_row(c.seed, stream, i, c.drop_permille) ? 0 : 1;
+    return;
+  }
+  // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
+  const uint4* source = reinterpret_cast<const uint4*>(x + b * strides.batch + head * strides.head + i * strides.seq);
+  float values[HeadDim];
+#pragma unroll
+  for (int piece = 0; piece < HeadDim / 8; ++piece) {
+    const uint4 bits = source[piece];
+    const T* elements = reinterpret_cast<const T*>(&bits);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
+  }
+  row_bucket[row] = bucket_of(values, HeadDim, c.buckets, c.projection);
+}
+
+/// The caller's index lists (CSR over heads, validated on the host): one thread block per head marks every
+/// row dropped (bucket 1), then the listed ones kept (bucket 0).
+__global__ void mark_listed_rows_kernel(const std::int64_t* offsets, const std::int32_t* indices, int seq,
+                                        int* row_bucket) {
+  const long long head = blockIdx.x;
+  int* buckets = row_bucket + head * seq;
+  for (int i = threadIdx.x; i < seq; i += blockDim.x) buckets[i] = 1;
+  __syncthreads();
+  for (long long at = offsets[head] + threadIdx.x; at < offsets[head + 1]; at += blockDim.x) buckets[indices[at]] = 0;
+}
+
+/// One side's arrays for the sort (device pointers; the layout of SortedRows).
+struct SortSide {
+  const int* row_bucket = nullptr;  // [heads * seq], in original order
+  int seq = 0, heads = 0, range_tiles = 0;
+  int* order = nullptr;
+  int* bucket = nullptr;
+  int* count = nullptr;
+  int4* ranges = nullptr;
+};
+
+constexpr int kSortWarps = 32;
+constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in flight at once
+
+/// Stable counting sort of one head's rows by bucket, one thread block per head of either side (the query heads
+/// first, then the KV heads); `buckets` kept buckets, plus one for the dropped rows. Each warp owns a contiguous
+/// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
+/// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
+/// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
+/// every bucket. Then the ranges of every 64 sorted positions.
+__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets) {
+  extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
+  const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
+  const SortSide& side = query_side ? queries : keys;
+  const long long head = query_side ? blockIdx.x : blockIdx.x - queries.heads;
+  const int all = buckets + 1, seq = side.seq;
+  int* totals = next_position + kSortWarps * all;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int* rows = side.row_bucket + head * seq;
+  const int segment = (seq + kSortWarps - 1) / kSortWarps;
+  const int begin = min(seq, warp * segment), end = min(seq, begin + segment);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  // Calls body(bucket, row) for this warp's rows in order, 32 at a time (bucket -1 past the segment's end).
+  auto for_each_row = [&](auto&& body) {
+    for (int i0 = begin; i0 < end; i0 += 32 * kSortBatch) {
+      int bucket[kSortBatch];
+#pragma unroll
+      for (int c = 0; c < kSortBatch; ++c) bucket[c] = i0 + 32 * c + lane < end ? rows[i0 + 32 * c + lane] : -1;
+#pragma unroll
+      for (int c = 0; c < kSortBatch; ++c) body(bucket[c], i0 + 32 * c + lane);
+    }
+  };
+
+  for (int i = threadIdx.x; i < kSortWarps * all; i += blockDim.x) next_position[i] = 0;
+  __syncthreads();
+  for_each_row([&](int bucket, int) {  // count
+    const unsigned same = __match_any_sync(0xffffffffu, bucket);
+    if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
+    __syncwarp();
+  });
+  __syncthreads();
+  for (int b = threadIdx.x; b < all; b += blockDim.x) {  // per bucket: warps' offsets inside it, and its total
+    int running = 0;
+    for (int w = 0; w < kSortWarps; ++w) {
+      const int c = next_position[w * all + b];
+      next_position[w * all + b] = running;
+      running += c;
+    }
+    totals[b] = running;
+  }
+  __syncthreads();
+  if (warp == 0) {  // exclusive scan of the totals: the first position of each bucket
+    int carry = 0;
+    for (int b0 = 0; b0 < all; b0 += 32) {
+      const int value = b0 + lane < all ? totals[b0 + lane] : 0;
+      int inclusive = value;
+#pragma unroll
+      for (int step = 1; step < 32; step *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, inclusive, step);
+        if (lane >= step) inclusive += other;
+      }
+      if (b0 + lane < all) totals[b0 + lane] = carry + inclusive - value;
+      carry += __shfl_sync(0xffffffffu, inclusive, 31);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kSortWarps * all; i += blockDim.x) next_position[i] += totals[i % all];
+  const int kept = totals[buckets];  // the dropped rows' bucket starts after every kept row
+  __syncthreads();
+  int* order = side.order + head * seq;
+  int* sorted_bucket = side.bucket + head * seq;
+  for_each_row([&](int bucket, int row) {  // place
+    const unsigned same = __match_any_sync(0xffffffffu, bucket);
+    if (bucket >= 0) {
+      const int position = next_position[warp * all + bucket] + __popc(same & lanes_below);
+      order[position] = row;
+      sorted_bucket[position] = bucket;
+    }
+    __syncwarp();
+    if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
+    __syncwarp();
+  });
+  if (threadIdx.x == 0) side.count[head] = kept;
+  __syncthreads();  // the block's global writes above are visible to the whole block after it
+
+  for (int tile = warp; tile < side.range_tiles; tile += kSortWarps) {  // ranges, one warp per 64 positions
+    int4 range = make_int4(INT_MAX, -1, INT_MAX, -1);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int position = tile * kRangeRows + 32 * half + lane;
+      if (position < kept)
+        range = make_int4(min(range.x, order[position]), max(range.y, order[position]),
+                          min(range.z, sorted_bucket[position]), max(range.w, sorted_bucket[position]));
+    }
+#pragma unroll
+    for (int step = 16; step > 0; step /= 2) {
+      range.x = min(range.x, __shfl_xor_sync(0xffffffffu, range.x, step));
+      range.y = max(range.y, __shfl_xor_sync(0xffffffffu, range.y, step));
+      range.z = min(range.z, __shfl_xor_sync(0xffffffffu, range.z, step));
+      range.w = max(range.w, __shfl_xor_sync(0xffffffffu, range.w, step));
+    }
+    if (lane == 0) side.ranges[head * side.range_tiles + tile] = range;
+  }
+}
+
+// ---- Tile ranges: what lets a kernel skip a whole tile ------------------------------------------------------
+
+/// The ranges of sorted positions [first, first + rows) of `head` (first and rows multiples of 64).
+__device__ __forceinline__ int4 tile_range(const SortedRows& side, long long head, int first, int rows) {
+  int4 range = make_int4(INT_MAX, -1, INT_MAX, -1);
+  const int4* ranges = side.ranges + head * side.range_tiles;
+  for (int t = first / kRangeRows; t < min(side.range_tiles, (first + rows) / kRangeRows); ++t) {
+    const int4 r = ranges[t];
+    range = make_int4(min(range.x, r.x), max(range.y, r.y), min(range.z, r.z), max(range.w, r.w));
+  }
+  return range;
+}
+
+/// Whether some query of range q may see some key of range k: both non-empty, a common bucket, and (causal)
+/// the lowest key index not after the highest query index's last visible key.
+__device__ __forceinline__ bool tiles_meet(const int4& q, const int4& k, bool causal, int causal_offset) {
+  return q.x <= q.y && k.x <= k.y && k.z <= q.w && q.z <= k.w && (!causal || k.x <= q.y + causal_offset);
+}
+
+/// Whether every (query, key) pair of the two ranges is visible, so that no element needs its mask.
+__device__ __forceinline__ bool tiles_fully_visible(const int4& q, const int4& k, bool causal, int causal_offset) {
+  return q.z == q.w && k.z == k.w && q.z == k.z && (!causal || k.y <= q.x + causal_offset);
+}
+
+/// The element mask on original indices and buckets (bottom-right aligned causal).
+__device__ __forceinline__ bool pair_visible(int query, int query_bucket, int key, int key_bucket, bool causal,
+                                             int causal_offset) {
+  return query_bucket == key_bucket && (!causal || key <= query + causal_offset);
+}
+
+/// The first sorted position of `head` in [0, count) whose (bucket, original index) is >= (bucket, index).
+__device__ __forceinline__ int lower_bound(const SortedRows& side, long long head, int seq, int count, int bucket,
+                                           int index) {
+  const int* order = side.order + head * seq;
+  const int* buckets = side.bucket + head * seq;
+  int low = 0, high = count;
+  while (low < high) {
+    const int middle = (low + high) / 2;
+    if (buckets[middle] < bucket || (buckets[middle] == bucket && order[middle] < index))
+      low = middle + 1;
+    else
+      high = middle;
+  }
+  return low;
+}
+
+/// Copies rows rows[0..valid_rows) of a tensor (row r at source + rows[r] * row_stride) into a shared tile, 16
+/// bytes per cp.async: load_tile_async through a permutation. Rows r >= valid_rows are zero-filled.
+template <int Rows, int Cols, int SmemStride, int Threads, class T>
+__device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long long row_stride, const int* rows,
+                                                  int valid_rows) {
+  constexpr int kChunksPerRow = Cols / 8;
+#pragma unroll
+  for (int chunk = static_cast<int>(threadIdx.x); chunk < Rows * kChunksPerRow; chunk += Threads) {
+    const int row = chunk / kChunksPerRow;
+    const int col = (chunk % kChunksPerRow) * 8;
+    const bool in_bounds = row < valid_rows;
+    mma::cp_async_16(tile + row * SmemStride + col, in_bounds ? source + rows[row] * row_stride + col : source,
+                     in_bounds);
+  }
+}
+
+/// Copies `count` 32-bit words from[0..valid) into shared `to` (zeros past valid), by cp.async.
+template <int Threads, class Word>
+__device__ __forceinline__ void copy_words_async(Word* to, const Word* from, int count, int valid) {
+  for (int i = threadIdx.x; i < count; i += Threads) mma::cp_async_4(to + i, from + (i < valid ? i : 0), i < valid);
+}
+
+// ============================================================================================================
+// Forward: SCFA Algorithm 1, FA2 Algorithm 1 over the sorted rows.
+// ============================================================================================================
+
+template <int HeadDim, int Br, int Bc>
+struct ForwardShape {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRowsPerWarp = Br / kWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;
+  static constexpr int kNTiles = Bc / 8;
+  static constexpr int kDTiles = HeadDim / 8;
+  static constexpr int kStride = padded(HeadDim);
+  // Q_i, two stages of (K_j, V_j); then the original indices and buckets of Q_i's rows and of both K_j stages.
+  static constexpr int kTileBytes = (Br + 4 * Bc) * kStride * 2;
+  static constexpr int kSmemBytes = kTileBytes + (2 * Br + 4 * Bc) * 4;
+  static_assert(kRowsPerWarp % 16 == 0 && Bc % 16 == 0 && HeadDim % 16 == 0, "tiles are made of 16 x 16 blocks");
+  static_assert(Br % kRangeRows == 0 && Bc % kRangeRows == 0, "tiles are whole range tiles");
+};
+
+/// One thread block per (batch, query head, Br sorted query positions): SCFA Alg. 1 lines 4-16. K/V tiles are
+/// visited in sorted order, only those whose ranges meet the Q tile's (line 8); the mask is applied per element only where a tile is not
+/// wholly visible. Positions past the kept count (dropped queries) get O = 0 and LSE = -inf.
+template <class T, int HeadDim, int Br, int Bc>
+__global__ void __launch_bounds__(128) forward_kernel(const Params p) {
+  using Shape = ForwardShape<HeadDim, Br, Bc>;
+  constexpr int kStride = Shape::kStride;
+  constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles, kDTiles = Shape::kDTiles;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* q_tile = reinterpret_cast<T*>(shared_bytes);
+  T* k_tiles = q_tile + Br * kStride;
+  T* v_tiles = k_tiles + 2 * Bc * kStride;
+  int* q_index = reinterpret_cast<int*>(shared_bytes + Shape::kTileBytes);  // Br original indices, Br buckets
+  int* q_bucket = q_index + Br;
+  int* k_index = q_bucket + Br;    // 2 stages of Bc
+  int* k_bucket = k_index + 2 * Bc;  // 2 stages of Bc
+
+  const int q_block = gridDim.x - 1 - blockIdx.x;  // the last positions have the most keys to visit (QK-sparse)
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_heads = p.q_heads / p.group_size, kv_head = head / p.group_size;
+  const long long q_flat = static_cast<long long>(batch) * p.q_heads + head;
+  const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
+  const int row0 = q_block * Br;
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int warp_row0 = warp * Shape::kRowsPerWarp;
+  const int causal_offset = p.seq_k - p.seq_q;
+  const int q_count = p.queries.count[q_flat], k_count = p.keys.count[k_flat];
+  const int* q_order = p.queries.order + q_flat * p.seq_q;
+  const int* k_order = p.keys.order + k_flat * p.seq_k;
+  const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
+  T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
+  float* lse = p.lse + q_flat * p.seq_q;
+
+  // The K/V tiles to visit: from the first key of the Q tile's lowest bucket, those that meet its ranges,
+  // up to the first tile past its highest bucket.
+  const int4 q_range = tile_range(p.queries, q_flat, row0, Br);
+  const int k_blocks = cuda::ceil_div(k_count, Bc);
+  auto next_visible = [&](int j) {
+    for (; j < k_blocks; ++j) {
+      const int4 k_range = tile_range(p.keys, k_flat, j * Bc, Bc);
+      if (k_range.z > q_range.w) return k_blocks;
+      if (tiles_meet(q_range, k_range, p.causal, causal_offset)) return j;
+      if (p.causal && k_range.x > q_range.y + causal_offset) {
+        // Every later key of bucket k_range.w comes later still: go on from the next bucket's first key.
+        const int next_bucket = lower_bound(p.keys, k_flat, p.seq_k, k_count, k_range.w + 1, INT_MIN);
+        if (k_range.w >= q_range.w || next_bucket >= k_count) return k_blocks;
+        j = max(j, next_bucket / Bc - 1);
+      }
+    }
+    return k_blocks;
+  };
+  int j = row0 < q_count ? next_visible(lower_bound(p.keys, k_flat, p.seq_k, k_count, q_range.z, INT_MIN) / Bc)
+                         : k_blocks;
+
+  auto load_kv_block = [&](int block, int stage) {
+    const int key0 = block * Bc;
+    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k, p.kv_seq,
+                                                             k_order + key0, k_count - key0);
+    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v, p.kv_seq,
+                                                             k_order + key0, k_count - key0);
+    copy_words_async<Shape::kThreads>(k_index + stage * Bc, k_order + key0, Bc, k_count - key0);
+    copy_words_async<Shape::kThreads>(k_bucket + stage * Bc, p.keys.bucket + k_flat * p.seq_k + key0, Bc,
+                                      k_count - key0);
+  };
+  // SCFA Alg. 1 line 5: load Q_i through the permutation (rows past the kept count read as zeros).
+  gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, q_count - row0);
+  copy_words_async<Shape::kThreads>(q_index, q_order + row0, Br, q_count - row0);
+  copy_words_async<Shape::kThreads>(q_bucket, p.queries.bucket + q_flat * p.seq_q + row0, Br, q_count - row0);
+  if (j < k_blocks) load_kv_block(j, 0);
+  mma::cp_async_commit();
+
+  float acc_o[kMTiles][kDTiles][4] = {};
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+
+  // SCFA Alg. 1 lines 7-9: the visible K/V tiles only.
+  int visited = 0;
+  for (int stage = 0; j < k_blocks; stage ^= 1, ++visited) {
+    const int next = next_visible(j + 1);
+    if (next < k_blocks) {
+      __syncthreads();  // every warp is done with the tile whose stage the next copy overwrites
+      load_kv_block(next, stage ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* k_tile = k_tiles + stage * Bc * kStride;
+    const T* v_tile = v_tiles + stage * Bc * kStride;
+
+    // FA2 Alg. 1 line 8: S_ij = Q_i K_j^T.
+    float s[kMTiles][kNTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) load_a(a[mt], q_tile, kStride, warp_row0 + mt * 16, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(s[mt][2 * np], a[mt], b[0], b[1]);
+          mma_m16n8k16<T>(s[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+
+    // SCFA Alg. 1 line 10: the mask on original indices and buckets, where the tile is not wholly visible.
+    const int key0 = j * Bc;
+    const int4 k_range = tile_range(p.keys, k_flat, key0, Bc);
+    if (key0 + Bc > k_count || !tiles_fully_visible(q_range, k_range, p.causal, causal_offset)) {
+      const int* stage_index = k_index + stage * Bc;
+      const int* stage_bucket = k_bucket + stage * Bc;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp_row0 + mt * 16 + group + 8 * (e / 2);
+          const int query = q_index[row], query_bucket = q_bucket[row];
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+            const int column = nt * 8 + 2 * t + e % 2;
+            if (key0 + column >= k_count ||
+                !pair_visible(query, query_bucket, stage_index[column], stage_bucket[column], p.causal, causal_offset))
+              s[mt][nt][e] = -kInf;
+          }
+        }
+    }
+
+    // SCFA Alg. 1 line 11 (FA2 Alg. 1 lines 9-10).
+    online_softmax(s, acc_o, row_max, row_sum, p.scale_log2);
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      std::uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) a_from_accumulators<T>(a[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_m16n8k16<T>(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
+          mma_m16n8k16<T>(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+    j = next;
+  }
+  mma::cp_async_wait<0>();  // (Q_i is still in flight when no tile was visible)
+  if (threadIdx.x == 0 && visited > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(visited));
+
+  // SCFA Alg. 1 lines 13-14 and 16: scattered to the rows' original places; dropped rows and rows that saw no
+  // key get O = 0 and LSE = -inf.
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = mma::group_sum(row_sum[mt][half]);
+      const int position = row0 + warp_row0 + mt * 16 + group + 8 * half;
+      if (position >= p.seq_q) continue;
+      const bool kept = position < q_count && l > 0.0f;
+      const float inverse = kept ? 1.0f / l : 0.0f;
+      const int row = q_order[position];
+      T* o_row = o + row * p.q_seq;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<std::uint32_t*>(o_row + dt * 8 + 2 * t) =
+            mma::pack2<T>(acc_o[mt][dt][2 * half] * inverse, acc_o[mt][dt][2 * half + 1] * inverse);
+      if (t == 0) lse[row] = kept ? row_max[mt][half] * p.scale + logf(l) : -kInf;
+    }
+  }
+}
+
+template <class T, int HeadDim, int Br, int Bc>
+void launch_forward(const Params& p, int batch) {
+  using Shape = ForwardShape<HeadDim, Br, Bc>;
+  auto kernel = forward_kernel<T, HeadDim, Br, Bc>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  const dim3 grid(cuda::ceil_div(p.seq_q, Br), p.q_heads, batch);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(p);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+/// The (query, key) pairs the call attends to, for the counters (not part of the attention): for each kept
+/// query, the keys of its bucket up to its last visible one, found by two binary searches in the sorted keys.
+__global__ void count_pairs_kernel(const Params p, long long rows, unsigned long long* pairs) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int kv_heads = p.q_heads / p.group_size;
+  unsigned long long count = 0;
+  if (row < rows) {
+    const long long q_flat = row / p.seq_q;
+    const int position = static_cast<int>(row % p.seq_q);
+    const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
+    if (position < p.queries.count[q_flat]) {
+      const int query = p.queries.order[q_flat * p.seq_q + position];
+      const int bucket = p.queries.bucket[q_flat * p.seq_q + position];
+      const int k_count = p.keys.count[k_flat];
+      const int first = lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, INT_MIN);
+      const int end = p.causal ? lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, query + (p.seq_k - p.seq_q) + 1)
+                               : lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket + 1, INT_MIN);
+      count = static_cast<unsigned long long>(max(0, end - first));
+    }
+  }
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) count += __shfl_xor_sync(0xffffffffu, count, step);
+  if (threadIdx.x % 32 == 0 && count > 0) atomicAdd(pairs, count);
+}
+
+// ============================================================================================================
+// Backward: SCFA Algorithm 2, FA2 Algorithm 2 over the sorted rows.
+// ============================================================================================================
+
+template <int HeadDim, int Br, int Bc>
+struct BackwardShape {
+  static constexpr int kWarps = Bc / 16;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kQTiles = Br / 8;
+  static constexpr int kDTiles = HeadDim / 8;
+  static constexpr int kStride = padded(HeadDim);
+  static constexpr int kDsStride = padded(Br);
+  static constexpr int kDqRowTiles = Br / 16;
+  static constexpr int kDqSplits = kWarps / kDqRowTiles;
+  static constexpr int kDqDTiles = kDTiles / kDqSplits;
+  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i, original index, bucket).
+  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 8 * Br * 4;
+  static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
+  static_assert(Br % kRangeRows == 0 && Bc % kRangeRows == 0, "tiles are whole range tiles");
+};
+
+/// One thread block per (batch, KV head, Bc sorted key positions), SCFA Alg. 2 lines 4-14: dK_j, dV_j in registers over the Q tiles
+/// (of every query head of the group) whose ranges meet the K tile's; dQ by fp32 atomics into dq_accum at the
+/// queries' original rows. Dropped keys (positions past the kept count) get dK = dV = 0.
+template <class T, int HeadDim, int Br, int Bc>
+__global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) backward_kernel(const Params p) {
+  using Shape = BackwardShape<HeadDim, Br, Bc>;
+  constexpr int kStride = Shape::kStride, kDsStride = Shape::kDsStride;
+  constexpr int kQTiles = Shape::kQTiles, kDTiles = Shape::kDTiles;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);
+  T* v_tile = k_tile + Bc * kStride;
+  T* q_tiles = v_tile + Bc * kStride;
+  T* do_tiles = q_tiles + 2 * Br * kStride;
+  T* ds_tile = do_tiles + 2 * Br * kStride;
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);
+  float* delta_tiles = lse_tiles + 2 * Br;
+  int* q_index_tiles = reinterpret_cast<int*>(delta_tiles + 2 * Br);
+  int* q_bucket_tiles = q_index_tiles + 2 * Br;
+
+  const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int kv_heads = p.q_heads / p.group_size;
+  const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
+  const int key0 = kv_block * Bc;
+  const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
+  const int warp_key0 = warp * 16;
+  const int causal_offset = p.seq_k - p.seq_q;
+  const int k_count = p.keys.count[k_flat];
+  const int* k_order = p.keys.order + k_flat * p.seq_k;
+  const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
+  auto first_flat = [&] { return static_cast<long long>(batch) * p.q_heads + kv_head * p.group_size; };
+
+  // This thread's two keys (rows group and group + 8 of its warp's 16).
+  int key_index[2], key_bucket[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int position = key0 + warp_key0 + group + 8 * half;
+    const bool kept = position < k_count;
+    key_index[half] = kept ? k_order[position] : 0;
+    key_bucket[half] = kept ? p.keys.bucket[k_flat * p.seq_k + position] : -1;  // -1 meets no query
+  }
+
+  // The (query head of the group, Q tile) steps to visit: per head, from the first query that may see the
+  // tile's lowest key in its lowest bucket, those tiles that meet, up to the first past its highest bucket.
+  const int4 k_range = tile_range(p.keys, k_flat, key0, Bc);
+  struct Step {
+    int head_in_group, block;
+  };
+  auto next_visible = [&](Step step) {
+    for (; step.head_in_group < p.group_size; ++step.head_in_group, step.block = -1) {
+      const long long q_flat = first_flat() + step.head_in_group;
+      const int q_count = p.queries.count[q_flat];
+      if (step.block < 0)
+        step.block = lower_bound(p.queries, q_flat, p.seq_q, q_count, k_range.z,
+                                 p.causal ? k_range.x - causal_offset : INT_MIN) / Br;
+      for (; step.block < cuda::ceil_div(q_count, Br); ++step.block) {
+        const int4 q_range = tile_range(p.queries, q_flat, step.block * Br, Br);
+        if (q_range.z > k_range.w) break;
+        if (tiles_meet(q_range, k_range, p.causal, causal_offset)) return step;
+      }
+    }
+    return step;
+  };
+  Step step = key0 < k_count ? next_visible(Step{0, -1}) : Step{p.group_size, 0};
+
+  auto load_q_block = [&](Step at, int stage) {
+    const long long q_flat = first_flat() + at.head_in_group;
+    const int head = kv_head * p.group_size + at.head_in_group;
+    const int row0 = at.block * Br, valid = p.queries.count[q_flat] - row0;
+    const int* q_order = p.queries.order + q_flat * p.seq_q + row0;
+    const long long offset = batch * p.q_batch + head * p.q_head;
+    gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
+        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, q_order, valid);
+    gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
+        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, q_order, valid);
+    copy_words_async<Shape::kThreads>(q_index_tiles + stage * Br, q_order, Br, valid);
+    copy_words_async<Shape::kThreads>(q_bucket_tiles + stage * Br, p.queries.bucket + q_flat * p.seq_q + row0, Br,
+                                      valid);
+    for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
+      const long long at_row = q_flat * p.seq_q + (i < valid ? q_order[i] : 0);
+      mma::cp_async_4(lse_tiles + stage * Br + i, p.lse_log2 + at_row, i < valid);
+      mma::cp_async_4(delta_tiles + stage * Br + i, p.delta + at_row, i < valid);
+    }
+  };
+
+  // SCFA Alg. 2 line 5.
+  const int k_valid = k_count - key0;
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, k_valid);
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, k_valid);
+  if (step.head_in_group < p.group_size) load_q_block(step, 0);
+  mma::cp_async_commit();
+  float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
+
+  // SCFA Alg. 2 lines 6-7: the visible Q tiles of each query head of the group.
+  for (int stage = 0; step.head_in_group < p.group_size; stage ^= 1) {
+    const Step next = next_visible(Step{step.head_in_group, step.block + 1});
+    if (next.head_in_group < p.group_size) {
+      load_q_block(next, stage ^ 1);  // its stage was last read before the barrier that ended the last step
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const long long q_flat = first_flat() + step.head_in_group;
+    const int q_count = p.queries.count[q_flat];
+    const int row0 = step.block * Br;
+    const T* q_tile = q_tiles + stage * Br * kStride;
+    const T* do_tile = do_tiles + stage * Br * kStride;
+    const float* lse_log2 = lse_tiles + stage * Br;
+    const float* delta = delta_tiles + stage * Br;
+    const int* q_index = q_index_tiles + stage * Br;
+    const int* q_bucket = q_bucket_tiles + stage * Br;
+
+    // SCFA Alg. 2 line 8: S_ij^T = K_j Q_i^T,
+    float s[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a(a, k_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // and P_ij^T = exp(scale S_ij^T - L_i), 0 where Alg. 1 line 10 masks the pair.
+    const bool needs_mask = key0 + Bc > k_count || row0 + Br > q_count ||
+                            !tiles_fully_visible(tile_range(p.queries, q_flat, row0, Br), k_range, p.causal,
+                                                 causal_offset);
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int column = nt * 8 + 2 * t + e % 2;
+        const float prob = exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
+        const bool hidden = needs_mask && (row0 + column >= q_count ||
+                                           !pair_visible(q_index[column], q_bucket[column], key_index[e / 2],
+                                                         key_bucket[e / 2], p.causal, causal_offset));
+        s[nt][e] = hidden ? 0.0f : prob;
+      }
+
+    // SCFA Alg. 2 line 9: dV_j += P_ij^T dO_i,
+#pragma unroll
+    for (int kk = 0; kk < Br / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
+        mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    // dP_ij^T = V_j dO_i^T,
+    float ds[kQTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a(a, v_tile, kStride, warp_key0, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kQTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
+        mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // dS_ij^T = P_ij^T * (dP_ij^T - D_i).
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
+    // SCFA Alg. 2 line 11: dK_j += dS_ij^T Q_i (the scale tau at the end).
+#pragma unroll
+    for (int kk = 0; kk < Br / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
+        mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    // SCFA Alg. 2 lines 10 and 15: dQ_i += dS_ij K_j by fp32 atomics, straight at each query's original row.
+#pragma unroll
+    for (int nt = 0; nt < kQTiles; ++nt) {
+      T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
+      *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
+      *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
+    }
+    __syncthreads();
+    const int row_tile = warp % Shape::kDqRowTiles;
+    const int column0 = (warp / Shape::kDqRowTiles) * Shape::kDqDTiles * 8;
+    float dq[Shape::kDqDTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < Bc / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a_transposed(a, ds_tile, kDsStride, kk * 16, row_tile * 16);
+#pragma unroll
+      for (int dp = 0; dp < Shape::kDqDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, k_tile, kStride, kk * 16, column0 + dp * 16);
+        mma_m16n8k16<T>(dq[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(dq[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    float* dq_rows = p.dq_accum + q_flat * p.seq_q * HeadDim;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int local = row_tile * 16 + group + 8 * half;
+      if (row0 + local >= q_count) continue;
+      float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim + column0 + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < Shape::kDqDTiles; ++dt) {
+        atomicAdd(out + dt * 8, dq[dt][2 * half]);
+        atomicAdd(out + dt * 8 + 1, dq[dt][2 * half + 1]);
+      }
+    }
+    __syncthreads();  // the next step overwrites this step's stage and dS tile
+    step = next;
+  }
+  mma::cp_async_wait<0>();  // (K_j, V_j are still in flight when no Q tile was visible)
+
+  // SCFA Alg. 2 lines 13 and 15: dK_j (times tau) and dV_j at the keys' original rows; dropped keys get zeros.
+  T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
+  T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int position = key0 + warp_key0 + group + 8 * half;
+    if (position >= p.seq_k) continue;
+    const float keep = position < k_count ? 1.0f : 0.0f;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const long long at = static_cast<long long>(k_order[position]) * p.kv_seq + dt * 8 + 2 * t;
+      *reinterpret_cast<std::uint32_t*>(dk + at) =
+          mma::pack2<T>(keep * acc_dk[dt][2 * half] * p.scale, keep * acc_dk[dt][2 * half + 1] * p.scale);
+      *reinterpret_cast<std::uint32_t*>(dv + at) =
+          mma::pack2<T>(keep * acc_dv[dt][2 * half], keep * acc_dv[dt][2 * half + 1]);
+    }
+  }
+}
+
+// ============================================================================================================
+// Host side: validation, the device workspace, launches.
+// ============================================================================================================
+
+const char* const kWho = "sparse/gpu";
+constexpr int kBackwardBr = 64, kBackwardBc = 128;
+
+int forward_block_cols(const AttentionProblem& p, const StageOptions& options) {
+  const std::int64_t value = options.get("block_cols", p.head_dim <= 64 ? 128 : 64);
+  if (value == 64 || (value == 128 && p.head_dim <= 64)) return static_cast<int>(value);
+  throw std::invalid_argument("block_cols: " + std::to_string(value) + " is not supported by " + kWho +
+                              " (64, or 128 when head_dim <= 64)");
+}
+
+/// Every rule, before any work: the problem and tensors (gpu_caps), the options, the caller's lists.
+Settings validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, const StageOptions& options,
+                           const KeepLists* lists, bool backward) {
+  validate_call(p, t, gpu_caps(), kWho, backward);
+  const Settings settings = read_settings(options);
+  forward_block_cols(p, options);
+  if (lists != nullptr) validate_keep_lists(p, *lists);
+  return settings;
+}
+
+/// The kept buckets of a call: QK-sparse keeps rows in one bucket (0), hash-sparse in nb.
+int kept_buckets(const Settings& s, const KeepLists* lists) {
+  return lists == nullptr && s.mode == Mode::hash ? s.buckets : 1;
+}
+
+std::size_t side_bytes(std::int64_t heads, std::int64_t seq) {
+  const std::int64_t range_tiles = (seq + kRangeRows - 1) / kRangeRows;
+  return static_cast<std::size_t>(heads) * (3 * seq * sizeof(int) + sizeof(int) + range_tiles * sizeof(int4));
+}
+
+/// The device workspace of one pass: both sides' buckets, permutations, counts and ranges (O(N) per head),
+/// the projection R, and in the backward dQ in fp32 plus L_i and D_i.
+std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool backward) {
+  std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q) + side_bytes(p.batch * p.kv_heads, p.seq_k);
+  if (s.mode == Mode::hash) bytes += static_cast<std::size_t>(p.head_dim) * (s.buckets / 2) * sizeof(float);
+  if (backward)
+    bytes += static_cast<std::size_t>(p.q_elements()) * sizeof(float) +
+             2 * static_cast<std::size_t>(p.lse_elements()) * sizeof(float);
+  else
+    bytes += 2 * sizeof(unsigned long long);  // the forward's statistics for the counters
+  return bytes;
+}
+
+/// One side's workspace, filled by classify_side and sort_sides.
+struct SideBuffers {
+  DeviceBuffer<int> row_bucket, order, bucket, count;
+  DeviceBuffer<int4> ranges;
+  DeviceBuffer<std::int64_t> list_offsets;
+  DeviceBuffer<std::int32_t> list_indices;
+  int heads = 0, seq = 0, range_tiles = 0;
+
+  SideBuffers(std::int64_t heads_, std::int64_t seq_)
+      : row_bucket(heads_ * seq_), order(heads_ * seq_), bucket(heads_ * seq_), count(heads_),
+        ranges(heads_ * ((seq_ + kRangeRows - 1) / kRangeRows)), heads(static_cast<int>(heads_)),
+        seq(static_cast<int>(seq_)), range_tiles(static_cast<int>((seq_ + kRangeRows - 1) / kRangeRows)) {}
+
+  SortedRows view() const { return {order.data(), bucket.data(), count.data(), ranges.data(), range_tiles}; }
+  SortSide sort_side() {
+    return {row_bucket.data(), seq, heads, range_tiles, order.data(), bucket.data(), count.data(), ranges.data()};
+  }
+};
+
+/// The mask or bucket of every row of one side (SCFA Alg. 1 line 1): the caller's lists uploaded and marked,
+/// or classify_rows_kernel.
+template <class T, int D>
+void classify_side(SideBuffers& side, const T* x, const Strides& strides, int batch, const Classify& classify,
+                   const std::vector<std::int64_t>* offsets, const std::vector<std::int32_t>* indices) {
+  const int heads = side.heads / batch;
+  if (offsets != nullptr) {
+    side.list_offsets = DeviceBuffer<std::int64_t>(offsets->size());
+    side.list_indices = DeviceBuffer<std::int32_t>(indices->size());
+    ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_offsets.data(), offsets->data(), side.list_offsets.bytes(),
+                                    cudaMemcpyHostToDevice));
+    if (!indices->empty())
+      ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_indices.data(), indices->data(), side.list_indices.bytes(),
+                                      cudaMemcpyHostToDevice));
+    mark_listed_rows_kernel<<<side.heads, 256>>>(side.list_offsets.data(), side.list_indices.data(), side.seq,
+                                                 side.row_bucket.data());
+  } else {
+    const long long rows = static_cast<long long>(side.heads) * side.seq;
+    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, 128), 128>>>(x, strides, batch, heads, side.seq, classify,
+                                                                  side.row_bucket.data());
+  }
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+/// Both sides' stable sorts and tile ranges in one launch (SCFA Alg. 1 lines 2-3).
+void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets) {
+  const int smem = (kSortWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
+  if (smem > 48 * 1024)
+    ATTN_CUDA_CHECK(cudaFuncSetAttribute(sort_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sort_rows_kernel<<<queries.heads + keys.heads, 32 * kSortWarps, smem>>>(queries.sort_side(), keys.sort_side(),
+                                                                          buckets);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+/// Both sides' sorted rows for one pass; the buffers keep them alive.
+struct Prepared {
+  SideBuffers queries, keys;
+  DeviceBuffer<float> projection;
+};
+
+/// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the tile ranges.
+template <class T, int D>
+void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, const AttentionTensors& t,
+             const Settings& s, const KeepLists* lists) {
+  Classify classify;
+  classify.mode = lists != nullptr ? Mode::qk : s.mode;
+  classify.buckets = kept_buckets(s, lists);
+  classify.seed = s.seed;
+  if (classify.mode == Mode::hash && classify.buckets > 1) {
+    const int half = classify.buckets / 2;
+    prepared.projection = DeviceBuffer<float>(static_cast<std::size_t>(D) * half);
+    projection_kernel<<<cuda::ceil_div(D * half, 256), 256>>>(prepared.projection.data(), s.seed, D, half);
+    ATTN_CUDA_CHECK_LAUNCH();
+    classify.projection = prepared.projection.data();
+  }
+  const int batch = static_cast<int>(p.batch);
+  classify.queries = true;
+  classify.drop_permille = s.drop_q_permille;
+  classify_side<T, D>(prepared.queries, static_cast<const T*>(t.q), t.q_strides, batch, classify,
+                      lists ? &lists->query_offsets : nullptr, lists ? &lists->query_indices : nullptr);
+  classify.queries = false;
+  classify.drop_permille = s.drop_k_permille;
+  classify_side<T, D>(prepared.keys, static_cast<const T*>(t.k), t.kv_strides, batch, classify,
+                      lists ? &lists->key_offsets : nullptr, lists ? &lists->key_indices : nullptr);
+  sort_sides(prepared.queries, prepared.keys, classify.buckets);
+  params.queries = prepared.queries.view();
+  params.keys = prepared.keys.view();
+}
+
+/// The device time of a pass's planning (masks or buckets, sorts, ranges), for the "plan_ms" counter: events
+/// around it, read once the pass has finished.
+class PlanTimer {
+ public:
+  PlanTimer() {
+    ATTN_CUDA_CHECK(cudaEventCreate(&start_));
+    ATTN_CUDA_CHECK(cudaEventCreate(&stop_));
+    ATTN_CUDA_CHECK(cudaEventRecord(start_));
+  }
+  ~PlanTimer() {
+    cudaEventDestroy(start_);
+    cudaEventDestroy(stop_);
+  }
+  PlanTimer(const PlanTimer&) = delete;
+  PlanTimer& operator=(const PlanTimer&) = delete;
+  void planned() { ATTN_CUDA_CHECK(cudaEventRecord(stop_)); }
+  /// Waits for the planning to finish (not for what was launched after it).
+  double milliseconds() {
+    float ms = 0;
+    ATTN_CUDA_CHECK(cudaEventSynchronize(stop_));
+    ATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
+    return ms;
+  }
+
+ private:
+  cudaEvent_t start_{}, stop_{};
+};
+
+/// Calls body(std::integral_constant<int, D>{}) for the supported head dims.
+template <class Body>
+void dispatch_head_dim(std::int64_t head_dim, Body&& body) {
+  switch (head_dim) {
+    case 32: body(std::integral_constant<int, 32>{}); return;
+    case 64: body(std::integral_constant<int, 64>{}); return;
+    case 96: body(std::integral_constant<int, 96>{}); return;
+    case 128: body(std::integral_constant<int, 128>{}); return;
+  }
+  throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not supported by " + kWho);
+}
+
+template <class Body>
+void dispatch(const AttentionProblem& p, DType dtype, Body&& body) {
+  cuda::dispatch_dtype(dtype, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (!std::is_same_v<T, float>)
+      dispatch_head_dim(p.head_dim, [&](auto d) { body(T{}, d); });
+  });
+}
+
+}  // namespace
+
+TierCaps gpu_caps() {
+  TierCaps caps;
+  caps.dtypes = {DType::bf16, DType::f16};
+  caps.stride_multiple = 8;  // rows are copied in 16-byte chunks (cp.async / ldmatrix)
+  caps.max_seq = 1 << 30;    // row indices are 32-bit in the kernels
+  caps.max_head_dim = 128;   // O_i and dK_j, dV_j of D floats per row in registers, as flash_v2's
+  caps.head_dims = {32, 64, 96, 128};
+  caps.has_backward = true;
+  caps.pointer_alignment = 16;
+  return caps;
+}
+
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists) {
+  const Settings settings = validate_gpu_call(p, t, options, lists, false);
+  const int block_cols = forward_block_cols(p, options);
+  Params params;
+  static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
+  Prepared prepared{SideBuffers(p.batch * p.q_heads, p.seq_q), SideBuffers(p.batch * p.kv_heads, p.seq_k), {}};
+  DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited
+  ATTN_CUDA_CHECK(cudaMemsetAsync(statistics.data(), 0, statistics.bytes()));
+  params.tiles_visited = statistics.data() + 1;
+  PlanTimer timer;
+  dispatch(p, t.dtype, [&](auto element, auto d) {
+    using T = decltype(element);
+    constexpr int D = decltype(d)::value;
+    prepare<T, D>(prepared, params, p, t, settings, lists);
+    timer.planned();
+    if constexpr (D <= 64) {
+      if (block_cols == 128) {
+        launch_forward<T, D, 128, 128>(params, static_cast<int>(p.batch));
+        return;
+      }
+    }
+    launch_forward<T, D, 128, 64>(params, static_cast<int>(p.batch));
+  });
+  const long long rows = p.lse_elements();
+  count_pairs_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics.data());
+  ATTN_CUDA_CHECK_LAUNCH();
+  unsigned long long counted[2] = {};
+  ATTN_CUDA_CHECK(cudaMemcpy(counted, statistics.data(), sizeof(counted), cudaMemcpyDeviceToHost));
+  const double dense_pairs = static_cast<double>(p.batch * p.q_heads) * p.visible_pairs();
+  const std::int64_t Bc = block_cols;
+  options.counters["Tc"] = static_cast<double>((p.seq_k + Bc - 1) / Bc);
+  options.counters["visible_pairs"] = static_cast<double>(counted[0]);
+  options.counters["visible_fraction"] = dense_pairs > 0 ? static_cast<double>(counted[0]) / dense_pairs : 0.0;
+  options.counters["tiles_visited"] = static_cast<double>(counted[1]);
+  options.counters["tiles_total"] =
+      static_cast<double>(p.batch * p.q_heads * ((p.seq_q + 127) / 128) * ((p.seq_k + Bc - 1) / Bc));
+  options.counters["plan_ms"] = timer.milliseconds();
+}
+
+void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists) {
+  const Settings settings = validate_gpu_call(p, t, options, lists, true);
+  Params params;
+  static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
+  Prepared prepared{SideBuffers(p.batch * p.q_heads, p.seq_q), SideBuffers(p.batch * p.kv_heads, p.seq_k), {}};
+  DeviceBuffer<float> dq_accum(static_cast<std::size_t>(p.q_elements()));
+  DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
+  params.dq_accum = dq_accum.data();
+  params.lse_log2 = lse_log2.data();
+  params.delta = delta.data();
+  ATTN_CUDA_CHECK(cudaMemsetAsync(dq_accum.data(), 0, dq_accum.bytes()));
+  PlanTimer timer;
+  dispatch(p, t.dtype, [&](auto element, auto d) {
+    using T = decltype(element);
+    constexpr int D = decltype(d)::value;
+    prepare<T, D>(prepared, params, p, t, settings, lists);
+    timer.planned();
+    const long long rows = p.lse_elements();
+    flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
+    ATTN_CUDA_CHECK_LAUNCH();
+    using Shape = BackwardShape<D, kBackwardBr, kBackwardBc>;
+    auto kernel = backward_kernel<T, D, kBackwardBr, kBackwardBc>;
+    ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+    const dim3 grid(cuda::ceil_div(p.seq_k, kBackwardBc), static_cast<int>(p.kv_heads), static_cast<int>(p.batch));
+    kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
+    ATTN_CUDA_CHECK_LAUNCH();
+    const long long elements = rows * D;
+    flash::store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
+    ATTN_CUDA_CHECK_LAUNCH();
+  });
+  options.counters["plan_ms"] = timer.milliseconds();
+}
+
+TierEntry gpu_tier() {
+  TierEntry gpu;
+  gpu.tier = Tier::gpu;
+  gpu.caps = gpu_caps();
+  gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward_gpu(p, t, options);
+  };
+  gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    backward_gpu(p, t, options);
+  };
+  gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward, const StageOptions& options) {
+    return workspace_bytes(p, read_settings(options), backward);
+  };
+  gpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_cols"};
+  gpu.target = "sm_90a";
+  return gpu;
+}
+
+}  // namespace attn::sparse
