@@ -24,10 +24,16 @@
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "flash_v3/flash_v3.hpp"
+#include "flash_v3/flash_v3_schedule.cuh"
 #include "flash_v3/fp8_gpu.hpp"
 
 namespace attn::flash_v3 {
 namespace {
+
+using schedule::Slot;
+using schedule::slot_of;
+using schedule::Tile;
+using schedule::tile_at;
 
 using namespace attn::hopper;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -78,50 +84,7 @@ struct Barriers {
   std::uint64_t v_full[Stages], v_empty[Stages];
 };
 
-/// Pipeline position of the it-th block a thread block visits: its ring slot and the parity of the slot's use.
-struct Slot {
-  int stage;
-  std::uint32_t phase;
-};
-template <int Stages>
-__device__ __forceinline__ Slot slot_of(int it) {  // it counts every block this thread block has loaded
-  return {it % Stages, static_cast<std::uint32_t>((it / Stages) & 1)};
-}
 
-/// The Q tile of one thread block and the K/V blocks it visits. Blocks are visited in reverse, from the last
-/// visible one down to 0 (order index it -> block j = blocks - 1 - it), so that the blocks that need a mask
-/// (the causal diagonal, the end of the sequence) come first and the rest run without one.
-struct Tile {
-  int row0, head, kv_head, batch;
-  int blocks;         // K/V blocks with at least one visible key for some row of the tile
-  int masked_blocks;  // how many of them (the first visited) need the mask
-};
-
-/// Tile number `index` of the grid's q_blocks x heads x batch tiles, Q blocks fastest (so that thread blocks
-/// running at the same time share K and V in L2). Causal: within a head, the last Q blocks have the most K/V
-/// blocks; starting them first shortens the tail.
-template <int Br, int Bc>
-__device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int index) {
-  Tile tile;
-  const int q_blocks = cuda::ceil_div(p.seq_q, Br);
-  const int q_block = p.causal ? q_blocks - 1 - index % q_blocks : index % q_blocks;
-  tile.row0 = q_block * Br;
-  tile.head = index / q_blocks % p.q_heads;
-  tile.batch = index / q_blocks / p.q_heads;
-  tile.kv_head = tile.head / p.group_size;
-  const int offset = p.seq_k - p.seq_q;  // bottom-right causal: row i sees keys j <= i + offset
-  int blocks = cuda::ceil_div(p.seq_k, Bc);
-  int unmasked = p.seq_k / Bc;  // blocks wholly inside the sequence
-  if (p.causal) {
-    const int last_visible = tile.row0 + Br - 1 + offset;  // by the tile's last row
-    blocks = last_visible < 0 ? 0 : min(blocks, last_visible / Bc + 1);
-    const int first_row_sees = tile.row0 + offset + 1;  // keys [0, first_row_sees) visible to every row
-    unmasked = min(unmasked, max(first_row_sees, 0) / Bc);
-  }
-  tile.blocks = blocks;
-  tile.masked_blocks = blocks - min(unmasked, blocks);
-  return tile;
-}
 
 // ============================================================================================================
 // Producer (FA3 Alg. 1 lines 2-8): one thread issues every TMA copy; the others of its warpgroup only give up registers.
@@ -214,16 +177,7 @@ struct RowState {
 template <bool Masked, int Bc>
 __device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2],
                                                const cuda::AttentionParams& p, int query0, int key0) {
-  const int group = mma::lane_group(), t = mma::lane_in_group();
-  if constexpr (Masked) {
-#pragma unroll
-    for (int i = 0; i < Bc / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = query0 + group + 8 * (e / 2), key = key0 + 8 * i + 2 * t + e % 2;
-        if (key >= p.seq_k || (p.causal && key > query + (p.seq_k - p.seq_q))) s[4 * i + e] = -kInf;
-      }
-  }
+  if constexpr (Masked) schedule::mask_invisible<Bc>(s, p, query0, key0);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float block_max = -kInf;
@@ -534,20 +488,6 @@ int schedule_option(const StageOptions& options) {
   return static_cast<int>(value);
 }
 
-/// The kernels exist only for sm_90a; say so plainly on any other GPU (or build) instead of failing at launch.
-void require_hopper() {
-#ifndef ATTN_FLASH_V3_SM90A
-  throw std::runtime_error(std::string(kWho) + ": " + gpu_build_target());
-#else
-  int device = 0, major = 0, minor = 0;
-  ATTN_CUDA_CHECK(cudaGetDevice(&device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major != 9 || minor != 0)
-    throw std::runtime_error(std::string(kWho) + ": needs a Hopper GPU (sm_90a); this device is sm_" +
-                             std::to_string(major) + std::to_string(minor));
-#endif
-}
 
 int multiprocessor_count() {
   int device = 0, count = 0;
@@ -672,7 +612,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const int schedule = schedule_option(options);
   const int block_cols = block_cols_option(p, options, schedule);
   const bool persistent = persistent_option(options, schedule, block_cols);
-  require_hopper();
+  schedule::require_hopper(kWho);
   options.counters["Tc"] = static_cast<double>((p.seq_k + block_cols - 1) / block_cols);  // K/V blocks per row
   const cuda::AttentionParams params = cuda::make_attention_params(p, t);
   cuda::dispatch_dtype(t.dtype, [&](auto element) {

@@ -31,11 +31,17 @@
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "flash_v3/flash_v3.hpp"
+#include "flash_v3/flash_v3_schedule.cuh"
 #include "flash_v3/fp8.hpp"
 #include "flash_v3/fp8_gpu.hpp"
 
 namespace attn::flash_v3::fp8 {
 namespace {
+
+using schedule::Slot;
+using schedule::slot_of;
+using schedule::Tile;
+using schedule::tile_at;
 
 using namespace attn::hopper;
 using E4M3 = __nv_fp8_e4m3;
@@ -176,14 +182,6 @@ struct Barriers {
   std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (96) -> consumers
 };
 
-struct Slot {
-  int stage;
-  std::uint32_t phase;
-};
-template <int Stages>
-__device__ __forceinline__ Slot slot_of(int it) {
-  return {it % Stages, static_cast<std::uint32_t>((it / Stages) & 1)};
-}
 
 /// Scales and output of the FP8 forward, beside the common parameters (q, k, v unused: the codes are read by TMA).
 struct Fp8Params {
@@ -193,35 +191,6 @@ struct Fp8Params {
   const float* v_scales;
 };
 
-/// The Q tile of one thread block and its K/V blocks, visited from the last visible one down to 0 so that the
-/// blocks needing a mask come first (as in flash_v3_cuda.cu).
-struct Tile {
-  int row0, q_block, head, kv_head, batch;
-  int blocks, masked_blocks;
-};
-
-template <int Br, int Bc>
-__device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int index) {
-  Tile tile;
-  const int q_blocks = cuda::ceil_div(p.seq_q, Br);
-  tile.q_block = p.causal ? q_blocks - 1 - index % q_blocks : index % q_blocks;
-  tile.row0 = tile.q_block * Br;
-  tile.head = index / q_blocks % p.q_heads;
-  tile.batch = index / q_blocks / p.q_heads;
-  tile.kv_head = tile.head / p.group_size;
-  const int offset = p.seq_k - p.seq_q;
-  int blocks = cuda::ceil_div(p.seq_k, Bc);
-  int unmasked = p.seq_k / Bc;
-  if (p.causal) {
-    const int last_visible = tile.row0 + Br - 1 + offset;
-    blocks = last_visible < 0 ? 0 : min(blocks, last_visible / Bc + 1);
-    const int first_row_sees = tile.row0 + offset + 1;
-    unmasked = min(unmasked, max(first_row_sees, 0) / Bc);
-  }
-  tile.blocks = blocks;
-  tile.masked_blocks = blocks - min(unmasked, blocks);
-  return tile;
-}
 
 // ============================================================================================================
 // Producer warpgroup: thread 0 issues the TMA loads; all 128 threads transpose each V tile into V^T.
@@ -360,16 +329,7 @@ struct RowState {
 template <bool Masked, int Bc>
 __device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
                                                const cuda::AttentionParams& p, int query0, int key0) {
-  const int group = mma::lane_group(), t = mma::lane_in_group();
-  if constexpr (Masked) {
-#pragma unroll
-    for (int i = 0; i < Bc / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = query0 + group + 8 * (e / 2), key = key0 + 8 * i + 2 * t + e % 2;
-        if (key >= p.seq_k || (p.causal && key > query + (p.seq_k - p.seq_q))) s[4 * i + e] = -kInf;
-      }
-  }
+  if constexpr (Masked) schedule::mask_invisible<Bc>(s, p, query0, key0);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float block_max = -kInf;
@@ -575,19 +535,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 const char* const kWho = "flash_v3/gpu (fp8)";
 
-void require_hopper() {
-#ifndef ATTN_FLASH_V3_SM90A
-  throw std::runtime_error(std::string(kWho) + ": " + gpu_build_target());
-#else
-  int device = 0, major = 0, minor = 0;
-  ATTN_CUDA_CHECK(cudaGetDevice(&device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  if (major != 9 || minor != 0)
-    throw std::runtime_error(std::string(kWho) + ": needs a Hopper GPU (sm_90a); this device is sm_" +
-                             std::to_string(major) + std::to_string(minor));
-#endif
-}
 
 template <int HeadDim>
 void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads, std::int64_t seq,
@@ -681,7 +628,7 @@ void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool inc
 }
 
 void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep) {
-  require_hopper();
+  schedule::require_hopper(kWho);
   switch (p.head_dim) {
     case 128: return deep ? launch_forward<128, true>(p, t, scratch) : launch_forward<128, false>(p, t, scratch);
     case 256: return deep ? launch_forward<256, true>(p, t, scratch) : launch_forward<256, false>(p, t, scratch);
@@ -699,7 +646,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   if (stages != 0 && stages != 2)
     throw std::invalid_argument("stages: " + std::to_string(stages) + " must be 0 (the deep K/V rings, default) or 2 " +
                                 "(the bf16 kernel's depth, for comparison)");
-  require_hopper();
+  schedule::require_hopper(kWho);
   Scratch scratch(p);
   // The two steps timed apart (counters quantize_ms, attention_ms): the paper's figure is the attention kernel's.
   cudaEvent_t marks[3];
