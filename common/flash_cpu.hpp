@@ -10,6 +10,7 @@
 
 #include "common/cpu_tiles.hpp"
 #include "common/memory.hpp"
+#include "common/problem.hpp"
 
 namespace attn::flash_cpu {
 
@@ -157,6 +158,24 @@ inline void key_gradient(const float* q_rows, std::int64_t q_seq_stride, std::in
   tiles::matmul(Update::accumulate, keys, D, rows, tiles::transposed(tile.dS.data(), tile.ld), q_rows, q_seq_stride,
                 tile.dK.data(), D);
   // LAB END flash-v2-backward
+}
+
+// ---- where one head's rows start --------------------------------------------------------------------------------
+
+/// Row 0 of one (batch, query head)'s Q, O and L, and of its KV head's K and V (GQA / MQA: query head h reads
+/// KV head h / (Hq / Hkv)), in the forward's fp32 tensors.
+struct Head {
+  const float *q, *k, *v;
+  float* o;
+  float* lse;
+};
+
+inline Head head_pointers(const AttentionProblem& p, const AttentionTensors& t, std::int64_t b, std::int64_t h) {
+  const std::int64_t kv_head = p.kv_head_of(h);
+  return Head{row_pointer(static_cast<const float*>(t.q), t.q_strides, b, h, 0),
+              row_pointer(static_cast<const float*>(t.k), t.kv_strides, b, kv_head, 0),
+              row_pointer(static_cast<const float*>(t.v), t.kv_strides, b, kv_head, 0),
+              row_pointer(static_cast<float*>(t.o), t.q_strides, b, h, 0), t.lse + (b * p.q_heads + h) * p.seq_q};
 }
 
 }  // namespace attn::flash_cpu

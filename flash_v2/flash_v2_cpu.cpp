@@ -23,6 +23,8 @@ namespace {
 using tiles::kNegInf;
 using tiles::MatrixView;
 using tiles::Update;
+using flash_cpu::Head;
+using flash_cpu::head_pointers;
 
 // Defaults measured on the 2-core EPYC dev machine (README, "Block sizes"). The forward re-reads K_j and V_j
 // (2 Bc d floats) for every Q block, 4 Br Bc d FLOPs: 2 / Br bytes per FLOP, so Br should be large; with
@@ -104,20 +106,6 @@ void finish_query_block(const AttentionProblem& p, const QueryBlock& block, floa
                         float* lse) {
   for (std::int64_t r = 0; r < block.rows; ++r)
     lse[block.row0 + r] = flash_cpu::finish_row(block, r, p.head_dim, o_rows + (block.row0 + r) * o_seq_stride);
-}
-
-struct Head {
-  const float *q, *k, *v;  // row 0 of this (batch, head)'s Q and of its KV head's K, V
-  float* o;
-  float* lse;
-};
-
-Head head_pointers(const AttentionProblem& p, const AttentionTensors& t, std::int64_t b, std::int64_t h) {
-  const std::int64_t kv_head = p.kv_head_of(h);
-  return Head{row_pointer(static_cast<const float*>(t.q), t.q_strides, b, h, 0),
-              row_pointer(static_cast<const float*>(t.k), t.kv_strides, b, kv_head, 0),
-              row_pointer(static_cast<const float*>(t.v), t.kv_strides, b, kv_head, 0),
-              row_pointer(static_cast<float*>(t.o), t.q_strides, b, h, 0), t.lse + (b * p.q_heads + h) * p.seq_q};
 }
 
 // Split-Q (the default; FA2 Sec. 3.2-3.3): each thread takes whole (batch, head, Q block) items and runs the

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/cpu_tiles.hpp"
+#include "common/flash_cpu.hpp"
 #include "common/memory.hpp"
 #include "common/simd.hpp"
 #include "common/validate.hpp"
@@ -37,6 +38,8 @@ namespace {
 using tiles::kNegInf;
 using tiles::MatrixView;
 using tiles::Update;
+using flash_cpu::Head;
+using flash_cpu::head_pointers;
 
 // The GPU tier's tile: a CTA takes Br = 128 query rows (64 per consumer warpgroup) and streams Bc = 128 keys
 // per K/V block through a ring of 2 stages.
@@ -152,20 +155,6 @@ Settings read_settings(const AttentionProblem& p, const StageOptions& options) {
                                   " (use fewer heads or rows, or larger block_rows / block_cols)");
   }
   return s;
-}
-
-struct Head {
-  const float *q, *k, *v;  // row 0 of this (batch, head)'s Q and of its KV head's K, V
-  float* o;
-  float* lse;
-};
-
-Head head_pointers(const AttentionProblem& p, const AttentionTensors& t, std::int64_t b, std::int64_t h) {
-  const std::int64_t kv_head = p.kv_head_of(h);  // GQA / MQA: query head h reads KV head h / (Hq / Hkv)
-  return Head{row_pointer(static_cast<const float*>(t.q), t.q_strides, b, h, 0),
-              row_pointer(static_cast<const float*>(t.k), t.kv_strides, b, kv_head, 0),
-              row_pointer(static_cast<const float*>(t.v), t.kv_strides, b, kv_head, 0),
-              row_pointer(static_cast<float*>(t.o), t.q_strides, b, h, 0), t.lse + (b * p.q_heads + h) * p.seq_q};
 }
 
 // ---- synchronisation: stage barriers, the rings, the pingpong token ---------------------------------------------
