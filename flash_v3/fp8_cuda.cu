@@ -8,7 +8,8 @@
 //  - both GEMMs are wgmma e4m3 (k = 32 per instruction), whose operands must both be K-major. S = Q K^T is (Q and
 //    K rows hold the head dimension contiguously); O += P V is not: V's rows are keys, the reduction dimension.
 //    So the producer warpgroup, once TMA has brought a V tile in, transposes it in shared memory into V^T (keys
-//    contiguous) and only then hands it to the consumers;
+//    contiguous; ldmatrix.trans, byte permutes, stmatrix) and only then hands it to the consumers. V^T's rows, and
+//    so O's accumulator columns, come in stmatrix's order; the epilogue writes each column where it belongs;
 //  - P is computed as exp2(x - m + 8), in (0, 256], converted to e4m3 straight into the A-operand registers. The
 //    fp32 accumulator holds, per thread and per 32 keys, keys {2t, 2t+1, 8+2t, 9+2t} and {16+2t, ...} of its two
 //    rows, while the e4m3 A operand wants 4 consecutive k per register. Instead of moving data between threads,
@@ -174,13 +175,19 @@ struct Config {
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
 constexpr int kPingpongBarrier = 3;  // + consumer
 constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
+// Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
+// 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
+// enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * 2 * kWarpgroupThreads <= 168 * 384,
+              "setmaxnreg cannot hand out more registers than the thread block has");
 
 template <class Cfg>
 struct Barriers {
   std::uint64_t q_full;
   std::uint64_t k_full[Cfg::kStages], k_empty[Cfg::kStages];  // K: TMA -> consumers (one arrival per consumer)
-  std::uint64_t v_full[Cfg::kStages], v_empty[Cfg::kStages];  // V as loaded: TMA -> transposing warps (96 arrivals)
-  std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (96) -> consumers
+  std::uint64_t v_full[Cfg::kStages], v_empty[Cfg::kStages];  // V as loaded: TMA -> transposing warps (3 arrivals)
+  std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (3) -> consumers
 };
 
 
@@ -195,7 +202,7 @@ struct Fp8Params {
 
 
 // ============================================================================================================
-// Producer warpgroup: thread 0 issues the TMA loads; all 128 threads transpose each V tile into V^T.
+// Producer warpgroup: thread 0 issues the TMA loads; warps 1-3 transpose each V tile into V^T.
 // ============================================================================================================
 
 /// Key held at position l (0..15) of a 16-key group of the e4m3 A operand of P: a thread's register holds
@@ -557,11 +564,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
-    // The producer transposes as well as loads: 40 registers (40 x 128 + 232 x 256 <= 65536).
-    setmaxnreg_decrease<40>();
+    setmaxnreg_decrease<kProducerRegisters>();  // the producer transposes as well as loads
     producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose);
   } else {
-    setmaxnreg_increase<232>();
+    setmaxnreg_increase<kConsumerRegisters>();
     const int consumer_index = warpgroup - 1;
     if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
     consumer<Cfg>(fp, tile, smem, bars, consumer_index);
