@@ -8,7 +8,8 @@
 //  - both GEMMs are wgmma e4m3 (k = 32 per instruction), whose operands must both be K-major. S = Q K^T is (Q and
 //    K rows hold the head dimension contiguously); O += P V is not: V's rows are keys, the reduction dimension.
 //    So the producer warpgroup, once TMA has brought a V tile in, transposes it in shared memory into V^T (keys
-//    contiguous) and only then hands it to the consumers;
+//    contiguous; ldmatrix.trans, byte permutes, stmatrix) and only then hands it to the consumers. V^T's rows, and
+//    so O's accumulator columns, come in stmatrix's order; the epilogue writes each column where it belongs;
 //  - P is computed as exp2(x - m + 8), in (0, 256], converted to e4m3 straight into the A-operand registers. The
 //    fp32 accumulator holds, per thread and per 32 keys, keys {2t, 2t+1, 8+2t, 9+2t} and {16+2t, ...} of its two
 //    rows, while the e4m3 A operand wants 4 consecutive k per register. Instead of moving data between threads,
@@ -18,6 +19,7 @@
 //    exp2's FFMA); O is kept in units of the current V block's scale and moved to the next one's in the rescale
 //    that the online softmax does anyway; O = O x v_scale / l at the end, written in bf16; LSE in fp32.
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -173,13 +175,19 @@ struct Config {
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
 constexpr int kPingpongBarrier = 3;  // + consumer
 constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
+// Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
+// 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
+// enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * 2 * kWarpgroupThreads <= 168 * 384,
+              "setmaxnreg cannot hand out more registers than the thread block has");
 
 template <class Cfg>
 struct Barriers {
   std::uint64_t q_full;
   std::uint64_t k_full[Cfg::kStages], k_empty[Cfg::kStages];  // K: TMA -> consumers (one arrival per consumer)
-  std::uint64_t v_full[Cfg::kStages], v_empty[Cfg::kStages];  // V as loaded: TMA -> transposing warps (96 arrivals)
-  std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (96) -> consumers
+  std::uint64_t v_full[Cfg::kStages], v_empty[Cfg::kStages];  // V as loaded: TMA -> transposing warps (3 arrivals)
+  std::uint64_t vt_full[Cfg::kVtStages], vt_empty[Cfg::kVtStages];  // V^T: transposing warps (3) -> consumers
 };
 
 
@@ -189,58 +197,87 @@ struct Fp8Params {
   const float* q_scales;  // [batch x q_heads][ceil(seq_q / Br)]
   const float* k_scales;  // [batch x kv_heads][ceil(seq_k / Bc)]
   const float* v_scales;
+  bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
 };
 
 
 // ============================================================================================================
-// Producer warpgroup: thread 0 issues the TMA loads; all 128 threads transpose each V tile into V^T.
+// Producer warpgroup: thread 0 issues the TMA loads; warps 1-3 transpose each V tile into V^T.
 // ============================================================================================================
 
 /// Key held at position l (0..15) of a 16-key group of the e4m3 A operand of P: a thread's register holds
 /// accumulator columns {2t, 2t+1, 8+2t, 9+2t} at A positions {4t .. 4t+3} (see the file comment).
 __host__ __device__ constexpr int key_at_position(int l) { return 2 * (l / 4) + (l % 2) + 8 * (l % 4 / 2); }
+/// Column of V (= of O) held by row r of V^T: within each 16-row group, rows 0..7 hold the even columns and rows
+/// 8..15 the odd ones (what stmatrix writes without bank conflicts, below); the epilogue puts O's columns back.
+__host__ __device__ constexpr int column_at_row(int r) { return 16 * (r / 16) + 2 * (r % 8) + r % 16 / 8; }
+
+/// transpose_v's data movement on the first unit (16 keys x 32 columns), simulated at compile time: where each byte
+/// that lane 4p + q's stmatrix register i (byte e) writes came from, by ldmatrix.trans's layout and the byte
+/// permutes; true if that is V[key_at_position(4q + e)][column_at_row(8i + p)], the byte V^T row 8i + p needs at
+/// position 4q + e.
+constexpr unsigned kEvenBytes = 0x6420, kOddBytes = 0x7531;  // __byte_perm selectors: bytes 0, 2 (1, 3) of each
+constexpr bool transpose_unit_moves_right() {
+  for (int lane = 0; lane < 32; ++lane) {
+    const int p = lane / 4, q = lane % 4;
+    for (int i = 0; i < 4; ++i)
+      for (int e = 0; e < 4; ++e) {
+        const int selector = ((i % 2 ? kOddBytes : kEvenBytes) >> (4 * e)) & 0xF;  // __byte_perm(r[lo], r[lo + 1], ...)
+        const int block = 2 * (i / 2) + selector / 4, byte = selector % 4;  // ldmatrix block, byte in its register
+        // ldmatrix.trans: byte k of block b's register = element (row 2q + k / 2, 16-bit column p) of that block.
+        const int key = 8 * (block % 2) + 2 * q + byte / 2, column = 16 * (block / 2) + 2 * p + byte % 2;
+        if (key != key_at_position(4 * q + e) || column != column_at_row(8 * i + p)) return false;
+      }
+  }
+  return true;
+}
+static_assert(transpose_unit_moves_right(), "transpose_v's ldmatrix / byte permute / stmatrix layouts disagree");
+
+/// stmatrix.sync.aligned.m8n8.x4.shared.b16 (sm_90): the inverse of ldmatrix_x4 (common/mma.cuh). Lanes 8i..8i+7
+/// give the addresses of rows 0..7 of matrix i (16 bytes each); lane l's r[i] goes to row l / 4, bytes
+/// 4 (l % 4) .. 4 (l % 4) + 3 of matrix i.
+__device__ __forceinline__ void stmatrix_x4(void* row_address, const std::uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_address(row_address)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
 
 /// V (Bc keys x HeadDim, TMA's swizzled panels of 128 columns) -> V^T (HeadDim rows x Bc keys, 128-byte rows,
-/// swizzled), with the keys of each 16-group in A-operand order: V^T[d][16c + l] = V[16c + key_at_position(l)][d].
-/// A lane's unit is 4 keys x 4 columns: 4 32-bit loads (one per key, 4 columns each), a 4 x 4 byte transpose by
-/// byte permutes, 4 32-bit stores (one per column, 4 keys each). A warp takes 32 units at once: one 16-key group,
-/// 32 columns (lane = q + 4t + 16h: columns 16h + 4q .. + 3, A positions 4t .. 4t + 3 of the group), so that each
-/// load instruction touches 32 distinct banks through the swizzle and each store 8 (4-way conflicts).
+/// swizzled), keys of each 16-group in A-operand order and columns in stmatrix order:
+/// V^T[r][16j + l] = V[16j + key_at_position(l)][column_at_row(r)]. A warp's unit is 16 keys (group j) x 32 columns
+/// (c0 ..): one ldmatrix.x4.trans reads the four 8 x 8 blocks of 16-bit pairs (keys 16j + 0..7 and 16j + 8..15, x
+/// columns c0 .. c0 + 15 and c0 + 16 .. c0 + 31); lane 4p + q then holds, per block, keys 2q and 2q + 1 of column
+/// pair p, both bytes of each. Two byte permutes per block pair gather keys {2q, 2q+1, 8+2q, 9+2q} of column 2p
+/// (even bytes) and of column 2p + 1 (odd bytes): A positions 4q .. 4q + 3 of V^T rows c0 + p and c0 + 8 + p. One
+/// stmatrix.x4 writes them, lane l giving the address of V^T row c0 + l. Both sides touch each bank once per 8
+/// rows through the 128-byte swizzle (chunk ^ row % 8): no bank conflicts.
 template <class Cfg>
 __device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, int warp, int warps) {
-  constexpr int kGroups = Cfg::Bc / 16, kItems = kGroups * Cfg::HeadDim / 32;
-  const int lane = threadIdx.x % 32, q = lane % 4, t = lane / 4 % 4, h = lane / 16;
-  for (int item = warp; item < kItems; item += warps) {
-    const int group = item % kGroups, column0 = item / kGroups * 32 + 16 * h + 4 * q;
-    const int panel = column0 / kPanelRowBytes, byte = column0 % kPanelRowBytes;
-    const unsigned char* v_panel = v + panel * Cfg::Bc * kPanelRowBytes;
+  constexpr int kGroups = Cfg::Bc / 16, kUnits = kGroups * Cfg::HeadDim / 32;
+  const int lane = threadIdx.x % 32, block = lane / 8;
+#pragma unroll 2
+  for (int unit = warp; unit < kUnits; unit += warps) {
+    const int group = unit % kGroups, column0 = unit / kGroups * 32;
+    // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, 16 columns from
+    // column0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
+    const int key = 16 * group + 8 * (block % 2) + lane % 8;
+    const int column = column0 + 16 * (block / 2), panel = column / kPanelRowBytes;
+    const int chunk = column % kPanelRowBytes / 16;
     std::uint32_t r[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {  // the key at A position 4t + e of the group
-      const int key = 16 * group + key_at_position(4 * t + e);
-      r[e] = *reinterpret_cast<const std::uint32_t*>(
-          v_panel + key * kPanelRowBytes + ((((byte >> 4) ^ (key & 7)) << 4) | (byte & 15)));
-    }
-    // 4 x 4 byte transpose: out[c] = (r0.byte c, r1.byte c, r2.byte c, r3.byte c).
-    const std::uint32_t low01 = __byte_perm(r[0], r[1], 0x5140), high01 = __byte_perm(r[0], r[1], 0x7362);
-    const std::uint32_t low23 = __byte_perm(r[2], r[3], 0x5140), high23 = __byte_perm(r[2], r[3], 0x7362);
-    const std::uint32_t out[4] = {__byte_perm(low01, low23, 0x5410), __byte_perm(low01, low23, 0x7632),
-                                  __byte_perm(high01, high23, 0x5410), __byte_perm(high01, high23, 0x7632)};
-    const int position = 16 * group + 4 * t;  // byte within the 128-byte V^T row
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int row = column0 + c;
-      *reinterpret_cast<std::uint32_t*>(vt + row * kPanelRowBytes +
-                                        ((((position >> 4) ^ (row & 7)) << 4) | (position & 15))) = out[c];
-    }
+    mma::ldmatrix_x4_trans(r, v + (panel * Cfg::Bc + key) * kPanelRowBytes + ((chunk ^ (key & 7)) << 4));
+    const std::uint32_t out[4] = {__byte_perm(r[0], r[1], kEvenBytes), __byte_perm(r[0], r[1], kOddBytes),   // c0 + 2p, + 1
+                                  __byte_perm(r[2], r[3], kEvenBytes), __byte_perm(r[2], r[3], kOddBytes)};  // c0 + 16 + ...
+    const int row = column0 + lane;  // V^T row of stmatrix block lane / 8, row lane % 8
+    stmatrix_x4(vt + row * kPanelRowBytes + ((group ^ (row & 7)) << 4), out);
   }
 }
 
 /// The producer warpgroup: warp 0's first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through
-/// a ring with full/empty barriers); warps 1-3 transpose each V tile that lands into the V^T ring.
+/// a ring with full/empty barriers); warps 1-3 transpose each V tile that lands into the V^T ring. `transpose` =
+/// false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
 template <class Cfg>
 __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
-                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile) {
+                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, bool transpose) {
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32;
   if (warp == 0) {
     if (thread != 0) return;
@@ -267,11 +304,15 @@ __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, con
     const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
     mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);           // V_j has landed
     mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);   // the consumers are done with this V^T slot
-    transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
-                     smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
+    if (transpose)
+      transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
+                       smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
     fence_proxy_async();  // ordinary stores read next by wgmma (the async proxy)
-    mbarrier_arrive(&bars->vt_full[vt_slot.stage]);
-    mbarrier_arrive(&bars->v_empty[v_slot.stage]);  // TMA may load the next V into the slot
+    __syncwarp();         // the warp's loads and stores are done: one arrival speaks for the warp
+    if (thread % 32 == 0) {
+      mbarrier_arrive(&bars->vt_full[vt_slot.stage]);
+      mbarrier_arrive(&bars->v_empty[v_slot.stage]);  // TMA may load the next V into the slot
+    }
   }
 }
 
@@ -463,10 +504,16 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     const int row = query0 + group + 8 * half;
     if (row >= p.seq_q) continue;
     if (t == 0) lse[row] = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
+    // O's accumulator columns follow V^T's rows (column_at_row): slices 2s and 2s + 1 hold, for this thread,
+    // columns 16s + 4t, + 2 and 16s + 4t + 1, + 3: four consecutive columns, one 8-byte store.
 #pragma unroll
-    for (int i = 0; i < HeadDim / 8; ++i)
-      *reinterpret_cast<std::uint32_t*>(out + row * p.q_seq + 8 * i + 2 * t) =
-          mma::pack2<__nv_bfloat16>(o[4 * i + 2 * half] * factor, o[4 * i + 2 * half + 1] * factor);
+    for (int s = 0; s < HeadDim / 16; ++s) {
+      const float* even = o + 8 * s + 2 * half;  // slice 2s: columns 16s + 4t and 16s + 4t + 2
+      const float* odd = even + 4;               // slice 2s + 1: columns 16s + 4t + 1 and 16s + 4t + 3
+      *reinterpret_cast<uint2*>(out + row * p.q_seq + 16 * s + 4 * t) =
+          make_uint2(mma::pack2<__nv_bfloat16>(even[0] * factor, odd[0] * factor),
+                     mma::pack2<__nv_bfloat16>(even[1] * factor, odd[1] * factor));
+    }
   }
 }
 
@@ -506,10 +553,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       mbarrier_init(&bars->k_full[stage], 1);
       mbarrier_init(&bars->k_empty[stage], Cfg::kConsumers);
       mbarrier_init(&bars->v_full[stage], 1);
-      mbarrier_init(&bars->v_empty[stage], 32 * kTransposeWarps);  // every transposing thread read part of it
+      mbarrier_init(&bars->v_empty[stage], kTransposeWarps);  // one arrival per transposing warp
     }
     for (int stage = 0; stage < Cfg::kVtStages; ++stage) {
-      mbarrier_init(&bars->vt_full[stage], 32 * kTransposeWarps);  // every transposing thread wrote part of it
+      mbarrier_init(&bars->vt_full[stage], kTransposeWarps);  // one arrival per transposing warp
       mbarrier_init(&bars->vt_empty[stage], Cfg::kConsumers);
     }
     fence_mbarrier_init();
@@ -517,11 +564,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
-    // The producer transposes as well as loads: 40 registers (40 x 128 + 232 x 256 <= 65536).
-    setmaxnreg_decrease<40>();
-    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile);
+    setmaxnreg_decrease<kProducerRegisters>();  // the producer transposes as well as loads
+    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose);
   } else {
-    setmaxnreg_increase<232>();
+    setmaxnreg_increase<kConsumerRegisters>();
     const int consumer_index = warpgroup - 1;
     if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
     consumer<Cfg>(fp, tile, smem, bars, consumer_index);
@@ -558,14 +604,14 @@ void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std:
 }
 
 template <int HeadDim, bool Deep>
-void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch) {
+void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool transpose) {
   using Cfg = Config<HeadDim, Deep>;
   const Strides q_strides = make_strides(Layout::bhnd, p.q_heads, p.seq_q, p.head_dim);
   const Strides kv_strides = make_strides(Layout::bhnd, p.kv_heads, p.seq_k, p.head_dim);
   const CUtensorMap q_map = make_tensor_map_bytes(scratch.q, p.batch, p.q_heads, p.seq_q, HeadDim, q_strides, Cfg::Br);
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
-  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales};
+  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
@@ -627,13 +673,21 @@ void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool inc
                     scratch.signs, norm, scratch.v, scratch.v_scales);
 }
 
-void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep) {
+void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep,
+                           bool transpose) {
   schedule::require_hopper(kWho);
   switch (p.head_dim) {
-    case 128: return deep ? launch_forward<128, true>(p, t, scratch) : launch_forward<128, false>(p, t, scratch);
-    case 256: return deep ? launch_forward<256, true>(p, t, scratch) : launch_forward<256, false>(p, t, scratch);
+    case 128: return deep ? launch_forward<128, true>(p, t, scratch, transpose) : launch_forward<128, false>(p, t, scratch, transpose);
+    case 256: return deep ? launch_forward<256, true>(p, t, scratch, transpose) : launch_forward<256, false>(p, t, scratch, transpose);
   }
   throw std::invalid_argument(std::string("head_dim: ") + std::to_string(p.head_dim) + " is not taken by " + kWho);
+}
+
+/// The timing probe ATTN_FP8_PROBE=no_transpose (environment): the producer skips the V transposition, so that the
+/// kernel's time without it can be measured. O is then wrong (V^T holds whatever shared memory held).
+bool transpose_probe() {
+  const char* probe = std::getenv("ATTN_FP8_PROBE");
+  return probe != nullptr && std::string(probe) == "no_transpose";
 }
 
 void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
@@ -654,7 +708,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   ATTN_CUDA_CHECK(cudaEventRecord(marks[0]));
   quantize_gpu(p, t, incoherent == 1, 1, scratch);
   ATTN_CUDA_CHECK(cudaEventRecord(marks[1]));
-  forward_quantized_gpu(p, t, scratch, stages == 0);
+  forward_quantized_gpu(p, t, scratch, stages == 0, !transpose_probe());
   ATTN_CUDA_CHECK(cudaEventRecord(marks[2]));
   ATTN_CUDA_CHECK(cudaEventSynchronize(marks[2]));
   float quantize_ms = 0.0f, attention_ms = 0.0f;
