@@ -75,6 +75,30 @@ struct Classify {
   const float* projection = nullptr;
 };
 
+/// bucket_of (sparsity.hpp) four projections at a time, where buckets / 2 is a multiple of 4: each dot product is
+/// the same sequence of fused multiply-adds and the projections are considered in the same order, so the bucket
+/// is bucket_of's, bit for bit; four independent sums and one 16-byte load of R per step make it faster.
+template <int HeadDim>
+__device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int buckets, const float* projection) {
+  const int half = buckets / 2;
+  int best = 0;
+  float best_value = 0;
+  for (int c = 0; c < half; c += 4) {
+    float dot[4] = {};
+#pragma unroll
+    for (int d = 0; d < HeadDim; ++d) {
+      const float4 r = *reinterpret_cast<const float4*>(projection + d * half + c);  // R[d][c .. c + 3]
+      dot[0] = fused_multiply_add(x[d], r.x, dot[0]);
+      dot[1] = fused_multiply_add(x[d], r.y, dot[1]);
+      dot[2] = fused_multiply_add(x[d], r.z, dot[2]);
+      dot[3] = fused_multiply_add(x[d], r.w, dot[3]);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) consider_projection(c + k, half, dot[k], best, best_value);
+  }
+  return best;
+}
+
 /// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
 /// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
 template <class T, int HeadDim>
@@ -99,7 +123,8 @@ __global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int
 #pragma unroll
     for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
   }
-  row_bucket[row] = bucket_of(values, HeadDim, c.buckets, c.projection);
+  row_bucket[row] = c.buckets / 2 % 4 == 0 ? bucket_of_by_four(values, c.buckets, c.projection)
+                                            : bucket_of(values, HeadDim, c.buckets, c.projection);
 }
 
 /// The caller's index lists (CSR over heads, validated on the host): one thread block per head marks every
@@ -384,7 +409,7 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   };
 
   // SCFA Alg. 1 line 5: Q_i through the permutation (rows past the kept count read as zeros), and its spans.
-  int j = k_blocks, j_next = k_blocks;
+  int j = k_blocks, j_next = k_blocks, j_after = k_blocks;  // the next three tiles to visit
   if (valid > 0) {
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, valid);
     copy_words_async<Shape::kThreads>(reinterpret_cast<int*>(spans),
@@ -395,6 +420,7 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     __syncthreads();
     j = next_tile(0);
     j_next = j < k_blocks ? next_tile(j + 1) : k_blocks;
+    j_after = j_next < k_blocks ? next_tile(j_next + 1) : k_blocks;
     // The first K/V tile reads its original indices from global memory; every later one from the slot its
     // indices were copied to one tile ahead, so that no gather waits on a global load.
     if (j < k_blocks) load_kv_block(j, 0, k_order + j * Bc);
@@ -408,12 +434,11 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
   // SCFA Alg. 1 lines 7-9: the visible K/V tiles only. Tile number n lives in stage n % 2 and its original
-  // indices in slot n % 2.
+  // indices in slot n % 2; they are copied two tiles ahead, after a search three tiles ahead.
   int visited = 0;
   for (int stage = 0; j < k_blocks; stage ^= 1, ++visited) {
     mma::cp_async_wait<0>();
     __syncthreads();  // K_j, V_j and the next tile's indices have landed; every warp is done with the last tile
-    const int j_after = j_next < k_blocks ? next_tile(j_next + 1) : k_blocks;
     if (j_next < k_blocks) {
       load_kv_block(j_next, stage ^ 1, key_rows + (stage ^ 1) * Bc);
       if (j_after < k_blocks) load_key_rows(j_after, stage);  // slot `stage` was read one tile ago
@@ -479,8 +504,11 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
         }
       }
     }
+    // SCFA Alg. 1 line 8 three tiles ahead, searched while the tensor cores finish O_i.
+    const int j_later = j_after < k_blocks ? next_tile(j_after + 1) : k_blocks;
     j = j_next;
     j_next = j_after;
+    j_after = j_later;
   }
   mma::cp_async_wait<0>();  // (nothing is left in flight; a guard for changes)
   if (threadIdx.x == 0 && visited > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(visited));
