@@ -1,7 +1,7 @@
 // flash_v1, GPU tier: FlashAttention's Algorithm 1 (forward) and Algorithm 4 (backward) on tensor cores
-// (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16, keeping the paper's structure: one thread block per
-// (batch, head), K/V blocks in the outer loop, Q blocks in the inner loop, O / l / m read from and written back
-// to global memory ("HBM") on every inner step. Compare with flash_v2/flash_v2_cuda.cu, which swaps the loops.
+// (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16, keeping the paper's structure: K/V blocks in the outer
+// loop, Q blocks in the inner loop, O / l / m read from and written back to global memory ("HBM") on every inner
+// step; the forward shares each head's Q blocks among thread blocks (FlashAttention-1's split). flash_v2 swaps them.
 #include <cmath>
 #include <limits>
 #include <stdexcept>

@@ -134,7 +134,7 @@ TEST_CASE("flash_v1/gpu is right across many Q and K/V blocks: causal, Nq != Nk 
     std::int64_t batch, q_heads, kv_heads, seq_q, seq_k, head_dim;
     bool causal;
   };
-  // Lengths that are not multiples of the blocks (Br = 128, Bc = 64 forward; 64 and 64 backward) and many
+  // Lengths that are not multiples of the blocks (Br = 128, Bc = 128 forward; 64 and 64 backward) and many
   // blocks long, so that the O / l / m updates in HBM, the Q double buffering, the causal block skipping and the
   // diagonal mask all run several times.
   const Case cases[] = {
@@ -185,8 +185,10 @@ TEST_CASE("flash_v1/gpu: the Q blocks shared among any number of thread blocks p
   // exactly the output of one thread block per head (splits = 1, the paper's grid). Lengths of several Q blocks
   // (Br = 128) that are not multiples of it; causal with seq_q > seq_k (a first Q block that sees no key and is
   // never visited), seq_q < seq_k, GQA.
-  const AttentionProblem problems[] = {problem_of(1, 4, 2, 1100, 1100, 64, true), problem_of(1, 2, 2, 900, 1300, 128, false),
-                                       problem_of(2, 2, 1, 1000, 300, 64, true), problem_of(1, 2, 1, 640, 900, 96, true)};
+  const AttentionProblem problems[] = {problem_of(1, 4, 2, 1100, 1100, 64, true),
+                                       problem_of(1, 2, 2, 900, 1300, 128, false),
+                                       problem_of(2, 2, 1, 1000, 300, 64, true),
+                                       problem_of(1, 2, 1, 640, 900, 96, true)};
   std::uint64_t seed = 3900;
   for (const AttentionProblem& p : problems) {
     for (DType dtype : kDtypes) {
