@@ -14,6 +14,8 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "common/registry.hpp"
@@ -69,6 +71,9 @@ void backward_gpu(const AttentionProblem& problem, const AttentionTensors& tenso
 TierCaps gpu_caps();
 /// The GPU tier's registry entry (defined in sparse_cuda.cu; only in builds with CUDA).
 TierEntry gpu_tier();
+
+/// The ladder's stated sparsity, on both tiers: hash-sparse with 8 buckets (about 1/8 of the pairs), seed 1.
+inline std::map<std::string, std::int64_t> ladder_sparsity() { return {{"mode", 1}, {"buckets", 8}}; }
 
 /// Which pairs a call attends to, written plainly from sparsity.hpp's rules (no sorting, no tiles, none of the
 /// tiers' planning): the reference mask for the fp64 oracle in the tests and in `attn run` / `attn ladder`.

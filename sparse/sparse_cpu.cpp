@@ -338,8 +338,7 @@ Stage describe() {
     return plan_bytes(p, Br, Bc) + masks + static_cast<std::size_t>(backward ? backward_floats : forward) * sizeof(float);
   };
   cpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_rows", "block_cols"};
-  // The ladder's stated sparsity: hash-sparse with 8 buckets (about 1/8 of the pairs), seed 1.
-  cpu.ladder_options = {{"mode", 1}, {"buckets", 8}};
+  cpu.ladder_options = ladder_sparsity();
   stage.tiers.push_back(cpu);
 #if defined(ATTN_HAVE_CUDA) && defined(ATTN_SPARSE_HAVE_GPU)
   stage.tiers.push_back(gpu_tier());

@@ -1104,6 +1104,7 @@ TierEntry gpu_tier() {
     return workspace_bytes(p, read_settings(options), backward);
   };
   gpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_cols"};
+  gpu.ladder_options = ladder_sparsity();
   gpu.target = "sm_90a";
   return gpu;
 }
