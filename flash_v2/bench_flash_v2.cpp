@@ -29,7 +29,7 @@ namespace {
 
 using bench::problem;
 
-// CPU: B * H = 16 heads, fp32; N = 4096 is the size of the README's targets. Then the studies of the README: split-K against
+// CPU: B * H = 16 heads, fp32; N = 4096 is the size the README compares with the sgemm ceiling. Then the studies of the README: split-K against
 // split-Q (forward; the backward ignores "split") and dQ by atomic adds against per-thread buffers (backward).
 std::vector<bench::Case> cpu_cases() {
   std::vector<bench::Case> cases;
