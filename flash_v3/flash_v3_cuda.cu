@@ -489,12 +489,6 @@ int schedule_option(const StageOptions& options) {
 }
 
 
-int multiprocessor_count() {
-  int device = 0, count = 0;
-  ATTN_CUDA_CHECK(cudaGetDevice(&device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
 
 template <class T, class Cfg>
 void launch(const AttentionProblem& problem, const AttentionTensors& t, const cuda::AttentionParams& params) {
@@ -515,7 +509,7 @@ void launch(const AttentionProblem& problem, const AttentionTensors& t, const cu
     throw std::invalid_argument("batch: " + std::to_string(problem.batch) + " x q_heads x ceil(seq_q / " +
                                 std::to_string(Cfg::Br) + ") = " + std::to_string(tiles) + " tiles exceed 2^31 - 1");
   int blocks = static_cast<int>(tiles);
-  if constexpr (Cfg::kPersistent) blocks = std::min(blocks, multiprocessor_count());
+  if constexpr (Cfg::kPersistent) blocks = std::min(blocks, cuda::device_attribute(cudaDevAttrMultiProcessorCount));
   kernel<<<blocks, Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, o_map, params, static_cast<int>(tiles));
   ATTN_CUDA_CHECK_LAUNCH();
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "paged/paged.hpp"
@@ -496,13 +497,6 @@ int heads_per_block(std::int64_t group_size) {
   return 1;
 }
 
-int sm_count() {
-  int device = 0, count = 0;
-  ATTN_CUDA_CHECK(cudaGetDevice(&device));
-  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 template <class T, int D>
 void launch_reduce(const DecodeArgs<T>& args, dim3 grid) {
   reduce_partitions_kernel<T, D><<<dim3(args.q_heads, grid.z), D>>>(args);
@@ -598,7 +592,8 @@ void decode_gpu(const DeviceDecodeBatch& device_batch, const DecodeTensors& t, c
   if (t.q_strides.batch % 8 != 0 || t.q_strides.head % 8 != 0)
     reject("q_strides", "must be multiples of 8 elements (16-byte rows)");
   if (options.partition_tokens < 1) reject("partition", std::to_string(options.partition_tokens) + " must be >= 1");
-  const int variant = options.variant == 0 ? choose_variant(batch, sm_count()) : options.variant;
+  const int variant = options.variant != 0 ? options.variant
+                                           : choose_variant(batch, cuda::device_attribute(cudaDevAttrMultiProcessorCount));
   if (variant != 1 && variant != 2) reject("variant", std::to_string(options.variant) + " must be 0 (choose), 1 or 2");
 
   // Tensor cores (default) take up to 16 heads of a group per block; CUDA cores up to 8.
