@@ -258,35 +258,45 @@ struct BackwardShape {
 /// with .trans).
 enum class Stored { by_rows, by_depth };
 
-/// One warp's share of a product, acc += A B^T over kDepth: MTiles x 16 rows of A from a_row0, NTiles x 8 rows
-/// of B (columns of the product) from b_row0, both 16-bit tiles in shared memory. Each A fragment read feeds
-/// NTiles mma and each pair of B fragments 2 MTiles.
-template <Stored kA, Stored kB, int kDepth, class T, int MTiles, int NTiles>
-__device__ __forceinline__ void warp_mma(float (&acc)[MTiles][NTiles][4], const T* a_tile, int a_stride, int a_row0,
-                                         const T* b_tile, int b_stride, int b_row0) {
+/// One warp's share of kProducts products of the same shape, acc[n] += A_n B_n^T over kDepth: MTiles x 16 rows of
+/// each A_n from a_row0, NTiles x 8 rows of each B_n (columns of the product) from b_row0, 16-bit tiles in shared
+/// memory. Each A fragment read feeds NTiles mma and each pair of B fragments 2 MTiles. Two products (S and dP,
+/// or dV and dK) go through one loop so that each k-step has twice the independent mma to hide the ldmatrix
+/// and mma latencies behind (measured: splitting them costs about 6%, README log step 6).
+template <Stored kA, Stored kB, int kDepth, class T, int kProducts, int MTiles, int NTiles>
+__device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles][4], const T* const (&a_tiles)[kProducts],
+                                         int a_stride, int a_row0, const T* const (&b_tiles)[kProducts], int b_stride,
+                                         int b_row0) {
   static_assert(kDepth % 16 == 0 && NTiles % 2 == 0, "16-deep steps, B fragments read in pairs");
 #pragma unroll
   for (int kk = 0; kk < kDepth / 16; ++kk) {
-    std::uint32_t a[MTiles][4];
+    std::uint32_t a[kProducts][MTiles][4];
 #pragma unroll
-    for (int mt = 0; mt < MTiles; ++mt) {
-      if constexpr (kA == Stored::by_rows)
-        load_a(a[mt], a_tile, a_stride, a_row0 + mt * 16, kk * 16);
-      else
-        load_a_transposed(a[mt], a_tile, a_stride, kk * 16, a_row0 + mt * 16);
-    }
-#pragma unroll
-    for (int np = 0; np < NTiles / 2; ++np) {
-      std::uint32_t b[4];
-      if constexpr (kB == Stored::by_rows)
-        load_b_pair(b, b_tile, b_stride, b_row0 + np * 16, kk * 16);
-      else
-        load_b_pair_transposed(b, b_tile, b_stride, kk * 16, b_row0 + np * 16);
+    for (int n = 0; n < kProducts; ++n)
 #pragma unroll
       for (int mt = 0; mt < MTiles; ++mt) {
-        mma_m16n8k16<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-        mma_m16n8k16<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        if constexpr (kA == Stored::by_rows)
+          load_a(a[n][mt], a_tiles[n], a_stride, a_row0 + mt * 16, kk * 16);
+        else
+          load_a_transposed(a[n][mt], a_tiles[n], a_stride, kk * 16, a_row0 + mt * 16);
       }
+#pragma unroll
+    for (int np = 0; np < NTiles / 2; ++np) {
+      std::uint32_t b[kProducts][4];
+#pragma unroll
+      for (int n = 0; n < kProducts; ++n) {
+        if constexpr (kB == Stored::by_rows)
+          load_b_pair(b[n], b_tiles[n], b_stride, b_row0 + np * 16, kk * 16);
+        else
+          load_b_pair_transposed(b[n], b_tiles[n], b_stride, kk * 16, b_row0 + np * 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+        for (int n = 0; n < kProducts; ++n) {
+          mma_m16n8k16<T>(acc[n][mt][2 * np], a[n][mt], b[n][0], b[n][1]);
+          mma_m16n8k16<T>(acc[n][mt][2 * np + 1], a[n][mt], b[n][2], b[n][3]);
+        }
     }
   }
 }
@@ -372,7 +382,9 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
   if (steps > 0) load_q_block(0, 0);
   mma::cp_async_commit();
-  float acc_dk[kKvMTiles][kKvDTiles][4] = {}, acc_dv[kKvMTiles][kKvDTiles][4] = {};
+  float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
+  auto& acc_dv = acc_dv_dk[0];
+  auto& acc_dk = acc_dv_dk[1];
 
   // FA2 Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
   for (int step = 0; step < steps; ++step) {
@@ -390,57 +402,54 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     const float* lse = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
 
-    // Line 10: S_ij^T = K_j Q_i^T, this warp's keys by its queries (the transpose keeps keys in rows, which is
-    // what dV_j and dK_j need as the A operand).
-    float s[kSMTiles][kSNTiles][4] = {};
-    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim>(s, k_tile, kStride, s_key0, q_tile, kStride, s_query0);
+    // Lines 10 and 13 together: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, this warp's keys by its queries (the
+    // transpose keeps keys in rows, which is what dV_j and dK_j need as the A operand).
+    float s_dp[2][kSMTiles][kSNTiles][4] = {};
+    auto& s = s_dp[0];
+    auto& dp = s_dp[1];
+    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0, {q_tile, do_tile},
+                                                        kStride, s_query0);
 
-    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, in place of S (the softmax scale is applied to
-    // dK and dQ at the end). Only registers here, no shared-memory store, so that these exponentials can
-    // overlap line 13's mma below.
+    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, with L_i converted to log2 units here; line 14:
+    // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both go to shared
+    // memory for lines 12, 15 and 16.
     const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
                             (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+    float lse_log2[kSNTiles][2];  // L_i of this thread's query columns
 #pragma unroll
-    for (int nt = 0; nt < kSNTiles; ++nt) {
-      const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
-      const float lse_log2[2] = {flash::lse_to_log2(lse[column]), flash::lse_to_log2(lse[column + 1])};
+    for (int nt = 0; nt < kSNTiles; ++nt)
 #pragma unroll
-      for (int mt = 0; mt < kSMTiles; ++mt)
+      for (int e = 0; e < 2; ++e) lse_log2[nt][e] = flash::lse_to_log2(lse[s_query0 + nt * 8 + 2 * t + e]);
+#pragma unroll
+    for (int mt = 0; mt < kSMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kSNTiles; ++nt) {
+        const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+        float prob[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
-          s[mt][nt][e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[e % 2]);
-          if (needs_mask && masked(p, row0 + column + e % 2, key)) s[mt][nt][e] = 0.0f;
+          prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[nt][e % 2]);
+          if (needs_mask && masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
+          ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
         }
-    }
-
-    // Line 13: dP_ij^T = V_j dO_i^T, the same layout as S_ij^T.
-    float dp[kSMTiles][kSNTiles][4] = {};
-    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim>(dp, v_tile, kStride, s_key0, do_tile, kStride, s_query0);
-
-    // Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i). P^T and dS^T go to shared memory for lines 12, 15 and 16.
-#pragma unroll
-    for (int nt = 0; nt < kSNTiles; ++nt) {
-      const int column = s_query0 + nt * 8 + 2 * t;
-#pragma unroll
-      for (int mt = 0; mt < kSMTiles; ++mt) {
-        float ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ds[e] = s[mt][nt][e] * (dp[mt][nt][e] - delta[column + e % 2]);
         const int at = (s_key0 + mt * 16 + group) * kPStride + column;
-        *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(s[mt][nt][0], s[mt][nt][1]);
-        *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(s[mt][nt][2], s[mt][nt][3]);
+        *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
+        *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
         *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
         *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
       }
-    }
     __syncthreads();  // P^T and dS^T complete
 
+    // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
+    warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile},
+                                                    kStride, kv_column0);
+
     // Line 15: dQ_i += dS_ij K_j, this warp's queries by its columns, summed across the thread blocks of all K/V
-    // blocks by fp32 atomics. Done before lines 12 and 16, so that the atomics drain while those multiply.
+    // blocks by fp32 atomics.
     if (accumulate_dq) {
-      float dq[kDqMTiles][kDqDTiles][4] = {};
-      warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, ds_tile, kPStride, dq_row0, k_tile, kStride, dq_column0);
+      float dq[1][kDqMTiles][kDqDTiles][4] = {};
+      warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride, dq_column0);
       float* dq_rows = p.dq_accum + ((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) * HeadDim;
 #pragma unroll
       for (int mt = 0; mt < kDqMTiles; ++mt)
@@ -451,13 +460,9 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 #pragma unroll
           for (int dt = 0; dt < kDqDTiles; ++dt)
             atomic_add_pair(dq_rows + static_cast<long long>(query) * HeadDim + dq_column0 + dt * 8 + 2 * t,
-                            dq[mt][dt][2 * half], dq[mt][dt][2 * half + 1]);
+                            dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1]);
         }
     }
-
-    // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
-    warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dv, p_tile, kPStride, kv_key0, do_tile, kStride, kv_column0);
-    warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dk, ds_tile, kPStride, kv_key0, q_tile, kStride, kv_column0);
     // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copy into this
     // step's stage behind every warp's reads.)
   }
