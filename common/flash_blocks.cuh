@@ -1,6 +1,6 @@
 // The pieces of FlashAttention-2's GPU kernels that more than one stage runs unchanged (flash_v2, sparse): the
 // padded shared-memory row, the online-softmax update of a warp's rows (FA2 Alg. 1 lines 8-10), and the two
-// element-wise kernels around the backward (FA2 Alg. 2 line 4's D_i and L_i; dQ from its fp32 accumulator).
+// element-wise kernels around the backward (FA2 Alg. 2 line 4's D_i; dQ from its fp32 accumulator).
 #pragma once
 
 #include <limits>
@@ -59,9 +59,13 @@ __device__ __forceinline__ void online_softmax(float (&s)[MTiles][NTiles][4], fl
   }
 }
 
-// Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i), and L_i in log2 units (+inf for a row that sees no key,
-// so that exp2(s - L) is 0 there rather than inf), for every row in its original place. dq_accum is cleared
-// separately, by cudaMemsetAsync. Params: cuda::AttentionParams plus float* delta, lse_log2.
+/// L_i in log2 units, as exp2 takes it: +inf for a row that sees no key (L_i = -inf), so that exp2(s - L) is 0
+/// there rather than inf. The backward kernels convert L_i this way as they load it (one multiply per row).
+__device__ __forceinline__ float lse_to_log2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
+
+// Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i) for every row in its original place; dq_accum is cleared
+// separately, by cudaMemsetAsync. Params: cuda::AttentionParams plus float* delta; a stage whose Params also
+// carry float* lse_log2 gets L_i in log2 units there too (lse_to_log2).
 template <class T, int HeadDim, class Params>
 __global__ void backward_prepare_kernel(const Params p, long long rows) {
   const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -79,8 +83,7 @@ __global__ void backward_prepare_kernel(const Params p, long long rows) {
   for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
   if (lane == 0) {
     p.delta[row] = sum;
-    const float lse = p.lse[row];
-    p.lse_log2[row] = lse == -kInf ? kInf : lse * kLog2e;
+    if constexpr (requires { p.lse_log2; }) p.lse_log2[row] = lse_to_log2(p.lse[row]);
   }
 }
 

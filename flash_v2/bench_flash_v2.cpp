@@ -76,6 +76,9 @@ std::vector<bench::Case> gpu_cases() {
         backward.options.values["backward_block_cols"] = 64;
         cases.push_back(backward);
       }
+      bench::Case tall{problem(16384 / seq, 32, seq, 64, causal), DType::bf16, {}, "backward_block_rows=128"};
+      tall.options.values["backward_block_rows"] = 128;
+      cases.push_back(tall);
     }
   return cases;
 }

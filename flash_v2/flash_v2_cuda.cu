@@ -39,7 +39,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Everything a kernel needs about the problem, strides in elements.
 // The shared arguments (common/attention_params.cuh) plus this stage's scratch.
 struct Params : cuda::AttentionParams {
-  float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32, [batch, q_heads, seq_q, head_dim]
 };
@@ -254,6 +253,55 @@ struct BackwardShape {
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
+/// How a warp_mma operand is stored in shared memory: its rows (A's m, B's n) as the tile's rows, the depth k
+/// along them ([rows][depth], read by ldmatrix as is), or the other way round ([depth][rows], read by ldmatrix
+/// with .trans).
+enum class Stored { by_rows, by_depth };
+
+/// One warp's share of kProducts products of the same shape, acc[n] += A_n B_n^T over kDepth: MTiles x 16 rows of
+/// each A_n from a_row0, NTiles x 8 rows of each B_n (columns of the product) from b_row0, 16-bit tiles in shared
+/// memory. Each A fragment read feeds NTiles mma and each pair of B fragments 2 MTiles. Two products (S and dP,
+/// or dV and dK) go through one loop so that each k-step has twice the independent mma to hide the ldmatrix
+/// and mma latencies behind (the README's GPU log, step 6: S, then P, then dP as separate phases, with dQ moved
+/// ahead of dV and dK, measured 6-7% slower).
+template <Stored kA, Stored kB, int kDepth, class T, int kProducts, int MTiles, int NTiles>
+__device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles][4], const T* const (&a_tiles)[kProducts],
+                                         int a_stride, int a_row0, const T* const (&b_tiles)[kProducts], int b_stride,
+                                         int b_row0) {
+  static_assert(kDepth % 16 == 0 && NTiles % 2 == 0, "16-deep steps, B fragments read in pairs");
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    std::uint32_t a[kProducts][MTiles][4];
+#pragma unroll
+    for (int n = 0; n < kProducts; ++n)
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt) {
+        if constexpr (kA == Stored::by_rows)
+          load_a(a[n][mt], a_tiles[n], a_stride, a_row0 + mt * 16, kk * 16);
+        else
+          load_a_transposed(a[n][mt], a_tiles[n], a_stride, kk * 16, a_row0 + mt * 16);
+      }
+#pragma unroll
+    for (int np = 0; np < NTiles / 2; ++np) {
+      std::uint32_t b[kProducts][4];
+#pragma unroll
+      for (int n = 0; n < kProducts; ++n) {
+        if constexpr (kB == Stored::by_rows)
+          load_b_pair(b[n], b_tiles[n], b_stride, b_row0 + np * 16, kk * 16);
+        else
+          load_b_pair_transposed(b[n], b_tiles[n], b_stride, kk * 16, b_row0 + np * 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+        for (int n = 0; n < kProducts; ++n) {
+          mma_m16n8k16<T>(acc[n][mt][2 * np], a[n][mt], b[n][0], b[n][1]);
+          mma_m16n8k16<T>(acc[n][mt][2 * np + 1], a[n][mt], b[n][2], b[n][3]);
+        }
+    }
+  }
+}
+
 /// dQ's fp32 accumulator gets two adjacent values: one vector atomic on sm_90 (red.global.add.v2.f32), two
 /// scalar ones before it.
 __device__ __forceinline__ void atomic_add_pair(float* address, float low, float high) {
@@ -283,10 +331,20 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
   T* p_tile = do_tiles + 2 * Br * kStride;         // P_ij^T: Bc x Br
   T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (log2): 2 stages of Br
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (natural log): 2 stages of Br
   float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
 
-  const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  // The grid is (K/V blocks, KV heads, batch). Causal: a K/V block near the start is seen by the most Q blocks,
+  // so the blocks are taken in key-block-major order, every head's heaviest first: a short tail, even with GQA,
+  // where one thread block covers every query head of its group.
+  int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  if (p.causal) {
+    const int heads_by_batch = gridDim.y * gridDim.z;
+    const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);  // the launch order
+    kv_block = linear / heads_by_batch;
+    kv_head = linear % heads_by_batch % gridDim.y;
+    batch = linear % heads_by_batch / gridDim.y;
+  }
   const int key0 = kv_block * Bc;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   // This warp's share in each layout (see BackwardShape).
@@ -315,7 +373,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
     for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
       const bool in_bounds = row0 + i < p.seq_q;
-      mma::cp_async_4(lse_tiles + stage * Br + i, p.lse_log2 + (in_bounds ? row_offset + i : 0), in_bounds);
+      mma::cp_async_4(lse_tiles + stage * Br + i, p.lse + (in_bounds ? row_offset + i : 0), in_bounds);
       mma::cp_async_4(delta_tiles + stage * Br + i, p.delta + (in_bounds ? row_offset + i : 0), in_bounds);
     }
   };
@@ -325,7 +383,9 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
   if (steps > 0) load_q_block(0, 0);
   mma::cp_async_commit();
-  float acc_dk[kKvMTiles][kKvDTiles][4] = {}, acc_dv[kKvMTiles][kKvDTiles][4] = {};
+  float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
+  auto& acc_dv = acc_dv_dk[0];
+  auto& acc_dk = acc_dv_dk[1];
 
   // FA2 Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
   for (int step = 0; step < steps; ++step) {
@@ -340,39 +400,27 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     const int head = head_of(step), row0 = row0_of(step);
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
-    const float* lse_log2 = lse_tiles + stage * Br;
+    const float* lse = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
 
-    // Lines 10 and 13 together: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, this warp's keys by its queries
-    // (the transpose keeps keys in rows, which is what dV_j and dK_j need as the A operand).
-    float s[kSMTiles][kSNTiles][4] = {}, dp[kSMTiles][kSNTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a_k[kSMTiles][4], a_v[kSMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kSMTiles; ++mt) {
-        load_a(a_k[mt], k_tile, kStride, s_key0 + mt * 16, kk * 16);
-        load_a(a_v[mt], v_tile, kStride, s_key0 + mt * 16, kk * 16);
-      }
-#pragma unroll
-      for (int np = 0; np < kSNTiles / 2; ++np) {
-        std::uint32_t b_q[4], b_do[4];
-        load_b_pair(b_q, q_tile, kStride, s_query0 + np * 16, kk * 16);
-        load_b_pair(b_do, do_tile, kStride, s_query0 + np * 16, kk * 16);
-#pragma unroll
-        for (int mt = 0; mt < kSMTiles; ++mt) {
-          mma_m16n8k16<T>(s[mt][2 * np], a_k[mt], b_q[0], b_q[1]);
-          mma_m16n8k16<T>(s[mt][2 * np + 1], a_k[mt], b_q[2], b_q[3]);
-          mma_m16n8k16<T>(dp[mt][2 * np], a_v[mt], b_do[0], b_do[1]);
-          mma_m16n8k16<T>(dp[mt][2 * np + 1], a_v[mt], b_do[2], b_do[3]);
-        }
-      }
-    }
+    // Lines 10 and 13 together: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, this warp's keys by its queries (the
+    // transpose keeps keys in rows, which is what dV_j and dK_j need as the A operand).
+    float s_dp[2][kSMTiles][kSNTiles][4] = {};
+    auto& s = s_dp[0];
+    auto& dp = s_dp[1];
+    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0, {q_tile, do_tile},
+                                                        kStride, s_query0);
 
-    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked; line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i)
-    // (the softmax scale is applied to dK and dQ at the end). Both go to shared memory for lines 12 and 15-16.
+    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, with L_i converted to log2 units here; line 14:
+    // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both go to shared
+    // memory for lines 12, 15 and 16.
     const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
                             (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+    float lse_log2[kSNTiles][2];  // L_i of this thread's query columns
+#pragma unroll
+    for (int nt = 0; nt < kSNTiles; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) lse_log2[nt][e] = flash::lse_to_log2(lse[s_query0 + nt * 8 + 2 * t + e]);
 #pragma unroll
     for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
@@ -382,7 +430,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
-          prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
+          prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[nt][e % 2]);
           if (needs_mask && masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
           ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
         }
@@ -395,49 +443,14 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     __syncthreads();  // P^T and dS^T complete
 
     // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
-#pragma unroll
-    for (int kk = 0; kk < Br / 16; ++kk) {
-      std::uint32_t a_p[kKvMTiles][4], a_ds[kKvMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kKvMTiles; ++mt) {
-        load_a(a_p[mt], p_tile, kPStride, kv_key0 + mt * 16, kk * 16);
-        load_a(a_ds[mt], ds_tile, kPStride, kv_key0 + mt * 16, kk * 16);
-      }
-#pragma unroll
-      for (int dp2 = 0; dp2 < kKvDTiles / 2; ++dp2) {
-        std::uint32_t b_do[4], b_q[4];
-        load_b_pair_transposed(b_do, do_tile, kStride, kk * 16, kv_column0 + dp2 * 16);
-        load_b_pair_transposed(b_q, q_tile, kStride, kk * 16, kv_column0 + dp2 * 16);
-#pragma unroll
-        for (int mt = 0; mt < kKvMTiles; ++mt) {
-          mma_m16n8k16<T>(acc_dv[mt][2 * dp2], a_p[mt], b_do[0], b_do[1]);
-          mma_m16n8k16<T>(acc_dv[mt][2 * dp2 + 1], a_p[mt], b_do[2], b_do[3]);
-          mma_m16n8k16<T>(acc_dk[mt][2 * dp2], a_ds[mt], b_q[0], b_q[1]);
-          mma_m16n8k16<T>(acc_dk[mt][2 * dp2 + 1], a_ds[mt], b_q[2], b_q[3]);
-        }
-      }
-    }
+    warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile},
+                                                    kStride, kv_column0);
 
     // Line 15: dQ_i += dS_ij K_j, this warp's queries by its columns, summed across the thread blocks of all K/V
     // blocks by fp32 atomics.
     if (accumulate_dq) {
-      float dq[kDqMTiles][kDqDTiles][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < Bc / 16; ++kk) {
-        std::uint32_t a[kDqMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kDqMTiles; ++mt) load_a_transposed(a[mt], ds_tile, kPStride, kk * 16, dq_row0 + mt * 16);
-#pragma unroll
-        for (int dp2 = 0; dp2 < kDqDTiles / 2; ++dp2) {
-          std::uint32_t b[4];
-          load_b_pair_transposed(b, k_tile, kStride, kk * 16, dq_column0 + dp2 * 16);
-#pragma unroll
-          for (int mt = 0; mt < kDqMTiles; ++mt) {
-            mma_m16n8k16<T>(dq[mt][2 * dp2], a[mt], b[0], b[1]);
-            mma_m16n8k16<T>(dq[mt][2 * dp2 + 1], a[mt], b[2], b[3]);
-          }
-        }
-      }
+      float dq[1][kDqMTiles][kDqDTiles][4] = {};
+      warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride, dq_column0);
       float* dq_rows = p.dq_accum + ((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) * HeadDim;
 #pragma unroll
       for (int mt = 0; mt < kDqMTiles; ++mt)
@@ -448,7 +461,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 #pragma unroll
           for (int dt = 0; dt < kDqDTiles; ++dt)
             atomic_add_pair(dq_rows + static_cast<long long>(query) * HeadDim + dq_column0 + dt * 8 + 2 * t,
-                            dq[mt][dt][2 * half], dq[mt][dt][2 * half + 1]);
+                            dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1]);
         }
     }
     // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copy into this
@@ -519,7 +532,7 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int query = row0 + warp * 16 + group + 8 * half;
-    row_lse[half] = query < p.seq_q ? p.lse_log2[row_offset + query] : kInf;
+    row_lse[half] = query < p.seq_q ? flash::lse_to_log2(p.lse[row_offset + query]) : kInf;
     row_delta[half] = query < p.seq_q ? p.delta[row_offset + query] : 0.0f;
   }
   float acc_dq[kDTiles][4] = {};
@@ -647,27 +660,27 @@ void forward_typed(const Params& params, int batch, int block_cols) {
   }
 }
 
-constexpr int kBackwardBr = 64;  // query rows per inner step
-constexpr int kDqPassBc = 64;    // keys per step of the deterministic dQ pass
+constexpr int kDqPassBr = 64;  // query rows per thread block of the deterministic dQ pass
+constexpr int kDqPassBc = 64;  // keys per step of that pass
 
-template <class T, int D, int Bc>
+template <class T, int D, int Br, int Bc>
 void backward_typed(const Params& params, int batch, int kv_heads, bool deterministic) {
   const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
   backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
   ATTN_CUDA_CHECK_LAUNCH();
 
-  using Shape = BackwardShape<D, kBackwardBr, Bc>;
-  auto kernel = backward_kernel<T, D, kBackwardBr, Bc>;
+  using Shape = BackwardShape<D, Br, Bc>;
+  auto kernel = backward_kernel<T, D, Br, Bc>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
   const dim3 grid(cuda::ceil_div(params.seq_k, Bc), kv_heads, batch);
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params, !deterministic);
   ATTN_CUDA_CHECK_LAUNCH();
 
   if (deterministic) {
-    constexpr int kSmem = (2 * kBackwardBr + 4 * kDqPassBc) * padded(D) * 2;
-    auto pass = dq_kernel<T, D, kBackwardBr, kDqPassBc>;
+    constexpr int kSmem = (2 * kDqPassBr + 4 * kDqPassBc) * padded(D) * 2;
+    auto pass = dq_kernel<T, D, kDqPassBr, kDqPassBc>;
     ATTN_CUDA_CHECK(cudaFuncSetAttribute(pass, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    const dim3 dq_grid(cuda::ceil_div(params.seq_q, kBackwardBr), params.q_heads, batch);
+    const dim3 dq_grid(cuda::ceil_div(params.seq_q, kDqPassBr), params.q_heads, batch);
     pass<<<dq_grid, 128, kSmem>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
   } else {
@@ -698,9 +711,20 @@ int backward_block_cols(const AttentionProblem& p, const StageOptions& options) 
                               " (64, or 128 when head_dim <= 128)");
 }
 
+/// Option "backward_block_rows" (query rows per step of the backward): 64, or 128 where D <= 64 (FlashAttention-2's
+/// own choice there: twice the work per barrier and per step's fixed costs; S^T and dP^T of 32 keys x 64 queries
+/// per warp still fit registers next to dK_j, dV_j).
+int backward_block_rows(const AttentionProblem& p, const StageOptions& options) {
+  const std::int64_t value = options.get("backward_block_rows", 64);
+  if (value == 64 || (value == 128 && p.head_dim <= 64)) return static_cast<int>(value);
+  throw std::invalid_argument("backward_block_rows: " + std::to_string(value) + " is not supported by " + kWho +
+                              " (64, or 128 when head_dim <= 64)");
+}
+
+/// The backward's scratch, FlashAttention-2's own: dQ's fp32 accumulator and D_i (one fp32 per query row).
 std::size_t backward_scratch_bytes(const AttentionProblem& p) {
-  return static_cast<std::size_t>(p.q_elements()) * sizeof(float) +      // dQ accumulator
-         2 * static_cast<std::size_t>(p.lse_elements()) * sizeof(float);  // L_i (log2) and D_i
+  return static_cast<std::size_t>(p.q_elements()) * sizeof(float) +  // dQ accumulator
+         static_cast<std::size_t>(p.lse_elements()) * sizeof(float);  // D_i
 }
 
 }  // namespace
@@ -734,12 +758,11 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   validate_gpu_call(p, t, true);
   const bool deterministic = options.get("deterministic", 0) != 0;
   const int block_cols = backward_block_cols(p, options);
+  const int block_rows = backward_block_rows(p, options);
   Params params = make_params(p, t);
   DeviceBuffer<float> dq_accum(deterministic ? 0 : static_cast<std::size_t>(p.q_elements()));
-  DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
   params.dq_accum = dq_accum.data();
-  params.lse_log2 = lse_log2.data();
   params.delta = delta.data();
   if (!deterministic) ATTN_CUDA_CHECK(cudaMemsetAsync(dq_accum.data(), 0, dq_accum.bytes()));
   cuda::dispatch_dtype(t.dtype, [&](auto element) {
@@ -748,10 +771,15 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
       dispatch_head_dim(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
         const int batch = static_cast<int>(p.batch), kv_heads = static_cast<int>(p.kv_heads);
-        if constexpr (D <= 128) {
-          if (block_cols == 128) return backward_typed<T, D, 128>(params, batch, kv_heads, deterministic);
+        if constexpr (D <= 64) {
+          if (block_rows == 128 && block_cols == 128)
+            return backward_typed<T, D, 128, 128>(params, batch, kv_heads, deterministic);
+          if (block_rows == 128) return backward_typed<T, D, 128, 64>(params, batch, kv_heads, deterministic);
         }
-        backward_typed<T, D, 64>(params, batch, kv_heads, deterministic);
+        if constexpr (D <= 128) {
+          if (block_cols == 128) return backward_typed<T, D, 64, 128>(params, batch, kv_heads, deterministic);
+        }
+        backward_typed<T, D, 64, 64>(params, batch, kv_heads, deterministic);
       });
   });
 }
@@ -769,7 +797,7 @@ TierEntry gpu_tier() {
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : std::size_t{0};
   };
-  gpu.option_names = {"block_cols", "backward_block_cols", "deterministic"};
+  gpu.option_names = {"block_cols", "backward_block_cols", "backward_block_rows", "deterministic"};
   return gpu;
 }
 

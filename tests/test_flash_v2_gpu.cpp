@@ -265,7 +265,7 @@ TEST_CASE("flash_v2/gpu with deterministic = 1 gives the same dQ bit for bit on 
 }
 
 TEST_CASE("flash_v2/gpu gives the same answers with the other block sizes: block_cols = 64 (and 32 at D = 128), "
-          "backward_block_cols = 64",
+          "backward_block_cols = 64, backward_block_rows = 128 (D <= 64)",
           "[flash_v2][gpu]") {
   AttentionProblem p;
   p.batch = 2;
@@ -288,6 +288,48 @@ TEST_CASE("flash_v2/gpu gives the same answers with the other block sizes: block
       INFO(p.describe() << " block_cols " << block_cols << " dtype " << dtype_name(dtype) << ": " << summary(e));
       check_within(e, tolerance(dtype), true);
     }
+  }
+  // Backward steps of 128 query rows (D <= 64), with 128 and 64 keys per thread block; N not a multiple of either.
+  for (std::int64_t head_dim : {32, 64})
+    for (std::int64_t backward_cols : {128, 64}) {
+      p.head_dim = head_dim;
+      for (DType dtype : kDtypes) {
+        RunSettings settings = with_backward(true);
+        settings.options.values["backward_block_rows"] = 128;
+        settings.options.values["backward_block_cols"] = backward_cols;
+        const ProblemData data = make_problem_data(p, dtype, Layout::bhnd, ++seed);
+        const Errors e = compare_with_oracle(run_stage(flash_v2::describe(), Tier::gpu, data, settings),
+                                             oracle::attention(data, true));
+        INFO(p.describe() << " backward_block_rows 128, backward_block_cols " << backward_cols << " dtype "
+                          << dtype_name(dtype) << ": " << summary(e));
+        check_within(e, tolerance(dtype), true);
+      }
+    }
+}
+
+// FlashAttention-2's backward keeps two scratch arrays: dQ's fp32 accumulator and D_i (one fp32 per query row); with
+// GQA it also writes dK, dV per query head and sums them afterwards. flash_v2 may take no more: L_i is converted to
+// log2 units as it is loaded, and dK, dV are summed over the group in registers.
+TEST_CASE("flash_v2/gpu's backward allocates no more scratch than FlashAttention-2's: the fp32 dQ accumulator and "
+          "one fp32 per query row, with GQA too",
+          "[flash_v2][gpu][small][memory]") {
+  const Stage& stage = find_stage("flash_v2");
+  for (std::int64_t kv_heads : {4, 1}) {
+    AttentionProblem p;
+    p.batch = 2;
+    p.q_heads = 4;
+    p.kv_heads = kv_heads;
+    p.seq_q = 200;
+    p.seq_k = 150;
+    p.head_dim = 64;
+    p.causal = true;
+    const StageRun run = run_stage(stage, Tier::gpu, make_problem_data(p, DType::bf16, Layout::bhnd, 12), with_backward(true));
+    const std::size_t accumulator = static_cast<std::size_t>(p.q_elements()) * sizeof(float);
+    const std::size_t per_row = static_cast<std::size_t>(p.lse_elements()) * sizeof(float);
+    INFO(p.describe() << ": forward " << run.forward_extra_bytes << " bytes, backward " << run.backward_extra_bytes
+                      << " bytes; dQ accumulator " << accumulator << ", one fp32 per row " << per_row);
+    CHECK(run.forward_extra_bytes == 0);
+    CHECK(run.backward_extra_bytes <= accumulator + per_row);
   }
 }
 
@@ -356,6 +398,17 @@ TEST_CASE("flash_v2/gpu rejects what its kernels cannot take, naming the argumen
       invalid_argument_message([&] { flash_v2::backward_gpu(wide, fake_tensors(wide, DType::bf16), wide_backward_cols); });
   INFO(backward_wide);
   CHECK(backward_wide.rfind("backward_block_cols: ", 0) == 0);
+  const AttentionProblem d128_backward = small_problem(128);  // 128 query rows per step: only up to D = 64
+  StageOptions tall_backward_rows = with_option("backward_block_rows", 128);
+  const std::string backward_rows = invalid_argument_message(
+      [&] { flash_v2::backward_gpu(d128_backward, fake_tensors(d128_backward, DType::bf16), tall_backward_rows); });
+  INFO(backward_rows);
+  CHECK(backward_rows.rfind("backward_block_rows: ", 0) == 0);
+  StageOptions odd_backward_rows = with_option("backward_block_rows", 96);
+  const std::string backward_rows96 =
+      invalid_argument_message([&] { flash_v2::backward_gpu(p, fake_tensors(p, DType::bf16), odd_backward_rows); });
+  INFO(backward_rows96);
+  CHECK(backward_rows96.rfind("backward_block_rows: ", 0) == 0);
 
   AttentionProblem huge = small_problem(64);
   huge.seq_q = huge.seq_k = (std::int64_t{1} << 30) + 1;  // row indices are 32-bit inside the kernels
