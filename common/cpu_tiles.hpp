@@ -38,9 +38,11 @@ enum class Update { overwrite, accumulate };
 // C[MR x (NV * lanes)] (+)= A[MR x K] * B[K x (NV * lanes)]. The MR x NV accumulators live in vector registers
 // for the whole K loop: each step broadcasts MR elements of A and loads NV vectors of one row of B, then does
 // MR * NV fused multiply-adds. With AVX2 (16 registers of 8 floats) MR = 6, NV = 2 uses 12 accumulators + 2 B
-// vectors + 1 broadcast: 12 FMAs for 8 loads, which keeps both FMA units of a Zen 3 core busy.
+// vectors + 1 broadcast: 12 FMAs for 8 loads, which keeps both FMA units of a Zen 3 core busy. AVX-512 has 32
+// registers of 16 floats: there MR = 6, NV = 4 holds 24 accumulators, and each broadcast of A feeds 4 FMAs
+// instead of 2 (24 FMAs for 10 loads).
 inline constexpr int kMR = 6;
-inline constexpr int kNV = 2;
+inline constexpr int kNV = lanes >= 16 ? 4 : 2;
 
 template <int MR, int NV>
 inline void micro_kernel(std::int64_t K, const MatrixView& A, const float* B, std::int64_t ldb, float* C, std::int64_t ldc,
@@ -83,25 +85,29 @@ inline void micro_kernel_rows(int rows, std::int64_t K, const MatrixView& A, con
   }
 }
 
+/// The columns [col, N) of C (+)= A B in panels of NV vectors, as far as whole panels go; returns the first
+/// column left over. Each panel of B (K x NV * lanes) is walked once while A's rows stream past it: it stays in L1.
+template <int NV>
+inline std::int64_t matmul_panels(Update update, std::int64_t M, std::int64_t N, std::int64_t K, const MatrixView& A,
+                                  const float* B, std::int64_t ldb, float* C, std::int64_t ldc, std::int64_t col) {
+  for (; col + NV * lanes <= N; col += NV * lanes)
+    for (std::int64_t row = 0, rows = 0; row < M; row += rows) {
+      rows = std::min<std::int64_t>(kMR, M - row);
+      // No thin block of 1 or 2 rows at the end (128 = 21 x 6 + 2): the last 7 or 8 rows go as two halves.
+      if (M - row > kMR && M - row <= kMR + 2) rows = (M - row) / 2;
+      const MatrixView a{A.data + row * A.row_stride, A.row_stride, A.col_stride};
+      micro_kernel_rows<NV>(static_cast<int>(rows), K, a, B + col, ldb, C + row * ldc + col, ldc, update);
+    }
+  return col;
+}
+
 /// C (M x N, row stride ldc) = A (M x K) * B (K x N, row stride ldb), or C += A * B with Update::accumulate.
 /// A is read element by element (any strides); B's rows and C's rows must be contiguous.
 inline void matmul(Update update, std::int64_t M, std::int64_t N, std::int64_t K, const MatrixView& A, const float* B,
                    std::int64_t ldb, float* C, std::int64_t ldc) {
-  constexpr std::int64_t wide = kNV * lanes;
-  std::int64_t col = 0;
-  // Column panels of B (K x 16) are walked once each while A's rows stream past them: the panel stays in L1.
-  for (; col + wide <= N; col += wide)
-    for (std::int64_t row = 0; row < M; row += kMR) {
-      const MatrixView a{A.data + row * A.row_stride, A.row_stride, A.col_stride};
-      micro_kernel_rows<kNV>(static_cast<int>(std::min<std::int64_t>(kMR, M - row)), K, a, B + col, ldb, C + row * ldc + col,
-                             ldc, update);
-    }
-  for (; col + lanes <= N; col += lanes)
-    for (std::int64_t row = 0; row < M; row += kMR) {
-      const MatrixView a{A.data + row * A.row_stride, A.row_stride, A.col_stride};
-      micro_kernel_rows<1>(static_cast<int>(std::min<std::int64_t>(kMR, M - row)), K, a, B + col, ldb, C + row * ldc + col, ldc,
-                           update);
-    }
+  std::int64_t col = matmul_panels<kNV>(update, M, N, K, A, B, ldb, C, ldc, 0);
+  if constexpr (kNV > 2) col = matmul_panels<2>(update, M, N, K, A, B, ldb, C, ldc, col);
+  col = matmul_panels<1>(update, M, N, K, A, B, ldb, C, ldc, col);
   // Fewer than `lanes` columns left: plain loops.
   for (std::int64_t row = 0; row < M; ++row)
     for (std::int64_t c = col; c < N; ++c) {
@@ -143,7 +149,7 @@ inline void exp_shifted(float* x, float shift, std::int64_t n) {
   }
   const batch s(shift);
   std::int64_t i = 0;
-  for (; i + lanes <= n; i += lanes) xsimd::exp(batch::load_unaligned(x + i) - s).store_unaligned(x + i);
+  for (; i + lanes <= n; i += lanes) simd::exp_of_nonpositive(batch::load_unaligned(x + i) - s).store_unaligned(x + i);
   for (; i < n; ++i) x[i] = std::exp(x[i] - shift);
 }
 
@@ -161,13 +167,51 @@ inline void softmax_gradient_row(const float* p, float* dp, float row_term, floa
 // operations (no horizontal reductions) and per-query scalars (m_i, l_i) are vectors. `queries` must be a
 // multiple of the SIMD width (pad the tile).
 
+// Both passes walk the tile a key (a row) at a time, each row read contiguously, for a block of query vectors
+// whose running max (or shift and sum) stays in registers: kQueryVectors vectors, 128 queries with AVX-512 (32
+// registers), 32 with AVX2 (16 registers). Walking a query column down the keys instead would touch a new cache
+// line per key, and a 128 x 128 tile (64 KiB) does not fit in L1.
+inline constexpr int kQueryVectors = lanes >= 16 ? 8 : 4;
+
+template <int QV>
+inline void max_over_keys_block(const float* S, std::int64_t keys, std::int64_t ld, float* row_max) {
+  batch m[QV];
+#pragma GCC unroll 8
+  for (int v = 0; v < QV; ++v) m[v] = batch::load_unaligned(row_max + v * lanes);
+  for (std::int64_t k = 0; k < keys; ++k)
+#pragma GCC unroll 8
+    for (int v = 0; v < QV; ++v) m[v] = xsimd::max(m[v], batch::load_unaligned(S + k * ld + v * lanes));
+#pragma GCC unroll 8
+  for (int v = 0; v < QV; ++v) m[v].store_unaligned(row_max + v * lanes);
+}
+
 /// row_max[q] = max(row_max[q], max over keys k of S[k][q]).
 inline void max_over_keys(const float* S, std::int64_t keys, std::int64_t queries, std::int64_t ld, float* row_max) {
-  for (std::int64_t q = 0; q < queries; q += lanes) {
-    batch m = batch::load_unaligned(row_max + q);
-    for (std::int64_t k = 0; k < keys; ++k) m = xsimd::max(m, batch::load_unaligned(S + k * ld + q));
-    m.store_unaligned(row_max + q);
+  std::int64_t q = 0;
+  for (; q + kQueryVectors * lanes <= queries; q += kQueryVectors * lanes)
+    max_over_keys_block<kQueryVectors>(S + q, keys, ld, row_max + q);
+  for (; q < queries; q += lanes) max_over_keys_block<1>(S + q, keys, ld, row_max + q);
+}
+
+template <bool Base2, int QV>
+inline void exp_over_keys_block(float* S, std::int64_t keys, std::int64_t ld, const float* shift, float* row_sum) {
+  batch s[QV], sum[QV];
+#pragma GCC unroll 8
+  for (int v = 0; v < QV; ++v) {
+    s[v] = batch::load_unaligned(shift + v * lanes);
+    sum[v] = batch(0.0f);
   }
+  for (std::int64_t k = 0; k < keys; ++k)
+#pragma GCC unroll 8
+    for (int v = 0; v < QV; ++v) {
+      float* x = S + k * ld + v * lanes;
+      const batch t = batch::load_unaligned(x) - s[v];
+      const batch e = Base2 ? simd::exp2_of_nonpositive(t) : simd::exp_of_nonpositive(t);
+      e.store_unaligned(x);
+      sum[v] += e;
+    }
+#pragma GCC unroll 8
+  for (int v = 0; v < QV; ++v) (batch::load_unaligned(row_sum + v * lanes) + sum[v]).store_unaligned(row_sum + v * lanes);
 }
 
 /// S[k][q] = exp(S[k][q] - shift[q]) (exp2 with Base2, for scores already in base-2 units); row_sum[q] += sum over
@@ -175,21 +219,10 @@ inline void max_over_keys(const float* S, std::int64_t keys, std::int64_t querie
 template <bool Base2 = false>
 inline void exp_over_keys(float* S, std::int64_t keys, std::int64_t queries, std::int64_t ld, const float* shift,
                           float* row_sum) {
-  for (std::int64_t q = 0; q < queries; q += lanes) {
-    const batch s = batch::load_unaligned(shift + q);
-    batch sum(0.0f);
-    for (std::int64_t k = 0; k < keys; ++k) {
-      const batch x = batch::load_unaligned(S + k * ld + q) - s;
-      batch e;
-      if constexpr (Base2)
-        e = xsimd::exp2(x);
-      else
-        e = xsimd::exp(x);
-      e.store_unaligned(S + k * ld + q);
-      sum += e;
-    }
-    (batch::load_unaligned(row_sum + q) + sum).store_unaligned(row_sum + q);
-  }
+  std::int64_t q = 0;
+  for (; q + kQueryVectors * lanes <= queries; q += kQueryVectors * lanes)
+    exp_over_keys_block<Base2, kQueryVectors>(S + q, keys, ld, shift + q, row_sum + q);
+  for (; q < queries; q += lanes) exp_over_keys_block<Base2, 1>(S + q, keys, ld, shift + q, row_sum + q);
 }
 
 /// Row r of the rows x cols matrix X (row stride ld) times factor[r].

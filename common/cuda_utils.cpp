@@ -46,6 +46,13 @@ BlockCache& cache() {
 
 }  // namespace
 
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  ATTN_CUDA_CHECK(cudaGetDevice(&device));
+  ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
 void* allocate(std::size_t bytes) {
   {
     std::lock_guard lock(cache().mutex);

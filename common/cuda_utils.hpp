@@ -19,6 +19,8 @@ void check(cudaError_t status, const char* call, const char* file, int line);
 bool device_available();
 /// "NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)", or "" when there is none.
 std::string device_description();
+/// An attribute of the current device (cudaDevAttrMultiProcessorCount, cudaDevAttrL2CacheSize, ...).
+int device_attribute(cudaDeviceAttr attribute);
 
 /// Allocates `bytes` of device memory. Freed blocks are kept for reuse, so that timed loops do not pay for
 /// cudaMalloc; the memory tracker counts bytes handed out, not bytes held in the cache.

@@ -73,6 +73,29 @@ inline float max(const float* x, std::int64_t n) {
   return result;
 }
 
+/// 2^t for the softmax's arguments: t <= 0 up to rounding (a score minus a maximum over the same scores), and
+/// -inf for masked scores. Unlike a general exp2 it needs no overflow or NaN checks: t = n + f with n the nearest
+/// integer and |f| <= 1/2; 2^f by the Taylor series of e^(f ln 2) to degree 7 (what it leaves out is below 1e-8
+/// relative, a sixth of fp32's unit roundoff); 2^n put straight into the exponent bits. t is clamped at
+/// -127, whose exponent field is 0: everything below about -126.5, -inf included, comes out as exactly 0.
+inline batch exp2_of_nonpositive(const batch& t) {
+  const batch clamped = xsimd::max(batch(-127.0f), t);  // the constant first: a NaN in t stays NaN
+  const batch n = xsimd::nearbyint(clamped);
+  const batch f = clamped - n;
+  batch p(1.5252734e-5f);  // ln(2)^7 / 7!, then Horner's rule down to ln(2)^0 / 0! = 1
+  p = xsimd::fma(p, f, batch(1.5403530e-4f));
+  p = xsimd::fma(p, f, batch(1.3333558e-3f));
+  p = xsimd::fma(p, f, batch(9.6181291e-3f));
+  p = xsimd::fma(p, f, batch(5.5504109e-2f));
+  p = xsimd::fma(p, f, batch(2.4022651e-1f));
+  p = xsimd::fma(p, f, batch(6.9314718e-1f));
+  p = xsimd::fma(p, f, batch(1.0f));
+  return xsimd::ldexp(p, xsimd::to_int(n));
+}
+
+/// e^x for the same arguments (x <= 0 up to rounding, or -inf): 2^(x log2 e).
+inline batch exp_of_nonpositive(const batch& x) { return exp2_of_nonpositive(x * batch(1.4426950408889634f)); }
+
 /// x[i] = exp(x[i] - shift); returns sum_i x[i]. With shift = -inf (a row that sees nothing) callers must not
 /// call this: exp(-inf - -inf) is NaN.
 inline float exp_shifted_sum(float* x, float shift, std::int64_t n) {
@@ -80,7 +103,7 @@ inline float exp_shifted_sum(float* x, float shift, std::int64_t n) {
   batch acc(0.0f);
   std::int64_t i = 0;
   for (; i + lanes <= n; i += lanes) {
-    const batch e = xsimd::exp(batch::load_unaligned(x + i) - s);
+    const batch e = exp_of_nonpositive(batch::load_unaligned(x + i) - s);
     e.store_unaligned(x + i);
     acc += e;
   }

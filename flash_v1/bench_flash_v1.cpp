@@ -2,6 +2,7 @@
 // compared, and the GPU tier on FlashAttention's sweep (gpu_cases(), below). IO counts: `attn run --io`.
 #include <benchmark/benchmark.h>
 
+#include <string>
 #include <vector>
 
 #include "common/bench_support.hpp"
@@ -31,6 +32,15 @@ std::vector<bench::Case> gpu_cases() {
     for (std::int64_t head_dim : {64, 128})
       for (std::int64_t seq = 512; seq <= 16384; seq *= 2)
         cases.push_back({problem(16384 / seq, 2048 / head_dim, seq, head_dim, causal), DType::bf16, {}, ""});
+  // The forward with a fixed number of thread blocks per (batch, head) (the option splits; the sweep above lets
+  // the tier choose): 1 is the paper's grid. `--benchmark_filter=splits`.
+  for (std::int64_t head_dim : {64, 128})
+    for (std::int64_t seq : {2048, 16384})
+      for (std::int64_t splits : {1, 4, 16}) {
+        bench::Case c{problem(16384 / seq, 2048 / head_dim, seq, head_dim, false), DType::bf16, {}, "splits=" + std::to_string(splits)};
+        c.options.values["splits"] = splits;
+        cases.push_back(c);
+      }
   return cases;
 }
 // ===== end of gpu_cases() =====

@@ -1,7 +1,7 @@
 // flash_v1, GPU tier: FlashAttention's Algorithm 1 (forward) and Algorithm 4 (backward) on tensor cores
-// (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16, keeping the paper's structure: one thread block per
-// (batch, head), K/V blocks in the outer loop, Q blocks in the inner loop, O / l / m read from and written back
-// to global memory ("HBM") on every inner step. Compare with flash_v2/flash_v2_cuda.cu, which swaps the loops.
+// (mma.sync m16n8k16, fp32 accumulators), bf16 and fp16, keeping the paper's structure: K/V blocks in the outer
+// loop, Q blocks in the inner loop, O / l / m read from and written back to global memory ("HBM") on every inner
+// step; the forward shares each head's Q blocks among thread blocks (FlashAttention-1's split). flash_v2 swaps them.
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -33,10 +33,12 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // The shared arguments (common/attention_params.cuh) plus this stage's scratch.
 struct Params : cuda::AttentionParams {
-  // The "HBM" arrays of Algorithm 1 (fp32 scratch): O [batch, q_heads, seq_q, D], l and m [batch, q_heads, seq_q].
+  // The "HBM" arrays of Algorithm 1 (fp32 scratch, Tr Br rows per head): O [batch, q_heads, Tr Br, D] in
+  // accumulator order, l and m [batch, q_heads, Tr Br].
   float* o_hbm = nullptr;
   float* l_hbm = nullptr;
   float* m_hbm = nullptr;
+  int splits = 1;  // thread blocks per (batch, head), each taking every splits-th Q block
   // Backward scratch: dQ in fp32 (Alg. 4 keeps dQ in HBM), L_i in log2 units, D_i.
   float* dq_hbm = nullptr;
   float* lse_log2 = nullptr;
@@ -47,202 +49,242 @@ struct Params : cuda::AttentionParams {
 constexpr int padded(int columns) { return columns + 8; }
 
 // The blocks. FA1 Alg. 1 line 1 sizes them from the on-chip memory M (Bc = ceil(M / 4d), Br = min(Bc, d));
-// on tensor cores the natural unit is a warp's 16-row mma tile, so Br = 16 rows x 8 warps and Bc = 64, which
-// with M = 227 KB of shared memory stays well inside the paper's bound.
+// on tensor cores the natural unit is a warp's 16-row mma tile, so Br = 16 rows x 8 warps, and Bc = 128 keys, as
+// FlashAttention-1's own kernels used at d = 128: two stages each of K_j, V_j and Q_i take 209 KB of the 227 KB of
+// shared memory at d = 128, inside the paper's bound.
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBr = 16 * kWarps;  // rows of a Q block; warp w owns rows 16 w .. 16 w + 15 of every block
-constexpr int kBc = 64;           // rows of a K/V block
+constexpr int kBc = 128;          // rows of a K/V block
 
 template <int HeadDim>
 constexpr int forward_smem_bytes() {
-  return (2 * kBc + 2 * kBr) * padded(HeadDim) * 2;  // K_j, V_j, two stages of Q_i
+  return (2 * 2 * kBc + 2 * kBr) * padded(HeadDim) * 2;  // two stages of (K_j, V_j) and two of Q_i
 }
 
 // ============================================================================================================
 // Forward: Algorithm 1.
 // ============================================================================================================
 
+/// Algorithm 1 for one (batch, head) and one share of its Q blocks. Thread block `split` of the p.splits that
+/// share a head runs the whole outer loop over K/V blocks j, and in it the inner loop over its Q blocks
+/// i = split, split + splits, split + 2 splits, ... (FlashAttention-1's CUDA code divides the Q blocks the same
+/// way), so O_i, l_i and m_i still go through HBM at every (j, i) step. With p.splits = 1 this is the paper's
+/// one thread block per (batch, head).
+///
+/// "HBM" O is fp32 and kept in the order the mma accumulators hold it ([Q block][warp][8-column tile][lane][4]):
+/// each thread reads and writes its own 16 bytes per tile, and a warp's 32 lanes one contiguous 512 bytes.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   // LAB BEGIN flash-v1-gpu: FA1 Alg. 1 for one (batch, head) with mma tiles
   constexpr int kStride = padded(HeadDim);
   constexpr int kNTiles = kBc / 8, kDTiles = HeadDim / 8;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_tile = reinterpret_cast<T*>(shared_bytes);
-  T* v_tile = k_tile + kBc * kStride;
-  T* q_tiles = v_tile + kBc * kStride;  // two stages: Q_{i+1} is fetched while Q_i is used
+  T* kv_tiles = reinterpret_cast<T*>(shared_bytes);  // stage s: K_j at kv_tiles + 2 s Bc rows, V_j Bc rows after
+  T* q_tiles = kv_tiles + 4 * kBc * kStride;          // two stages: Q for the next step is fetched during this one
 
-  const int head = blockIdx.x, batch = blockIdx.y;
+  const int split = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int kv_head = head / p.group_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int causal_offset = p.seq_k - p.seq_q;
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
   const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
   const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
-  const long long row_base = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q;
-  float* o_hbm = p.o_hbm + row_base * HeadDim;
-  float* l_hbm = p.l_hbm + row_base;
-  float* m_hbm = p.m_hbm + row_base;
   const int Tr = cuda::ceil_div(p.seq_q, kBr), Tc = cuda::ceil_div(p.seq_k, kBc);
-
-  // Each thread always handles the same elements of O, l and m (rows 16 w + group (+8) of every Q block, columns
-  // 2t, 2t+1 of every 8-column tile), so its reads and writes of them in HBM need no barrier; l and m are read and
-  // written by lane 0 of each group and passed to the other three by shuffles.
+  const long long head_index = static_cast<long long>(batch) * p.q_heads + head;
+  // The scratch has Tr Br rows per head (whole blocks), so O, l and m need no bounds checks.
+  float4* o_hbm = reinterpret_cast<float4*>(p.o_hbm) + head_index * Tr * kBr * HeadDim / 4;
+  float* l_hbm = p.l_hbm + head_index * Tr * kBr;
+  float* m_hbm = p.m_hbm + head_index * Tr * kBr;
+  auto o_slot = [&](int i, int dt) { return o_hbm + ((i * kWarps + warp) * kDTiles + dt) * 32 + lane; };
   auto row_of = [&](int i, int half) { return i * kBr + warp * 16 + group + 8 * half; };
+  T* o_out = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
+  float* lse = p.lse + head_index * p.seq_q;
 
-  // Line 2: O = 0, l = 0, m = -inf in HBM.
-  for (int i = 0; i < Tr; ++i)
+  // Causal (Algorithm 2): the Q blocks whose rows all lie above K/V block j's first key are skipped, so block j
+  // is seen by blocks first_row_block(j) .. Tr - 1; first_block(j) is the first of them that is this thread
+  // block's, Tr if none (then none is at any later j either).
+  auto first_row_block = [&](int j) { return p.causal ? max(0, j * kBc - causal_offset) / kBr : 0; };
+  auto first_block = [&](int j) {
+    const int lowest = first_row_block(j);
+    return lowest <= split ? split : split + cuda::ceil_div(lowest - split, p.splits) * p.splits;
+  };
+
+  // Line 2: O = 0, l = 0, m = -inf in HBM. Each thread always handles the same elements of O (its accumulator
+  // slots) and its rows' l and m, and a barrier separates any two steps, so no other synchronisation is needed.
+  // Blocks whose rows see no key at all (causal, seq_q > seq_k) are never visited: their output is O = 0 and
+  // L = -inf at once (line 16).
+  for (int i = split; i < Tr; i += p.splits) {
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) *o_slot(i, dt) = float4{0.0f, 0.0f, 0.0f, 0.0f};
     for (int half = 0; half < 2; ++half) {
       const int row = row_of(i, half);
-      if (row >= p.seq_q) continue;
-      for (int dt = 0; dt < kDTiles; ++dt)
-        *reinterpret_cast<float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t) = float2{0.0f, 0.0f};
       if (t == 0) l_hbm[row] = 0.0f, m_hbm[row] = -kInf;
+      if (i >= first_row_block(0) || row >= p.seq_q) continue;
+      for (int dt = 0; dt < kDTiles; ++dt)
+        *reinterpret_cast<std::uint32_t*>(o_out + row * p.q_seq + dt * 8 + 2 * t) = mma::pack2<T>(0.0f, 0.0f);
+      if (t == 0) lse[row] = -kInf;
+    }
+  }
+
+  // The (j, i) steps of lines 5 and 7 in order, and what each needs in shared memory: K_j, V_j (stage j % 2) and
+  // Q_i (stage: the step's parity). Everything the next step needs is fetched by cp.async during this one.
+  struct Step {
+    int j, i;
+  };
+  auto next_step = [&](Step step) {
+    step.i += p.splits;
+    if (step.i >= Tr) {
+      ++step.j;
+      step.i = step.j < Tc ? first_block(step.j) : Tr;
+    }
+    return step;  // step.i >= Tr: no more steps
+  };
+  auto fetch = [&](Step step, int q_stage, bool new_kv) {
+    if (new_kv) {  // Line 6: load K_j, V_j to on-chip memory.
+      const int key0 = step.j * kBc;
+      T* k_tile = kv_tiles + (step.j % 2) * 2 * kBc * kStride;
+      load_tile_async<kBc, HeadDim, kStride, kThreads>(k_tile, k + key0 * p.kv_seq, p.kv_seq, p.seq_k - key0);
+      load_tile_async<kBc, HeadDim, kStride, kThreads>(k_tile + kBc * kStride, v + key0 * p.kv_seq, p.kv_seq,
+                                                       p.seq_k - key0);
+    }
+    // Line 8 (Q_i): load Q_i to on-chip memory.
+    load_tile_async<kBr, HeadDim, kStride, kThreads>(q_tiles + q_stage * kBr * kStride, q + step.i * kBr * p.q_seq,
+                                                     p.q_seq, p.seq_q - step.i * kBr);
+    mma::cp_async_commit();
+  };
+
+  Step step{0, first_block(0)};
+  if (step.i >= Tr) return;
+  fetch(step, 0, true);
+  // Line 5: for j = 1..Tc; line 7: for i = 1..Tr (this thread block's share).
+  for (int count = 0; step.i < Tr; ++count) {
+    const int j = step.j, i = step.i;
+    const Step next = next_step(step);
+    mma::cp_async_wait<0>();
+    __syncthreads();  // this step's K_j, V_j, Q_i have landed; every warp is done with the previous step's tiles
+    if (next.i < Tr) fetch(next, (count + 1) % 2, next.j != j);
+    const T* k_tile = kv_tiles + (j % 2) * 2 * kBc * kStride;
+    const T* v_tile = k_tile + kBc * kStride;
+    const T* q_tile = q_tiles + (count % 2) * kBr * kStride;
+    const int key0 = j * kBc;
+
+    // Line 8: load O_i, l_i, m_i (this thread's share) from HBM: 16-byte loads, issued first so that their
+    // latency overlaps the S_ij product below.
+    float o_i[kDTiles][4];
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      const float4 slot = *o_slot(i, dt);
+      o_i[dt][0] = slot.x, o_i[dt][1] = slot.y, o_i[dt][2] = slot.z, o_i[dt][3] = slot.w;
+    }
+    float l_i[2], m_i[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) l_i[half] = l_hbm[row_of(i, half)], m_i[half] = m_hbm[row_of(i, half)];
+
+    // Line 9: S_ij = Q_i K_j^T (scaled inside the exponentials below).
+    float s[kNTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < HeadDim / 16; ++kk) {
+      std::uint32_t a[4];
+      load_a(a, q_tile, kStride, warp * 16, kk * 16);
+#pragma unroll
+      for (int np = 0; np < kNTiles / 2; ++np) {
+        std::uint32_t b[4];
+        load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
+        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
+        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    if (key0 + kBc > p.seq_k || (p.causal && key0 + kBc - 1 > i * kBr + causal_offset)) {
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (masked(p, row_of(i, e / 2), key0 + nt * 8 + 2 * t + e % 2)) s[nt][e] = -kInf;
     }
 
-  // Line 5: for j = 1..Tc.
-  for (int j = 0; j < Tc; ++j) {
-    const int key0 = j * kBc;
-    // Causal (Algorithm 2): Q blocks whose rows all lie above this block's first key are skipped.
-    const int first_i = p.causal ? max(0, key0 - causal_offset) / kBr : 0;
-    __syncthreads();  // every warp is done with K_{j-1}, V_{j-1} and the Q stages
-    // Line 6: load K_j, V_j to on-chip memory (with the first Q_i).
-    load_tile_async<kBc, HeadDim, kStride, kThreads>(k_tile, k + key0 * p.kv_seq, p.kv_seq, p.seq_k - key0);
-    load_tile_async<kBc, HeadDim, kStride, kThreads>(v_tile, v + key0 * p.kv_seq, p.kv_seq, p.seq_k - key0);
-    load_tile_async<kBr, HeadDim, kStride, kThreads>(q_tiles, q + first_i * kBr * p.q_seq, p.q_seq,
-                                                     p.seq_q - first_i * kBr);
-    mma::cp_async_commit();
+    // Line 10: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij).
+    float m_block[2], l_block[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float row_max = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
+      m_block[half] = mma::group_max(row_max);
+      const float shift = m_block[half] == -kInf ? 0.0f : m_block[half] * p.scale_log2;  // masked rows stay 0
+      float row_sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[nt][e] = exp2_fast(s[nt][e] * p.scale_log2 - shift);
+          row_sum += s[nt][e];
+        }
+      l_block[half] = mma::group_sum(row_sum);
+    }
 
-    // Line 7: for i = 1..Tr.
-    for (int i = first_i; i < Tr; ++i) {
-      const int stage = (i - first_i) % 2;
-      if (i + 1 < Tr) {
-        __syncthreads();  // the stage Q_{i+1} goes to was read by step i - 1
-        load_tile_async<kBr, HeadDim, kStride, kThreads>(q_tiles + (stage ^ 1) * kBr * kStride,
-                                                         q + (i + 1) * kBr * p.q_seq, p.q_seq, p.seq_q - (i + 1) * kBr);
-        mma::cp_async_commit();
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
+    // Line 11: m_new = max(m_i, m~_ij), l_new = exp(m_i - m_new) l_i + exp(m~_ij - m_new) l~_ij.
+    float m_new[2], l_new[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      m_new[half] = fmaxf(m_i[half], m_block[half]);
+      const float old_weight = m_i[half] == -kInf ? 0.0f : exp2_fast((m_i[half] - m_new[half]) * p.scale_log2);
+      const float block_weight =
+          m_block[half] == -kInf ? 0.0f : exp2_fast((m_block[half] - m_new[half]) * p.scale_log2);
+      l_new[half] = old_weight * l_i[half] + block_weight * l_block[half];
+      // Line 12's two terms before the product: diag(l_i) exp(m_i - m_new) O_i in place, and
+      // exp(m~_ij - m_new) P~_ij, which then enters the tensor cores (rounded to T) ...
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        for (int e = 2 * half; e < 2 * half + 2; ++e) o_i[dt][e] *= l_i[half] * old_weight;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+        for (int e = 2 * half; e < 2 * half + 2; ++e) s[nt][e] *= block_weight;
+    }
+    // ... so that the product P~_ij V_j accumulates straight onto the rescaled O_i.
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      std::uint32_t a[4];
+      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
+        std::uint32_t b[4];
+        load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
+        mma_m16n8k16<T>(o_i[2 * dp], a, b[0], b[1]);
+        mma_m16n8k16<T>(o_i[2 * dp + 1], a, b[2], b[3]);
       }
-      __syncthreads();
-      const T* q_tile = q_tiles + stage * kBr * kStride;
+    }
 
-      // Line 8: load O_i, l_i, m_i (this thread's share) from HBM. Issued first so that their latency overlaps
-      // the S_ij product below.
-      float o_i[kDTiles][4];
-      float l_i[2], m_i[2];
+    // Line 12: O_i = diag(l_new)^-1 (...), to HBM; line 13: l_i = l_new, m_i = m_new, to HBM. At the last K/V
+    // block this Q block sees, O_i goes to the output instead, in its type, with L = m + log(l) (line 16; the
+    // harness keeps only L, the paper keeps l and m), as FlashAttention-1's kernel writes its last step.
+    const bool last = j + 1 == Tc || first_row_block(j + 1) > i;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float inverse = l_new[half] > 0.0f ? 1.0f / l_new[half] : 0.0f;  // rows with no key yet: O stays 0
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt)
+        for (int e = 2 * half; e < 2 * half + 2; ++e) o_i[dt][e] *= inverse;
+    }
+    if (!last) {
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) *o_slot(i, dt) = float4{o_i[dt][0], o_i[dt][1], o_i[dt][2], o_i[dt][3]};
+      if (t == 0)
+        for (int half = 0; half < 2; ++half) l_hbm[row_of(i, half)] = l_new[half], m_hbm[row_of(i, half)] = m_new[half];
+    } else {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int row = row_of(i, half);
-        const bool in_bounds = row < p.seq_q;
-#pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          const float2 pair = in_bounds ? *reinterpret_cast<const float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t)
-                                        : float2{0.0f, 0.0f};
-          o_i[dt][2 * half] = pair.x;
-          o_i[dt][2 * half + 1] = pair.y;
-        }
-        l_i[half] = __shfl_sync(0xffffffffu, t == 0 && in_bounds ? l_hbm[row] : 0.0f, lane & ~3);
-        m_i[half] = __shfl_sync(0xffffffffu, t == 0 && in_bounds ? m_hbm[row] : -kInf, lane & ~3);
-      }
-
-      // Line 9: S_ij = Q_i K_j^T (scaled inside the exponentials below).
-      float s[kNTiles][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < HeadDim / 16; ++kk) {
-        std::uint32_t a[4];
-        load_a(a, q_tile, kStride, warp * 16, kk * 16);
-#pragma unroll
-        for (int np = 0; np < kNTiles / 2; ++np) {
-          std::uint32_t b[4];
-          load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
-          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-      if (key0 + kBc > p.seq_k || (p.causal && key0 + kBc - 1 > i * kBr + causal_offset)) {
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (masked(p, row_of(i, e / 2), key0 + nt * 8 + 2 * t + e % 2)) s[nt][e] = -kInf;
-      }
-
-      // Line 10: m~_ij = rowmax(S_ij), P~_ij = exp(S_ij - m~_ij), l~_ij = rowsum(P~_ij).
-      float m_block[2], l_block[2];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float row_max = -kInf;
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) row_max = fmaxf(row_max, fmaxf(s[nt][2 * half], s[nt][2 * half + 1]));
-        m_block[half] = mma::group_max(row_max);
-        const float shift = m_block[half] == -kInf ? 0.0f : m_block[half] * p.scale_log2;  // masked rows stay 0
-        float row_sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
-#pragma unroll
-          for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            s[nt][e] = exp2_fast(s[nt][e] * p.scale_log2 - shift);
-            row_sum += s[nt][e];
-          }
-        l_block[half] = mma::group_sum(row_sum);
-      }
-
-      // P~_ij V_j on tensor cores, into fresh accumulators.
-      float pv[kDTiles][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < kBc / 16; ++kk) {
-        std::uint32_t a[4];
-        a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          std::uint32_t b[4];
-          load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
-          mma_m16n8k16<T>(pv[2 * dp], a, b[0], b[1]);
-          mma_m16n8k16<T>(pv[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
-
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        // Line 11: m_new = max(m_i, m~_ij), l_new = exp(m_i - m_new) l_i + exp(m~_ij - m_new) l~_ij.
-        const float m_new = fmaxf(m_i[half], m_block[half]);
-        const float old_weight = m_i[half] == -kInf ? 0.0f : exp2_fast((m_i[half] - m_new) * p.scale_log2);
-        const float block_weight = m_block[half] == -kInf ? 0.0f : exp2_fast((m_block[half] - m_new) * p.scale_log2);
-        const float l_new = old_weight * l_i[half] + block_weight * l_block[half];
-        // Line 12: O_i = diag(l_new)^-1 (diag(l_i) exp(m_i - m_new) O_i + exp(m~_ij - m_new) P~_ij V_j), to HBM.
-        const float inverse = l_new > 0.0f ? 1.0f / l_new : 0.0f;
-        const float old_factor = l_i[half] * old_weight * inverse, block_factor = block_weight * inverse;
         const int row = row_of(i, half);
         if (row >= p.seq_q) continue;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt)
-          *reinterpret_cast<float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t) =
-              float2{old_factor * o_i[dt][2 * half] + block_factor * pv[dt][2 * half],
-                     old_factor * o_i[dt][2 * half + 1] + block_factor * pv[dt][2 * half + 1]};
-        // Line 13: l_i = l_new, m_i = m_new, to HBM.
-        if (t == 0) l_hbm[row] = l_new, m_hbm[row] = m_new;
+          *reinterpret_cast<std::uint32_t*>(o_out + row * p.q_seq + dt * 8 + 2 * t) =
+              mma::pack2<T>(o_i[dt][2 * half], o_i[dt][2 * half + 1]);
+        if (t == 0) lse[row] = l_new[half] > 0.0f ? m_new[half] * p.scale + logf(l_new[half]) : -kInf;
       }
     }
+    step = next;
   }
-
-  // Line 16: return O, rounded to the output type, with L = m + log(l) for the backward (the harness stores only
-  // L; the paper keeps l and m). Rows that saw no key were never updated: O = 0, l = 0, L = -inf.
-  __syncthreads();  // lane 0's last writes of l, m before lanes 1-3 read them
-  T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
-  float* lse = p.lse + row_base;
-  for (int i = 0; i < Tr; ++i)
-    for (int half = 0; half < 2; ++half) {
-      const int row = row_of(i, half);
-      if (row >= p.seq_q) continue;
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const float2 pair = *reinterpret_cast<const float2*>(o_hbm + static_cast<long long>(row) * HeadDim + dt * 8 + 2 * t);
-        *reinterpret_cast<std::uint32_t*>(o + row * p.q_seq + dt * 8 + 2 * t) = mma::pack2<T>(pair.x, pair.y);
-      }
-      if (t == 0) lse[row] = l_hbm[row] > 0.0f ? m_hbm[row] * p.scale + logf(l_hbm[row]) : -kInf;
-    }
   // LAB END flash-v1-gpu
 }
 
@@ -526,7 +568,7 @@ template <class T, int D>
 void forward_typed(const Params& params, int batch) {
   auto kernel = forward_kernel<T, D>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, forward_smem_bytes<D>()));
-  kernel<<<dim3(params.q_heads, batch), kThreads, forward_smem_bytes<D>()>>>(params);
+  kernel<<<dim3(params.splits, params.q_heads, batch), kThreads, forward_smem_bytes<D>()>>>(params);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -544,8 +586,34 @@ void backward_typed(const Params& params, int batch, int kv_heads) {
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
+// O, l, m in HBM for whole Q blocks: Tr Br rows of (D + 2) floats per head.
+std::size_t forward_scratch_rows(const AttentionProblem& p) {
+  return static_cast<std::size_t>(p.batch * p.q_heads) * cuda::ceil_div(p.seq_q, kBr) * kBr;
+}
 std::size_t forward_scratch_bytes(const AttentionProblem& p) {
-  return (static_cast<std::size_t>(p.q_elements()) + 2 * static_cast<std::size_t>(p.lse_elements())) * sizeof(float);
+  return forward_scratch_rows(p) * static_cast<std::size_t>(p.head_dim + 2) * sizeof(float);
+}
+
+/// The option `splits`: how many thread blocks share each (batch, head)'s Q blocks. 0 (the default) chooses
+/// the fewest that (a) give every SM a thread block (one fits per SM) and (b) keep the fp32 O_i of the thread
+/// blocks running at once within half the L2 cache, so that the O_i re-read at every step come from L2, not
+/// from HBM. More splits than Q blocks are cut to Tr.
+int forward_splits(const AttentionProblem& p, const StageOptions& options) {
+  const std::int64_t requested = options.get("splits", 0);
+  if (requested < 0)
+    throw std::invalid_argument("splits: " + std::to_string(requested) +
+                                " is negative (the number of thread blocks per head; 0 chooses it)");
+  const int Tr = cuda::ceil_div(p.seq_q, kBr);
+  if (requested > 0) return static_cast<int>(std::min<std::int64_t>(requested, Tr));
+  const long long sms = cuda::device_attribute(cudaDevAttrMultiProcessorCount);
+  const long long l2_bytes = cuda::device_attribute(cudaDevAttrL2CacheSize);
+  const long long heads = p.batch * p.q_heads;
+  for (int splits = 1; splits < Tr; ++splits) {
+    const long long resident = std::min(heads * splits, sms);
+    const long long o_bytes = resident * cuda::ceil_div(Tr, splits) * kBr * p.head_dim * 4;
+    if (heads * splits >= sms && 2 * o_bytes <= l2_bytes) return splits;
+  }
+  return Tr;
 }
 std::size_t backward_scratch_bytes(const AttentionProblem& p) {
   return (static_cast<std::size_t>(p.q_elements()) + 2 * static_cast<std::size_t>(p.lse_elements())) * sizeof(float);
@@ -565,13 +633,15 @@ TierCaps gpu_caps() {
   return caps;
 }
 
-void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions&) {
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_gpu_call(p, t, false);
   Params params = make_params(p, t);
+  params.splits = forward_splits(p, options);
+  options.counters["splits"] = params.splits;
   // Algorithm 1's O, l and m "in HBM": fp32 arrays, so that re-reading O on every step does not round it.
-  DeviceBuffer<float> o_hbm(static_cast<std::size_t>(p.q_elements()));
-  DeviceBuffer<float> l_hbm(static_cast<std::size_t>(p.lse_elements()));
-  DeviceBuffer<float> m_hbm(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<float> o_hbm(forward_scratch_rows(p) * static_cast<std::size_t>(p.head_dim));
+  DeviceBuffer<float> l_hbm(forward_scratch_rows(p));
+  DeviceBuffer<float> m_hbm(forward_scratch_rows(p));
   params.o_hbm = o_hbm.data();
   params.l_hbm = l_hbm.data();
   params.m_hbm = m_hbm.data();
@@ -613,7 +683,7 @@ TierEntry gpu_tier() {
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward) {
     return backward ? backward_scratch_bytes(p) : forward_scratch_bytes(p);
   };
-  gpu.option_names = {};  // none
+  gpu.option_names = {"splits"};  // the forward's thread blocks per head (0: chosen by forward_splits)
   return gpu;
 }
 

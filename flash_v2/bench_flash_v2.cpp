@@ -51,13 +51,17 @@ std::vector<bench::Case> cpu_cases() {
 }
 
 // ===== gpu_cases(): the GPU tier's benchmark cases (owned by the GPU tier's author; edit freely) =====
-// FlashAttention's sweep: batch x seqlen = 16k tokens, hidden 2048 (heads = 2048 / head_dim), bf16.
+// FlashAttention's sweep: batch x seqlen = 16k tokens, hidden 2048 (heads = 2048 / head_dim), bf16; and one
+// grouped-query shape, 8 query heads per KV head, causal (B = 2, Hq = 32, Hkv = 4, N = 8192, D = 128).
 std::vector<bench::Case> gpu_cases() {
   std::vector<bench::Case> cases;
   for (bool causal : {false, true})
-    for (std::int64_t head_dim : {64, 128})
+    for (std::int64_t head_dim : {64, 128, 256})
       for (std::int64_t seq = 512; seq <= 16384; seq *= 2)
         cases.push_back({problem(16384 / seq, 2048 / head_dim, seq, head_dim, causal), DType::bf16, {}, ""});
+  AttentionProblem grouped = problem(2, 32, 8192, 128, true);
+  grouped.kv_heads = 4;
+  cases.push_back({grouped, DType::bf16, {}, ""});
   // Block-size studies of the README's GPU log (named with a label, so scripts/peers.py leaves them out).
   for (bool causal : {false, true})
     for (std::int64_t seq : {2048, 8192}) {

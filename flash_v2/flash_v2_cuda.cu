@@ -223,22 +223,47 @@ void launch_forward(const Params& p, int batch) {
 // Backward: FA2 Algorithm 2.
 // ============================================================================================================
 
+// Three warp layouts, one per kind of product, each chosen so that a fragment read from shared memory feeds
+// several mma tiles (FlashAttention-2's own kernel does the same):
+//   S_ij^T, dP_ij^T (Bc keys x Br queries): 4 warps along the keys x 2 along the queries;
+//   dV_j, dK_j     (Bc keys x D):          4 warps along the keys x 2 along d;
+//   dQ_i           (Br queries x D):       kDqRowWarps along the queries x kDqDWarps along d.
+// P_ij^T and dS_ij^T cross from the first layout to the other two through shared memory (bf16 / fp16, as the
+// tensor cores take them).
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape {
-  static constexpr int kWarps = Bc / 16;  // each warp owns 16 keys of K_j, V_j (and rows of dK_j, dV_j)
+  static constexpr int kWarps = 8;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kQTiles = Br / 8;  // 8-query column tiles of S_ij^T
-  static constexpr int kDTiles = HeadDim / 8;
   static constexpr int kStride = padded(HeadDim);
-  static constexpr int kDsStride = padded(Br);
-  // dQ_i = dS_ij K_j split over the warps: kDqRowTiles 16-row tiles by kDqSplits column slices.
-  static constexpr int kDqRowTiles = Br / 16;
-  static constexpr int kDqSplits = kWarps / kDqRowTiles;
-  static constexpr int kDqDTiles = kDTiles / kDqSplits;
-  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i).
-  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 4 * Br * 4;
-  static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
+  static constexpr int kPStride = padded(Br);  // the P^T and dS^T tiles: [key][query]
+  // S^T and dP^T: each warp kSKeys keys by kSQueries queries.
+  static constexpr int kSKeys = Bc / 4, kSQueries = Br / 2;
+  static constexpr int kSMTiles = kSKeys / 16, kSNTiles = kSQueries / 8;
+  // dV and dK: each warp kKvKeys keys (the same keys as in S^T) by kKvColumns columns.
+  static constexpr int kKvKeys = Bc / 4, kKvColumns = HeadDim / 2;
+  static constexpr int kKvMTiles = kKvKeys / 16, kKvDTiles = kKvColumns / 8;
+  // dQ: each warp kDqRows queries by kDqColumns columns.
+  static constexpr int kDqDWarps = HeadDim >= 128 ? 4 : 2, kDqRowWarps = kWarps / kDqDWarps;
+  static constexpr int kDqRows = Br / kDqRowWarps, kDqColumns = HeadDim / kDqDWarps;
+  static constexpr int kDqMTiles = kDqRows / 16, kDqDTiles = kDqColumns / 8;
+  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T; two stages of (L_i, D_i).
+  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + 2 * Bc * kPStride * 2 + 4 * Br * 4;
+  static_assert(kSKeys % 16 == 0 && kSQueries % 16 == 0 && kKvColumns % 16 == 0 && kDqRows % 16 == 0 &&
+                    kDqColumns % 16 == 0,
+                "every warp's share is made of 16 x 16 blocks");
+  static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
+
+/// dQ's fp32 accumulator gets two adjacent values: one vector atomic on sm_90 (red.global.add.v2.f32), two
+/// scalar ones before it.
+__device__ __forceinline__ void atomic_add_pair(float* address, float low, float high) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(low, high));
+#else
+  atomicAdd(address, low);
+  atomicAdd(address + 1, high);
+#endif
+}
 
 /// FA2 Alg. 2 lines 6-18 for one K/V block: dK_j and dV_j accumulate in registers over every Q block that sees
 /// the block, of every query head that shares its KV head (GQA/MQA: dK, dV are summed over the group).
@@ -247,21 +272,28 @@ template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     backward_kernel(const Params p, bool accumulate_dq) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
-  constexpr int kStride = Shape::kStride, kDsStride = Shape::kDsStride;
-  constexpr int kQTiles = Shape::kQTiles, kDTiles = Shape::kDTiles;
+  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride;
+  constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
+  constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
+  constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
   T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
   T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
   T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
-  T* ds_tile = do_tiles + 2 * Br * kStride;        // dS_ij^T: Bc x Br, for dQ
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);  // L_i (log2): 2 stages of Br
+  T* p_tile = do_tiles + 2 * Br * kStride;         // P_ij^T: Bc x Br
+  T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (log2): 2 stages of Br
   float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
 
   const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
   const int key0 = kv_block * Bc;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
-  const int warp_key0 = warp * 16;
+  // This warp's share in each layout (see BackwardShape).
+  const int s_key0 = (warp % 4) * Shape::kSKeys, s_query0 = (warp / 4) * Shape::kSQueries;
+  const int kv_key0 = (warp % 4) * Shape::kKvKeys, kv_column0 = (warp / 4) * Shape::kKvColumns;
+  const int dq_row0 = (warp % Shape::kDqRowWarps) * Shape::kDqRows;
+  const int dq_column0 = (warp / Shape::kDqRowWarps) * Shape::kDqColumns;
   const int causal_offset = p.seq_k - p.seq_q;
   const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
   const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head + key0 * p.kv_seq;
@@ -269,7 +301,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   // Causal: Q blocks wholly above the diagonal see none of these keys and are skipped.
   const int first_q_block = p.causal ? max(0, key0 - causal_offset) / Br : 0;
   const int q_blocks_per_head = cuda::ceil_div(p.seq_q, Br) - first_q_block;
-  const int steps = p.group_size * q_blocks_per_head;  // (query head of the group, Q block) pairs
+  const int steps = q_blocks_per_head > 0 ? p.group_size * q_blocks_per_head : 0;  // (query head, Q block) pairs
 
   auto head_of = [&](int step) { return kv_head * p.group_size + step / q_blocks_per_head; };
   auto row0_of = [&](int step) { return (first_q_block + step % q_blocks_per_head) * Br; };
@@ -291,159 +323,155 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   // FA2 Alg. 2 lines 6-7: load K_j, V_j; dK_j = dV_j = 0 in registers.
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
   load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
-  load_q_block(0, 0);
+  if (steps > 0) load_q_block(0, 0);
   mma::cp_async_commit();
-  float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
+  float acc_dk[kKvMTiles][kKvDTiles][4] = {}, acc_dv[kKvMTiles][kKvDTiles][4] = {};
 
   // FA2 Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
   for (int step = 0; step < steps; ++step) {
     const int stage = step % 2;
-    if (step + 1 < steps) {
-      load_q_block(step + 1, stage ^ 1);  // its stage was last read before the barrier ending step - 1
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
-    }
+    mma::cp_async_wait<0>();
+    // Step's tiles visible to all; every warp is done with step - 1 (the other stage, the P^T and dS^T tiles).
     __syncthreads();
+    if (step + 1 < steps) {
+      load_q_block(step + 1, stage ^ 1);  // lands while this step computes
+      mma::cp_async_commit();
+    }
     const int head = head_of(step), row0 = row0_of(step);
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
     const float* lse_log2 = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
 
-    // Line 10: S_ij^T = K_j Q_i^T, this warp's 16 keys by all Br queries (the transpose keeps keys in rows,
-    // which is what dV_j and dK_j need as the A operand).
-    float s[kQTiles][4] = {};
+    // Lines 10 and 13 together: S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T, this warp's keys by its queries
+    // (the transpose keeps keys in rows, which is what dV_j and dK_j need as the A operand).
+    float s[kSMTiles][kSNTiles][4] = {}, dp[kSMTiles][kSNTiles][4] = {};
 #pragma unroll
     for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a(a, k_tile, kStride, warp_key0, kk * 16);
+      std::uint32_t a_k[kSMTiles][4], a_v[kSMTiles][4];
 #pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        std::uint32_t b[4];
-        load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
-        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
+      for (int mt = 0; mt < kSMTiles; ++mt) {
+        load_a(a_k[mt], k_tile, kStride, s_key0 + mt * 16, kk * 16);
+        load_a(a_v[mt], v_tile, kStride, s_key0 + mt * 16, kk * 16);
+      }
+#pragma unroll
+      for (int np = 0; np < kSNTiles / 2; ++np) {
+        std::uint32_t b_q[4], b_do[4];
+        load_b_pair(b_q, q_tile, kStride, s_query0 + np * 16, kk * 16);
+        load_b_pair(b_do, do_tile, kStride, s_query0 + np * 16, kk * 16);
+#pragma unroll
+        for (int mt = 0; mt < kSMTiles; ++mt) {
+          mma_m16n8k16<T>(s[mt][2 * np], a_k[mt], b_q[0], b_q[1]);
+          mma_m16n8k16<T>(s[mt][2 * np + 1], a_k[mt], b_q[2], b_q[3]);
+          mma_m16n8k16<T>(dp[mt][2 * np], a_v[mt], b_do[0], b_do[1]);
+          mma_m16n8k16<T>(dp[mt][2 * np + 1], a_v[mt], b_do[2], b_do[3]);
+        }
       }
     }
-    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked.
+
+    // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked; line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i)
+    // (the softmax scale is applied to dK and dQ at the end). Both go to shared memory for lines 12 and 15-16.
     const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
                             (p.causal && key0 + Bc - 1 > row0 + causal_offset);
 #pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
+    for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int column = nt * 8 + 2 * t + e % 2;  // query, inside the block
-        const int key = key0 + warp_key0 + group + 8 * (e / 2);
-        const float prob = exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
-        s[nt][e] = needs_mask && masked(p, row0 + column, key) ? 0.0f : prob;
+      for (int nt = 0; nt < kSNTiles; ++nt) {
+        const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+        float prob[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
+          prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
+          if (needs_mask && masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
+          ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+        }
+        const int at = (s_key0 + mt * 16 + group) * kPStride + column;
+        *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
+        *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
+        *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
+        *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
       }
+    __syncthreads();  // P^T and dS^T complete
 
-    // Line 12: dV_j += P_ij^T dO_i.
+    // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
 #pragma unroll
     for (int kk = 0; kk < Br / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
+      std::uint32_t a_p[kKvMTiles][4], a_ds[kKvMTiles][4];
 #pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
-        mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
+      for (int mt = 0; mt < kKvMTiles; ++mt) {
+        load_a(a_p[mt], p_tile, kPStride, kv_key0 + mt * 16, kk * 16);
+        load_a(a_ds[mt], ds_tile, kPStride, kv_key0 + mt * 16, kk * 16);
+      }
+#pragma unroll
+      for (int dp2 = 0; dp2 < kKvDTiles / 2; ++dp2) {
+        std::uint32_t b_do[4], b_q[4];
+        load_b_pair_transposed(b_do, do_tile, kStride, kk * 16, kv_column0 + dp2 * 16);
+        load_b_pair_transposed(b_q, q_tile, kStride, kk * 16, kv_column0 + dp2 * 16);
+#pragma unroll
+        for (int mt = 0; mt < kKvMTiles; ++mt) {
+          mma_m16n8k16<T>(acc_dv[mt][2 * dp2], a_p[mt], b_do[0], b_do[1]);
+          mma_m16n8k16<T>(acc_dv[mt][2 * dp2 + 1], a_p[mt], b_do[2], b_do[3]);
+          mma_m16n8k16<T>(acc_dk[mt][2 * dp2], a_ds[mt], b_q[0], b_q[1]);
+          mma_m16n8k16<T>(acc_dk[mt][2 * dp2 + 1], a_ds[mt], b_q[2], b_q[3]);
+        }
       }
     }
 
-    // Line 13: dP_ij^T = V_j dO_i^T.
-    float ds[kQTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a(a, v_tile, kStride, warp_key0, kk * 16);
-#pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        std::uint32_t b[4];
-        load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
-        mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i)   (the softmax scale is applied to dK and dQ at the end).
-#pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
-
-    // Line 16: dK_j += dS_ij^T Q_i.
-#pragma unroll
-    for (int kk = 0; kk < Br / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
-        mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
-
-    // Line 15: dQ_i += dS_ij K_j, summed across the thread blocks of all K/V blocks by fp32 atomics. dS_ij^T goes
-    // through shared memory because dQ needs it with queries in rows.
+    // Line 15: dQ_i += dS_ij K_j, this warp's queries by its columns, summed across the thread blocks of all K/V
+    // blocks by fp32 atomics.
     if (accumulate_dq) {
-#pragma unroll
-      for (int nt = 0; nt < kQTiles; ++nt) {
-        T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
-        *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
-        *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
-      }
-      __syncthreads();
-      const int row_tile = warp % Shape::kDqRowTiles;
-      const int column0 = (warp / Shape::kDqRowTiles) * Shape::kDqDTiles * 8;
-      float dq[Shape::kDqDTiles][4] = {};
+      float dq[kDqMTiles][kDqDTiles][4] = {};
 #pragma unroll
       for (int kk = 0; kk < Bc / 16; ++kk) {
-        std::uint32_t a[4];
-        load_a_transposed(a, ds_tile, kDsStride, kk * 16, row_tile * 16);
+        std::uint32_t a[kDqMTiles][4];
 #pragma unroll
-        for (int dp = 0; dp < Shape::kDqDTiles / 2; ++dp) {
+        for (int mt = 0; mt < kDqMTiles; ++mt) load_a_transposed(a[mt], ds_tile, kPStride, kk * 16, dq_row0 + mt * 16);
+#pragma unroll
+        for (int dp2 = 0; dp2 < kDqDTiles / 2; ++dp2) {
           std::uint32_t b[4];
-          load_b_pair_transposed(b, k_tile, kStride, kk * 16, column0 + dp * 16);
-          mma_m16n8k16<T>(dq[2 * dp], a, b[0], b[1]);
-          mma_m16n8k16<T>(dq[2 * dp + 1], a, b[2], b[3]);
+          load_b_pair_transposed(b, k_tile, kStride, kk * 16, dq_column0 + dp2 * 16);
+#pragma unroll
+          for (int mt = 0; mt < kDqMTiles; ++mt) {
+            mma_m16n8k16<T>(dq[mt][2 * dp2], a[mt], b[0], b[1]);
+            mma_m16n8k16<T>(dq[mt][2 * dp2 + 1], a[mt], b[2], b[3]);
+          }
         }
       }
       float* dq_rows = p.dq_accum + ((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) * HeadDim;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int query = row0 + row_tile * 16 + group + 8 * half;
-        if (query >= p.seq_q) continue;
+      for (int mt = 0; mt < kDqMTiles; ++mt)
 #pragma unroll
-        for (int dt = 0; dt < Shape::kDqDTiles; ++dt) {
-          float* out = dq_rows + static_cast<long long>(query) * HeadDim + column0 + dt * 8 + 2 * t;
-          atomicAdd(out, dq[dt][2 * half]);
-          atomicAdd(out + 1, dq[dt][2 * half + 1]);
+        for (int half = 0; half < 2; ++half) {
+          const int query = row0 + dq_row0 + mt * 16 + group + 8 * half;
+          if (query >= p.seq_q) continue;
+#pragma unroll
+          for (int dt = 0; dt < kDqDTiles; ++dt)
+            atomic_add_pair(dq_rows + static_cast<long long>(query) * HeadDim + dq_column0 + dt * 8 + 2 * t,
+                            dq[mt][dt][2 * half], dq[mt][dt][2 * half + 1]);
         }
-      }
     }
-    __syncthreads();  // the next step overwrites this step's stage and dS tile
+    // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copy into this
+    // step's stage behind every warp's reads.)
   }
 
   // Line 18: write dK_j (times the softmax scale, which S = scale Q K^T puts on every dS) and dV_j.
   T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
   T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int key = key0 + warp_key0 + group + 8 * half;
-    if (key >= p.seq_k) continue;
+  for (int mt = 0; mt < kKvMTiles; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      const long long at = key * p.kv_seq + dt * 8 + 2 * t;
-      *reinterpret_cast<std::uint32_t*>(dk + at) =
-          mma::pack2<T>(acc_dk[dt][2 * half] * p.scale, acc_dk[dt][2 * half + 1] * p.scale);
-      *reinterpret_cast<std::uint32_t*>(dv + at) = mma::pack2<T>(acc_dv[dt][2 * half], acc_dv[dt][2 * half + 1]);
+    for (int half = 0; half < 2; ++half) {
+      const int key = key0 + kv_key0 + mt * 16 + group + 8 * half;
+      if (key >= p.seq_k) continue;
+#pragma unroll
+      for (int dt = 0; dt < kKvDTiles; ++dt) {
+        const long long at = key * p.kv_seq + kv_column0 + dt * 8 + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(dk + at) =
+            mma::pack2<T>(acc_dk[mt][dt][2 * half] * p.scale, acc_dk[mt][dt][2 * half + 1] * p.scale);
+        *reinterpret_cast<std::uint32_t*>(dv + at) = mma::pack2<T>(acc_dv[mt][dt][2 * half], acc_dv[mt][dt][2 * half + 1]);
+      }
     }
-  }
 }
 
 /// The deterministic alternative to line 15's atomics: a second pass with the loops of the forward (one
@@ -575,9 +603,6 @@ const char* const kWho = "flash_v2/gpu";
 // 16-byte copies need every row to start 16-byte aligned: strides that are multiples of 8 elements.
 void validate_gpu_call(const AttentionProblem& p, const AttentionTensors& t, bool backward) {
   validate_call(p, t, gpu_caps(), kWho, backward);
-  if (backward && p.head_dim > 128)
-    throw std::invalid_argument("head_dim: " + std::to_string(p.head_dim) + " exceeds the limit 128 of " + kWho +
-                                " backward (dK and dV of 16 keys by D do not fit one warp's registers)");
 }
 
 Params make_params(const AttentionProblem& p, const AttentionTensors& t) {
@@ -627,30 +652,28 @@ constexpr int kDqPassBc = 64;    // keys per step of the deterministic dQ pass
 
 template <class T, int D, int Bc>
 void backward_typed(const Params& params, int batch, int kv_heads, bool deterministic) {
-  if constexpr (D <= 128) {
-    const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
-    backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
-    ATTN_CUDA_CHECK_LAUNCH();
+  const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
+  backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
+  ATTN_CUDA_CHECK_LAUNCH();
 
-    using Shape = BackwardShape<D, kBackwardBr, Bc>;
-    auto kernel = backward_kernel<T, D, kBackwardBr, Bc>;
-    ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-    const dim3 grid(cuda::ceil_div(params.seq_k, Bc), kv_heads, batch);
-    kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params, !deterministic);
-    ATTN_CUDA_CHECK_LAUNCH();
+  using Shape = BackwardShape<D, kBackwardBr, Bc>;
+  auto kernel = backward_kernel<T, D, kBackwardBr, Bc>;
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  const dim3 grid(cuda::ceil_div(params.seq_k, Bc), kv_heads, batch);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params, !deterministic);
+  ATTN_CUDA_CHECK_LAUNCH();
 
-    if (deterministic) {
-      constexpr int kSmem = (2 * kBackwardBr + 4 * kDqPassBc) * padded(D) * 2;
-      auto pass = dq_kernel<T, D, kBackwardBr, kDqPassBc>;
-      ATTN_CUDA_CHECK(cudaFuncSetAttribute(pass, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-      const dim3 dq_grid(cuda::ceil_div(params.seq_q, kBackwardBr), params.q_heads, batch);
-      pass<<<dq_grid, 128, kSmem>>>(params);
-      ATTN_CUDA_CHECK_LAUNCH();
-    } else {
-      const long long elements = rows * D;
-      store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
-      ATTN_CUDA_CHECK_LAUNCH();
-    }
+  if (deterministic) {
+    constexpr int kSmem = (2 * kBackwardBr + 4 * kDqPassBc) * padded(D) * 2;
+    auto pass = dq_kernel<T, D, kBackwardBr, kDqPassBc>;
+    ATTN_CUDA_CHECK(cudaFuncSetAttribute(pass, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    const dim3 dq_grid(cuda::ceil_div(params.seq_q, kBackwardBr), params.q_heads, batch);
+    pass<<<dq_grid, 128, kSmem>>>(params);
+    ATTN_CUDA_CHECK_LAUNCH();
+  } else {
+    const long long elements = rows * D;
+    store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
+    ATTN_CUDA_CHECK_LAUNCH();
   }
 }
 
@@ -665,13 +688,14 @@ int forward_block_cols(const AttentionProblem& p, const StageOptions& options) {
                               " (64, 128 when head_dim <= 64, or 32 when head_dim = 128)");
 }
 
-/// Option "backward_block_cols" (keys per backward thread block, 16 per warp): 64 or 128, the default: 8 warps
-/// instead of 4 per SM and half the dQ atomics, measured 22-34% faster (README, GPU tier).
-int backward_block_cols(const StageOptions& options) {
-  const std::int64_t value = options.get("backward_block_cols", 128);
-  if (value == 64 || value == 128) return static_cast<int>(value);
+/// Option "backward_block_cols" (keys per backward thread block): 128, the default for D <= 128, or 64, the only
+/// choice at D = 256 (K_j, V_j, two stages of Q_i, dO_i and the P^T, dS^T tiles of 128 keys by D = 256 would
+/// need 301 KB of shared memory).
+int backward_block_cols(const AttentionProblem& p, const StageOptions& options) {
+  const std::int64_t value = options.get("backward_block_cols", p.head_dim <= 128 ? 128 : 64);
+  if (value == 64 || (value == 128 && p.head_dim <= 128)) return static_cast<int>(value);
   throw std::invalid_argument("backward_block_cols: " + std::to_string(value) + " is not supported by " + kWho +
-                              " (64 or 128)");
+                              " (64, or 128 when head_dim <= 128)");
 }
 
 std::size_t backward_scratch_bytes(const AttentionProblem& p) {
@@ -709,7 +733,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
 void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_gpu_call(p, t, true);
   const bool deterministic = options.get("deterministic", 0) != 0;
-  const int block_cols = backward_block_cols(options);
+  const int block_cols = backward_block_cols(p, options);
   Params params = make_params(p, t);
   DeviceBuffer<float> dq_accum(deterministic ? 0 : static_cast<std::size_t>(p.q_elements()));
   DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
@@ -723,10 +747,11 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     if constexpr (!std::is_same_v<T, float>)
       dispatch_head_dim(p.head_dim, [&](auto d) {
         constexpr int D = decltype(d)::value;
-        if (block_cols == 128)
-          backward_typed<T, D, 128>(params, static_cast<int>(p.batch), static_cast<int>(p.kv_heads), deterministic);
-        else
-          backward_typed<T, D, 64>(params, static_cast<int>(p.batch), static_cast<int>(p.kv_heads), deterministic);
+        const int batch = static_cast<int>(p.batch), kv_heads = static_cast<int>(p.kv_heads);
+        if constexpr (D <= 128) {
+          if (block_cols == 128) return backward_typed<T, D, 128>(params, batch, kv_heads, deterministic);
+        }
+        backward_typed<T, D, 64>(params, batch, kv_heads, deterministic);
       });
   });
 }

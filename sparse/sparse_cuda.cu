@@ -32,27 +32,22 @@ using mma::load_b_pair;
 using mma::load_b_pair_transposed;
 using mma::mma_m16n8k16;
 
-// Tile ranges are kept per 64 sorted rows; a kernel tile of 128 rows combines two of them.
-constexpr int kRangeRows = 64;
-
 /// One side (queries or keys) of a call after sorting, for every (batch, head) of that side, "head" below
 /// meaning the flattened b * heads + h:
 ///   order[head * seq + pos]  original index of the row at sorted position pos; positions [0, count[head]) hold
 ///                            the kept rows by (bucket, original index), then the dropped rows
 ///   bucket[head * seq + pos] its bucket (QK-sparse: 0 for kept rows)
-///   ranges[head * range_tiles + t] over the kept rows among positions [64 t, 64 t + 64): (lowest original
-///                            index, highest original index, lowest bucket, highest bucket), or (INT_MAX, -1,
-///                            INT_MAX, -1) where there are none
 struct SortedRows {
   const int* order = nullptr;
   const int* bucket = nullptr;
   const int* count = nullptr;
-  const int4* ranges = nullptr;
-  int range_tiles = 0;
 };
 
 struct Params : cuda::AttentionParams {
   SortedRows queries, keys;
+  // spans[q_head * seq_q + pos]: the sorted key positions [x, y) the query at sorted position pos sees
+  // (spans_kernel); (0, 0) for dropped queries.
+  int2* spans = nullptr;
   float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
@@ -80,6 +75,30 @@ struct Classify {
   const float* projection = nullptr;
 };
 
+/// bucket_of (sparsity.hpp) four projections at a time, where buckets / 2 is a multiple of 4: each dot product is
+/// the same sequence of fused multiply-adds and the projections are considered in the same order, so the bucket
+/// is bucket_of's, bit for bit; four independent sums and one 16-byte load of R per step make it faster.
+template <int HeadDim>
+__device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int buckets, const float* projection) {
+  const int half = buckets / 2;
+  int best = 0;
+  float best_value = 0;
+  for (int c = 0; c < half; c += 4) {
+    float dot[4] = {};
+#pragma unroll
+    for (int d = 0; d < HeadDim; ++d) {
+      const float4 r = *reinterpret_cast<const float4*>(projection + d * half + c);  // R[d][c .. c + 3]
+      dot[0] = fused_multiply_add(x[d], r.x, dot[0]);
+      dot[1] = fused_multiply_add(x[d], r.y, dot[1]);
+      dot[2] = fused_multiply_add(x[d], r.z, dot[2]);
+      dot[3] = fused_multiply_add(x[d], r.w, dot[3]);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) consider_projection(c + k, half, dot[k], best, best_value);
+  }
+  return best;
+}
+
 /// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
 /// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
 template <class T, int HeadDim>
@@ -104,7 +123,8 @@ __global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int
 #pragma unroll
     for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
   }
-  row_bucket[row] = bucket_of(values, HeadDim, c.buckets, c.projection);
+  row_bucket[row] = c.buckets / 2 % 4 == 0 ? bucket_of_by_four(values, c.buckets, c.projection)
+                                            : bucket_of(values, HeadDim, c.buckets, c.projection);
 }
 
 /// The caller's index lists (CSR over heads, validated on the host): one thread block per head marks every
@@ -121,11 +141,10 @@ __global__ void mark_listed_rows_kernel(const std::int64_t* offsets, const std::
 /// One side's arrays for the sort (device pointers; the layout of SortedRows).
 struct SortSide {
   const int* row_bucket = nullptr;  // [heads * seq], in original order
-  int seq = 0, heads = 0, range_tiles = 0;
+  int seq = 0, heads = 0;
   int* order = nullptr;
   int* bucket = nullptr;
   int* count = nullptr;
-  int4* ranges = nullptr;
 };
 
 constexpr int kSortWarps = 32;
@@ -136,7 +155,7 @@ constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in fl
 /// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
 /// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
 /// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
-/// every bucket. Then the ranges of every 64 sorted positions.
+/// every bucket.
 __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets) {
   extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
   const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
@@ -210,57 +229,14 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
     __syncwarp();
   });
   if (threadIdx.x == 0) side.count[head] = kept;
-  __syncthreads();  // the block's global writes above are visible to the whole block after it
-
-  for (int tile = warp; tile < side.range_tiles; tile += kSortWarps) {  // ranges, one warp per 64 positions
-    int4 range = make_int4(INT_MAX, -1, INT_MAX, -1);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int position = tile * kRangeRows + 32 * half + lane;
-      if (position < kept)
-        range = make_int4(min(range.x, order[position]), max(range.y, order[position]),
-                          min(range.z, sorted_bucket[position]), max(range.w, sorted_bucket[position]));
-    }
-#pragma unroll
-    for (int step = 16; step > 0; step /= 2) {
-      range.x = min(range.x, __shfl_xor_sync(0xffffffffu, range.x, step));
-      range.y = max(range.y, __shfl_xor_sync(0xffffffffu, range.y, step));
-      range.z = min(range.z, __shfl_xor_sync(0xffffffffu, range.z, step));
-      range.w = max(range.w, __shfl_xor_sync(0xffffffffu, range.w, step));
-    }
-    if (lane == 0) side.ranges[head * side.range_tiles + tile] = range;
-  }
 }
 
-// ---- Tile ranges: what lets a kernel skip a whole tile ------------------------------------------------------
-
-/// The ranges of sorted positions [first, first + rows) of `head` (first and rows multiples of 64).
-__device__ __forceinline__ int4 tile_range(const SortedRows& side, long long head, int first, int rows) {
-  int4 range = make_int4(INT_MAX, -1, INT_MAX, -1);
-  const int4* ranges = side.ranges + head * side.range_tiles;
-  for (int t = first / kRangeRows; t < min(side.range_tiles, (first + rows) / kRangeRows); ++t) {
-    const int4 r = ranges[t];
-    range = make_int4(min(range.x, r.x), max(range.y, r.y), min(range.z, r.z), max(range.w, r.w));
-  }
-  return range;
-}
-
-/// Whether some query of range q may see some key of range k: both non-empty, a common bucket, and (causal)
-/// the lowest key index not after the highest query index's last visible key.
-__device__ __forceinline__ bool tiles_meet(const int4& q, const int4& k, bool causal, int causal_offset) {
-  return q.x <= q.y && k.x <= k.y && k.z <= q.w && q.z <= k.w && (!causal || k.x <= q.y + causal_offset);
-}
-
-/// Whether every (query, key) pair of the two ranges is visible, so that no element needs its mask.
-__device__ __forceinline__ bool tiles_fully_visible(const int4& q, const int4& k, bool causal, int causal_offset) {
-  return q.z == q.w && k.z == k.w && q.z == k.z && (!causal || k.y <= q.x + causal_offset);
-}
-
-/// The element mask on original indices and buckets (bottom-right aligned causal).
-__device__ __forceinline__ bool pair_visible(int query, int query_bucket, int key, int key_bucket, bool causal,
-                                             int causal_offset) {
-  return query_bucket == key_bucket && (!causal || key <= query + causal_offset);
-}
+// ---- Spans: what a query sees, as one run of sorted key positions -------------------------------------------
+// The keys are sorted by (bucket, original index), so the keys a kept query sees (its bucket's, and with causal
+// only those not after its limit) are one run [first, end) of sorted key positions. And the queries are sorted
+// the same way, so along a head's kept query positions neither first nor end ever decreases. The kernels work
+// from these spans alone: SCFA Alg. 1 line 10's mask becomes a comparison of key positions (as flash_v2's causal
+// mask), and line 8's skip test a binary search over the spans of a tile's queries.
 
 /// The first sorted position of `head` in [0, count) whose (bucket, original index) is >= (bucket, index).
 __device__ __forceinline__ int lower_bound(const SortedRows& side, long long head, int seq, int count, int bucket,
@@ -276,6 +252,60 @@ __device__ __forceinline__ int lower_bound(const SortedRows& side, long long hea
       high = middle;
   }
   return low;
+}
+
+/// The first of spans[0..count) (non-decreasing) that ends after sorted key position `key`, or count.
+__device__ __forceinline__ int first_span_ending_after(const int2* spans, int count, int key) {
+  int low = 0, high = count;
+  while (low < high) {
+    const int middle = (low + high) / 2;
+    if (spans[middle].y <= key)
+      low = middle + 1;
+    else
+      high = middle;
+  }
+  return low;
+}
+
+/// The first of spans[0..count) (non-decreasing) that starts at or after sorted key position `key`, or count.
+__device__ __forceinline__ int first_span_starting_from(const int2* spans, int count, int key) {
+  int low = 0, high = count;
+  while (low < high) {
+    const int middle = (low + high) / 2;
+    if (spans[middle].x < key)
+      low = middle + 1;
+    else
+      high = middle;
+  }
+  return low;
+}
+
+/// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
+/// call): its bucket's first key, and the first key of its bucket after its causal limit (without causal, the
+/// next bucket's first key), by binary search in the sorted keys. Dropped positions get (0, 0). When `pairs` is
+/// given it also sums the spans' lengths: the visible pairs, for the counters.
+__global__ void spans_kernel(const Params p, long long rows, unsigned long long* pairs) {
+  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int kv_heads = p.q_heads / p.group_size;
+  int2 span = make_int2(0, 0);
+  if (row < rows) {
+    const long long q_flat = row / p.seq_q;
+    const int position = static_cast<int>(row % p.seq_q);
+    const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
+    if (position < p.queries.count[q_flat]) {
+      const int query = p.queries.order[row], bucket = p.queries.bucket[row];
+      const int k_count = p.keys.count[k_flat];
+      span.x = lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, INT_MIN);
+      span.y = p.causal ? lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, query + (p.seq_k - p.seq_q) + 1)
+                        : lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket + 1, INT_MIN);
+    }
+    p.spans[row] = span;
+  }
+  if (pairs == nullptr) return;
+  unsigned long long count = static_cast<unsigned long long>(span.y - span.x);
+#pragma unroll
+  for (int step = 16; step > 0; step /= 2) count += __shfl_xor_sync(0xffffffffu, count, step);
+  if (threadIdx.x % 32 == 0 && count > 0) atomicAdd(pairs, count);
 }
 
 /// Copies rows rows[0..valid_rows) of a tensor (row r at source + rows[r] * row_stride) into a shared tile, 16
@@ -300,6 +330,7 @@ __device__ __forceinline__ void copy_words_async(Word* to, const Word* from, int
   for (int i = threadIdx.x; i < count; i += Threads) mma::cp_async_4(to + i, from + (i < valid ? i : 0), i < valid);
 }
 
+
 // ============================================================================================================
 // Forward: SCFA Algorithm 1, FA2 Algorithm 1 over the sorted rows.
 // ============================================================================================================
@@ -313,16 +344,16 @@ struct ForwardShape {
   static constexpr int kNTiles = Bc / 8;
   static constexpr int kDTiles = HeadDim / 8;
   static constexpr int kStride = padded(HeadDim);
-  // Q_i, two stages of (K_j, V_j); then the original indices and buckets of Q_i's rows and of both K_j stages.
+  // Q_i, two stages of (K_j, V_j); then the spans of Q_i's rows and two slots of K/V tiles' original indices.
   static constexpr int kTileBytes = (Br + 4 * Bc) * kStride * 2;
-  static constexpr int kSmemBytes = kTileBytes + (2 * Br + 4 * Bc) * 4;
+  static constexpr int kSmemBytes = kTileBytes + Br * 8 + 2 * Bc * 4;
   static_assert(kRowsPerWarp % 16 == 0 && Bc % 16 == 0 && HeadDim % 16 == 0, "tiles are made of 16 x 16 blocks");
-  static_assert(Br % kRangeRows == 0 && Bc % kRangeRows == 0, "tiles are whole range tiles");
 };
 
-/// One thread block per (batch, query head, Br sorted query positions): SCFA Alg. 1 lines 4-16. K/V tiles are
-/// visited in sorted order, only those whose ranges meet the Q tile's (line 8); the mask is applied per element only where a tile is not
-/// wholly visible. Positions past the kept count (dropped queries) get O = 0 and LSE = -inf.
+/// One thread block per (batch, query head, Br sorted query positions): SCFA Alg. 1 lines 4-16. Only the K/V
+/// tiles some query of the tile sees are visited (line 8, from the spans); the mask is applied per element only
+/// where a tile is not seen whole by every query. Positions past the kept count (dropped queries) get O = 0 and
+/// LSE = -inf.
 template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   using Shape = ForwardShape<HeadDim, Br, Bc>;
@@ -332,10 +363,8 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   T* q_tile = reinterpret_cast<T*>(shared_bytes);
   T* k_tiles = q_tile + Br * kStride;
   T* v_tiles = k_tiles + 2 * Bc * kStride;
-  int* q_index = reinterpret_cast<int*>(shared_bytes + Shape::kTileBytes);  // Br original indices, Br buckets
-  int* q_bucket = q_index + Br;
-  int* k_index = q_bucket + Br;    // 2 stages of Bc
-  int* k_bucket = k_index + 2 * Bc;  // 2 stages of Bc
+  int2* spans = reinterpret_cast<int2*>(shared_bytes + Shape::kTileBytes);  // of Q_i's Br rows
+  int* key_rows = reinterpret_cast<int*>(spans + Br);  // 2 slots of Bc original indices (the next tiles')
 
   const int q_block = gridDim.x - 1 - blockIdx.x;  // the last positions have the most keys to visit (QK-sparse)
   const int head = blockIdx.y, batch = blockIdx.z;
@@ -345,8 +374,9 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   const int row0 = q_block * Br;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_row0 = warp * Shape::kRowsPerWarp;
-  const int causal_offset = p.seq_k - p.seq_q;
   const int q_count = p.queries.count[q_flat], k_count = p.keys.count[k_flat];
+  const int valid = min(Br, q_count - row0);  // kept queries in Q_i (none if <= 0)
+  const int k_blocks = cuda::ceil_div(k_count, Bc);
   const int* q_order = p.queries.order + q_flat * p.seq_q;
   const int* k_order = p.keys.order + k_flat * p.seq_k;
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
@@ -355,62 +385,65 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
   float* lse = p.lse + q_flat * p.seq_q;
 
-  // The K/V tiles to visit: from the first key of the Q tile's lowest bucket, those that meet its ranges,
-  // up to the first tile past its highest bucket.
-  const int4 q_range = tile_range(p.queries, q_flat, row0, Br);
-  const int k_blocks = cuda::ceil_div(k_count, Bc);
-  auto next_visible = [&](int j) {
-    for (; j < k_blocks; ++j) {
-      const int4 k_range = tile_range(p.keys, k_flat, j * Bc, Bc);
-      if (k_range.z > q_range.w) return k_blocks;
-      if (tiles_meet(q_range, k_range, p.causal, causal_offset)) return j;
-      if (p.causal && k_range.x > q_range.y + causal_offset) {
-        // Every later key of bucket k_range.w comes later still: go on from the next bucket's first key.
-        const int next_bucket = lower_bound(p.keys, k_flat, p.seq_k, k_count, k_range.w + 1, INT_MIN);
-        if (k_range.w >= q_range.w || next_bucket >= k_count) return k_blocks;
-        j = max(j, next_bucket / Bc - 1);
-      }
+  // SCFA Alg. 1 line 8: the first K/V tile from j on that some query of Q_i sees. Only the first query whose
+  // span ends past the tile's first key can: those before it end before the tile, those after it start no
+  // earlier. If it starts past the tile, go on from the tile where it starts.
+  auto next_tile = [&](int j) {
+    while (j < k_blocks) {
+      const int first = first_span_ending_after(spans, valid, j * Bc);
+      if (first == valid) return k_blocks;
+      if (spans[first].x < (j + 1) * Bc) return j;
+      j = spans[first].x / Bc;
     }
     return k_blocks;
   };
-  int j = row0 < q_count ? next_visible(lower_bound(p.keys, k_flat, p.seq_k, k_count, q_range.z, INT_MIN) / Bc)
-                         : k_blocks;
-
-  auto load_kv_block = [&](int block, int stage) {
-    const int key0 = block * Bc;
-    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k, p.kv_seq,
-                                                             k_order + key0, k_count - key0);
-    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v, p.kv_seq,
-                                                             k_order + key0, k_count - key0);
-    copy_words_async<Shape::kThreads>(k_index + stage * Bc, k_order + key0, Bc, k_count - key0);
-    copy_words_async<Shape::kThreads>(k_bucket + stage * Bc, p.keys.bucket + k_flat * p.seq_k + key0, Bc,
-                                      k_count - key0);
+  // K_j, V_j through the permutation, rows[] their original indices (global or shared memory).
+  auto load_kv_block = [&](int j, int stage, const int* rows) {
+    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k, p.kv_seq, rows,
+                                                             k_count - j * Bc);
+    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v, p.kv_seq, rows,
+                                                             k_count - j * Bc);
   };
-  // SCFA Alg. 1 line 5: load Q_i through the permutation (rows past the kept count read as zeros).
-  gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, q_count - row0);
-  copy_words_async<Shape::kThreads>(q_index, q_order + row0, Br, q_count - row0);
-  copy_words_async<Shape::kThreads>(q_bucket, p.queries.bucket + q_flat * p.seq_q + row0, Br, q_count - row0);
-  if (j < k_blocks) load_kv_block(j, 0);
-  mma::cp_async_commit();
+  auto load_key_rows = [&](int j, int slot) {
+    copy_words_async<Shape::kThreads>(key_rows + slot * Bc, k_order + j * Bc, Bc, k_count - j * Bc);
+  };
+
+  // SCFA Alg. 1 line 5: Q_i through the permutation (rows past the kept count read as zeros), and its spans.
+  int j = k_blocks, j_next = k_blocks, j_after = k_blocks;  // the next three tiles to visit
+  if (valid > 0) {
+    gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, valid);
+    copy_words_async<Shape::kThreads>(reinterpret_cast<int*>(spans),
+                                      reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0), 2 * Br,
+                                      2 * valid);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    j = next_tile(0);
+    j_next = j < k_blocks ? next_tile(j + 1) : k_blocks;
+    j_after = j_next < k_blocks ? next_tile(j_next + 1) : k_blocks;
+    // The first K/V tile reads its original indices from global memory; every later one from the slot its
+    // indices were copied to one tile ahead, so that no gather waits on a global load.
+    if (j < k_blocks) load_kv_block(j, 0, k_order + j * Bc);
+    if (j_next < k_blocks) load_key_rows(j_next, 1);
+    mma::cp_async_commit();
+  }
 
   float acc_o[kMTiles][kDTiles][4] = {};
   float row_max[kMTiles][2], row_sum[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
-  // SCFA Alg. 1 lines 7-9: the visible K/V tiles only.
+  // SCFA Alg. 1 lines 7-9: the visible K/V tiles only. Tile number n lives in stage n % 2 and its original
+  // indices in slot n % 2; they are copied two tiles ahead, after a search three tiles ahead.
   int visited = 0;
   for (int stage = 0; j < k_blocks; stage ^= 1, ++visited) {
-    const int next = next_visible(j + 1);
-    if (next < k_blocks) {
-      __syncthreads();  // every warp is done with the tile whose stage the next copy overwrites
-      load_kv_block(next, stage ^ 1);
+    mma::cp_async_wait<0>();
+    __syncthreads();  // K_j, V_j and the next tile's indices have landed; every warp is done with the last tile
+    if (j_next < k_blocks) {
+      load_kv_block(j_next, stage ^ 1, key_rows + (stage ^ 1) * Bc);
+      if (j_after < k_blocks) load_key_rows(j_after, stage);  // slot `stage` was read one tile ago
       mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
     }
-    __syncthreads();
     const T* k_tile = k_tiles + stage * Bc * kStride;
     const T* v_tile = v_tiles + stage * Bc * kStride;
 
@@ -433,25 +466,23 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
       }
     }
 
-    // SCFA Alg. 1 line 10: the mask on original indices and buckets, where the tile is not wholly visible.
+    // SCFA Alg. 1 line 10: a key at sorted position c is visible from a query with span [x, y) iff x <= c < y.
+    // The spans never decrease, so every query sees the whole tile iff the last one starts and the first one
+    // ends no later than the tile does: then no mask.
     const int key0 = j * Bc;
-    const int4 k_range = tile_range(p.keys, k_flat, key0, Bc);
-    if (key0 + Bc > k_count || !tiles_fully_visible(q_range, k_range, p.causal, causal_offset)) {
-      const int* stage_index = k_index + stage * Bc;
-      const int* stage_bucket = k_bucket + stage * Bc;
+    if (spans[valid - 1].x > key0 || spans[0].y < key0 + Bc) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = warp_row0 + mt * 16 + group + 8 * (e / 2);
-          const int query = q_index[row], query_bucket = q_bucket[row];
+        for (int half = 0; half < 2; ++half) {
+          const int2 span = spans[warp_row0 + mt * 16 + group + 8 * half];  // (0, 0) past the kept rows
 #pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) {
-            const int column = nt * 8 + 2 * t + e % 2;
-            if (key0 + column >= k_count ||
-                !pair_visible(query, query_bucket, stage_index[column], stage_bucket[column], p.causal, causal_offset))
-              s[mt][nt][e] = -kInf;
-          }
+          for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const int key = key0 + nt * 8 + 2 * t + e % 2;
+              if (key < span.x || key >= span.y) s[mt][nt][e] = -kInf;
+            }
         }
     }
 
@@ -473,9 +504,13 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
         }
       }
     }
-    j = next;
+    // SCFA Alg. 1 line 8 three tiles ahead, searched while the tensor cores finish O_i.
+    const int j_later = j_after < k_blocks ? next_tile(j_after + 1) : k_blocks;
+    j = j_next;
+    j_next = j_after;
+    j_after = j_later;
   }
-  mma::cp_async_wait<0>();  // (Q_i is still in flight when no tile was visible)
+  mma::cp_async_wait<0>();  // (nothing is left in flight; a guard for changes)
   if (threadIdx.x == 0 && visited > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(visited));
 
   // SCFA Alg. 1 lines 13-14 and 16: scattered to the rows' original places; dropped rows and rows that saw no
@@ -510,31 +545,6 @@ void launch_forward(const Params& p, int batch) {
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
-/// The (query, key) pairs the call attends to, for the counters (not part of the attention): for each kept
-/// query, the keys of its bucket up to its last visible one, found by two binary searches in the sorted keys.
-__global__ void count_pairs_kernel(const Params p, long long rows, unsigned long long* pairs) {
-  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int kv_heads = p.q_heads / p.group_size;
-  unsigned long long count = 0;
-  if (row < rows) {
-    const long long q_flat = row / p.seq_q;
-    const int position = static_cast<int>(row % p.seq_q);
-    const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
-    if (position < p.queries.count[q_flat]) {
-      const int query = p.queries.order[q_flat * p.seq_q + position];
-      const int bucket = p.queries.bucket[q_flat * p.seq_q + position];
-      const int k_count = p.keys.count[k_flat];
-      const int first = lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, INT_MIN);
-      const int end = p.causal ? lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, query + (p.seq_k - p.seq_q) + 1)
-                               : lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket + 1, INT_MIN);
-      count = static_cast<unsigned long long>(max(0, end - first));
-    }
-  }
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) count += __shfl_xor_sync(0xffffffffu, count, step);
-  if (threadIdx.x % 32 == 0 && count > 0) atomicAdd(pairs, count);
-}
-
 // ============================================================================================================
 // Backward: SCFA Algorithm 2, FA2 Algorithm 2 over the sorted rows.
 // ============================================================================================================
@@ -550,15 +560,15 @@ struct BackwardShape {
   static constexpr int kDqRowTiles = Br / 16;
   static constexpr int kDqSplits = kWarps / kDqRowTiles;
   static constexpr int kDqDTiles = kDTiles / kDqSplits;
-  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i, original index, bucket).
-  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 8 * Br * 4;
+  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i, spans); three slots of original indices.
+  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 8 * Br * 4 + 3 * Br * 4;
   static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
-  static_assert(Br % kRangeRows == 0 && Bc % kRangeRows == 0, "tiles are whole range tiles");
 };
 
-/// One thread block per (batch, KV head, Bc sorted key positions), SCFA Alg. 2 lines 4-14: dK_j, dV_j in registers over the Q tiles
-/// (of every query head of the group) whose ranges meet the K tile's; dQ by fp32 atomics into dq_accum at the
-/// queries' original rows. Dropped keys (positions past the kept count) get dK = dV = 0.
+/// One thread block per (batch, KV head, Bc sorted key positions), SCFA Alg. 2 lines 4-14: dK_j, dV_j in
+/// registers over the Q tiles (of every query head of the group) that see some key of the tile; dQ by fp32
+/// atomics into dq_accum at the queries' original rows. Dropped keys (positions past the kept count) get
+/// dK = dV = 0.
 template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) backward_kernel(const Params p) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
@@ -572,8 +582,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   T* ds_tile = do_tiles + 2 * Br * kStride;
   float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);
   float* delta_tiles = lse_tiles + 2 * Br;
-  int* q_index_tiles = reinterpret_cast<int*>(delta_tiles + 2 * Br);
-  int* q_bucket_tiles = q_index_tiles + 2 * Br;
+  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);
+  int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);  // 3 slots of Br original indices
 
   const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
   const int kv_heads = p.q_heads / p.group_size;
@@ -581,94 +591,94 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   const int key0 = kv_block * Bc;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_key0 = warp * 16;
-  const int causal_offset = p.seq_k - p.seq_q;
   const int k_count = p.keys.count[k_flat];
   const int* k_order = p.keys.order + k_flat * p.seq_k;
   const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
   const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
-  auto first_flat = [&] { return static_cast<long long>(batch) * p.q_heads + kv_head * p.group_size; };
+  auto flat_of = [&](int head_in_group) {
+    return static_cast<long long>(batch) * p.q_heads + kv_head * p.group_size + head_in_group;
+  };
 
-  // This thread's two keys (rows group and group + 8 of its warp's 16).
-  int key_index[2], key_bucket[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int position = key0 + warp_key0 + group + 8 * half;
-    const bool kept = position < k_count;
-    key_index[half] = kept ? k_order[position] : 0;
-    key_bucket[half] = kept ? p.keys.bucket[k_flat * p.seq_k + position] : -1;  // -1 meets no query
-  }
-
-  // The (query head of the group, Q tile) steps to visit: per head, from the first query that may see the
-  // tile's lowest key in its lowest bucket, those tiles that meet, up to the first past its highest bucket.
-  const int4 k_range = tile_range(p.keys, k_flat, key0, Bc);
+  // SCFA Alg. 2 line 7: the (query head of the group, Q tile) steps to visit. The queries of a head that see
+  // some key of K_j are one run of sorted positions: from the first whose span ends after key0 to the last
+  // whose span starts before key0 + Bc (the spans never decrease); their Q tiles are the steps.
   struct Step {
-    int head_in_group, block;
+    int head_in_group, block, block_end, q_count;
   };
-  auto next_visible = [&](Step step) {
-    for (; step.head_in_group < p.group_size; ++step.head_in_group, step.block = -1) {
-      const long long q_flat = first_flat() + step.head_in_group;
+  auto first_step_from = [&](int head_in_group) {  // of this head, or the next head with any
+    for (; head_in_group < p.group_size; ++head_in_group) {
+      const long long q_flat = flat_of(head_in_group);
       const int q_count = p.queries.count[q_flat];
-      if (step.block < 0)
-        step.block = lower_bound(p.queries, q_flat, p.seq_q, q_count, k_range.z,
-                                 p.causal ? k_range.x - causal_offset : INT_MIN) / Br;
-      for (; step.block < cuda::ceil_div(q_count, Br); ++step.block) {
-        const int4 q_range = tile_range(p.queries, q_flat, step.block * Br, Br);
-        if (q_range.z > k_range.w) break;
-        if (tiles_meet(q_range, k_range, p.causal, causal_offset)) return step;
-      }
+      const int2* spans = p.spans + q_flat * p.seq_q;
+      const int first = first_span_ending_after(spans, q_count, key0);
+      const int end = first_span_starting_from(spans, q_count, key0 + Bc);
+      if (first < end) return Step{head_in_group, first / Br, cuda::ceil_div(end, Br), q_count};
     }
-    return step;
+    return Step{p.group_size, 0, 0, 0};
   };
-  Step step = key0 < k_count ? next_visible(Step{0, -1}) : Step{p.group_size, 0};
-
-  auto load_q_block = [&](Step at, int stage) {
-    const long long q_flat = first_flat() + at.head_in_group;
-    const int head = kv_head * p.group_size + at.head_in_group;
-    const int row0 = at.block * Br, valid = p.queries.count[q_flat] - row0;
-    const int* q_order = p.queries.order + q_flat * p.seq_q + row0;
-    const long long offset = batch * p.q_batch + head * p.q_head;
+  auto next_step = [&](Step step) {
+    if (step.head_in_group >= p.group_size) return step;
+    if (++step.block < step.block_end) return step;
+    return first_step_from(step.head_in_group + 1);
+  };
+  auto load_query_rows = [&](const Step& at, int slot) {
+    const int row0 = at.block * Br;
+    copy_words_async<Shape::kThreads>(query_rows + slot * Br, p.queries.order + flat_of(at.head_in_group) * p.seq_q + row0,
+                                      Br, at.q_count - row0);
+  };
+  // Q_i, dO_i, L_i, D_i through the permutation, rows[] their original indices (global or shared memory).
+  auto load_q_block = [&](const Step& at, int stage, const int* rows) {
+    const long long q_flat = flat_of(at.head_in_group);
+    const int row0 = at.block * Br, valid = at.q_count - row0;
+    const long long offset = batch * p.q_batch + (kv_head * p.group_size + at.head_in_group) * p.q_head;
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
-        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, q_order, valid);
+        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, rows, valid);
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
-        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, q_order, valid);
-    copy_words_async<Shape::kThreads>(q_index_tiles + stage * Br, q_order, Br, valid);
-    copy_words_async<Shape::kThreads>(q_bucket_tiles + stage * Br, p.queries.bucket + q_flat * p.seq_q + row0, Br,
-                                      valid);
+        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, rows, valid);
+    copy_words_async<Shape::kThreads>(reinterpret_cast<int*>(span_tiles + stage * Br),
+                                      reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0), 2 * Br,
+                                      2 * valid);
     for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
-      const long long at_row = q_flat * p.seq_q + (i < valid ? q_order[i] : 0);
+      const long long at_row = q_flat * p.seq_q + (i < valid ? rows[i] : 0);
       mma::cp_async_4(lse_tiles + stage * Br + i, p.lse_log2 + at_row, i < valid);
       mma::cp_async_4(delta_tiles + stage * Br + i, p.delta + at_row, i < valid);
     }
   };
 
-  // SCFA Alg. 2 line 5.
-  const int k_valid = k_count - key0;
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, k_valid);
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, k_valid);
-  if (step.head_in_group < p.group_size) load_q_block(step, 0);
+  // SCFA Alg. 2 line 5, and the first step's Q tile: both through indices in global memory; every later Q
+  // tile through indices copied to shared memory one step ahead, so that no gather waits on a global load.
+  Step step = key0 < k_count ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
+  Step next = next_step(step);
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, k_count - key0);
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, k_count - key0);
+  if (step.head_in_group < p.group_size) {
+    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.block * Br);
+    load_query_rows(step, 0);  // for the scatter of dQ
+  }
+  if (next.head_in_group < p.group_size) load_query_rows(next, 1);
   mma::cp_async_commit();
   float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
 
-  // SCFA Alg. 2 lines 6-7: the visible Q tiles of each query head of the group.
-  for (int stage = 0; step.head_in_group < p.group_size; stage ^= 1) {
-    const Step next = next_visible(Step{step.head_in_group, step.block + 1});
+  // SCFA Alg. 2 lines 6-7: the visible Q tiles of each query head of the group. Step number n lives in stage
+  // n % 2 and its original indices in slot n % 3 (read by the gather one step ahead and by dQ's scatter).
+  for (int stage = 0, slot = 0; step.head_in_group < p.group_size; stage ^= 1, slot = slot == 2 ? 0 : slot + 1) {
+    mma::cp_async_wait<0>();
+    __syncthreads();  // this step's tiles and the next one's indices have landed; every warp is done with the last
+    const int next_slot = slot == 2 ? 0 : slot + 1;
+    const Step after = next_step(next);
     if (next.head_in_group < p.group_size) {
-      load_q_block(next, stage ^ 1);  // its stage was last read before the barrier that ended the last step
+      load_q_block(next, stage ^ 1, query_rows + next_slot * Br);
+      if (after.head_in_group < p.group_size) load_query_rows(after, next_slot == 2 ? 0 : next_slot + 1);
       mma::cp_async_commit();
-      mma::cp_async_wait<1>();
-    } else {
-      mma::cp_async_wait<0>();
     }
-    __syncthreads();
-    const long long q_flat = first_flat() + step.head_in_group;
-    const int q_count = p.queries.count[q_flat];
+    const long long q_flat = flat_of(step.head_in_group);
     const int row0 = step.block * Br;
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
     const float* lse_log2 = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
-    const int* q_index = q_index_tiles + stage * Br;
-    const int* q_bucket = q_bucket_tiles + stage * Br;
+    const int2* spans = span_tiles + stage * Br;
+    const int* q_index = query_rows + slot * Br;
 
     // SCFA Alg. 2 line 8: S_ij^T = K_j Q_i^T,
     float s[kQTiles][4] = {};
@@ -684,19 +694,17 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
         mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
       }
     }
-    // and P_ij^T = exp(scale S_ij^T - L_i), 0 where Alg. 1 line 10 masks the pair.
-    const bool needs_mask = key0 + Bc > k_count || row0 + Br > q_count ||
-                            !tiles_fully_visible(tile_range(p.queries, q_flat, row0, Br), k_range, p.causal,
-                                                 causal_offset);
+    // and P_ij^T = exp(scale S_ij^T - L_i), 0 where Alg. 1 line 10 masks the pair: key position c is visible
+    // from a query with span [x, y) iff x <= c < y; no mask where every query of Q_i sees all of K_j.
+    const bool needs_mask = step.q_count - row0 < Br || spans[Br - 1].x > key0 || spans[0].y < key0 + Bc;
 #pragma unroll
     for (int nt = 0; nt < kQTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int column = nt * 8 + 2 * t + e % 2;
+        const int key = key0 + warp_key0 + group + 8 * (e / 2);
         const float prob = exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
-        const bool hidden = needs_mask && (row0 + column >= q_count ||
-                                           !pair_visible(q_index[column], q_bucket[column], key_index[e / 2],
-                                                         key_bucket[e / 2], p.causal, causal_offset));
+        const bool hidden = needs_mask && (key < spans[column].x || key >= spans[column].y);  // (0, 0) past the kept rows
         s[nt][e] = hidden ? 0.0f : prob;
       }
 
@@ -772,7 +780,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int local = row_tile * 16 + group + 8 * half;
-      if (row0 + local >= q_count) continue;
+      if (row0 + local >= step.q_count) continue;
       float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim + column0 + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < Shape::kDqDTiles; ++dt) {
@@ -780,10 +788,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
         atomicAdd(out + dt * 8 + 1, dq[dt][2 * half + 1]);
       }
     }
-    __syncthreads();  // the next step overwrites this step's stage and dS tile
     step = next;
+    next = after;
   }
   mma::cp_async_wait<0>();  // (K_j, V_j are still in flight when no Q tile was visible)
+
 
   // SCFA Alg. 2 lines 13 and 15: dK_j (times tau) and dV_j at the keys' original rows; dropped keys get zeros.
   T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
@@ -803,6 +812,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     }
   }
 }
+
 
 // ============================================================================================================
 // Host side: validation, the device workspace, launches.
@@ -834,14 +844,14 @@ int kept_buckets(const Settings& s, const KeepLists* lists) {
 }
 
 std::size_t side_bytes(std::int64_t heads, std::int64_t seq) {
-  const std::int64_t range_tiles = (seq + kRangeRows - 1) / kRangeRows;
-  return static_cast<std::size_t>(heads) * (3 * seq * sizeof(int) + sizeof(int) + range_tiles * sizeof(int4));
+  return static_cast<std::size_t>(heads) * (3 * seq * sizeof(int) + sizeof(int));
 }
 
-/// The device workspace of one pass: both sides' buckets, permutations, counts and ranges (O(N) per head),
-/// the projection R, and in the backward dQ in fp32 plus L_i and D_i.
+/// The device workspace of one pass: both sides' buckets, permutations and counts, the queries' spans (O(N)
+/// per head), the projection R, and in the backward dQ in fp32 plus L_i and D_i.
 std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool backward) {
-  std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q) + side_bytes(p.batch * p.kv_heads, p.seq_k);
+  std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q) + side_bytes(p.batch * p.kv_heads, p.seq_k) +
+                      static_cast<std::size_t>(p.lse_elements()) * sizeof(int2);
   if (s.mode == Mode::hash) bytes += static_cast<std::size_t>(p.head_dim) * (s.buckets / 2) * sizeof(float);
   if (backward)
     bytes += static_cast<std::size_t>(p.q_elements()) * sizeof(float) +
@@ -854,19 +864,17 @@ std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool b
 /// One side's workspace, filled by classify_side and sort_sides.
 struct SideBuffers {
   DeviceBuffer<int> row_bucket, order, bucket, count;
-  DeviceBuffer<int4> ranges;
   DeviceBuffer<std::int64_t> list_offsets;
   DeviceBuffer<std::int32_t> list_indices;
-  int heads = 0, seq = 0, range_tiles = 0;
+  int heads = 0, seq = 0;
 
   SideBuffers(std::int64_t heads_, std::int64_t seq_)
       : row_bucket(heads_ * seq_), order(heads_ * seq_), bucket(heads_ * seq_), count(heads_),
-        ranges(heads_ * ((seq_ + kRangeRows - 1) / kRangeRows)), heads(static_cast<int>(heads_)),
-        seq(static_cast<int>(seq_)), range_tiles(static_cast<int>((seq_ + kRangeRows - 1) / kRangeRows)) {}
+        heads(static_cast<int>(heads_)), seq(static_cast<int>(seq_)) {}
 
-  SortedRows view() const { return {order.data(), bucket.data(), count.data(), ranges.data(), range_tiles}; }
+  SortedRows view() const { return {order.data(), bucket.data(), count.data()}; }
   SortSide sort_side() {
-    return {row_bucket.data(), seq, heads, range_tiles, order.data(), bucket.data(), count.data(), ranges.data()};
+    return {row_bucket.data(), seq, heads, order.data(), bucket.data(), count.data()};
   }
 };
 
@@ -894,7 +902,7 @@ void classify_side(SideBuffers& side, const T* x, const Strides& strides, int ba
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
-/// Both sides' stable sorts and tile ranges in one launch (SCFA Alg. 1 lines 2-3).
+/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3).
 void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets) {
   const int smem = (kSortWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
   if (smem > 48 * 1024)
@@ -907,13 +915,19 @@ void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets) {
 /// Both sides' sorted rows for one pass; the buffers keep them alive.
 struct Prepared {
   SideBuffers queries, keys;
+  DeviceBuffer<int2> spans;
   DeviceBuffer<float> projection;
+
+  explicit Prepared(const AttentionProblem& p)
+      : queries(p.batch * p.q_heads, p.seq_q), keys(p.batch * p.kv_heads, p.seq_k),
+        spans(static_cast<std::size_t>(p.lse_elements())) {}
 };
 
-/// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the tile ranges.
+/// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the queries' spans (and,
+/// given `pairs`, the visible pairs counted there).
 template <class T, int D>
 void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, const AttentionTensors& t,
-             const Settings& s, const KeepLists* lists) {
+             const Settings& s, const KeepLists* lists, unsigned long long* pairs) {
   Classify classify;
   classify.mode = lists != nullptr ? Mode::qk : s.mode;
   classify.buckets = kept_buckets(s, lists);
@@ -937,9 +951,13 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
   sort_sides(prepared.queries, prepared.keys, classify.buckets);
   params.queries = prepared.queries.view();
   params.keys = prepared.keys.view();
+  params.spans = prepared.spans.data();
+  const long long rows = p.lse_elements();
+  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, pairs);
+  ATTN_CUDA_CHECK_LAUNCH();
 }
 
-/// The device time of a pass's planning (masks or buckets, sorts, ranges), for the "plan_ms" counter: events
+/// The device time of a pass's planning (masks or buckets, sorts, spans), for the "plan_ms" counter: events
 /// around it, read once the pass has finished.
 class PlanTimer {
  public:
@@ -1007,7 +1025,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const int block_cols = forward_block_cols(p, options);
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared{SideBuffers(p.batch * p.q_heads, p.seq_q), SideBuffers(p.batch * p.kv_heads, p.seq_k), {}};
+  Prepared prepared(p);
   DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited
   ATTN_CUDA_CHECK(cudaMemsetAsync(statistics.data(), 0, statistics.bytes()));
   params.tiles_visited = statistics.data() + 1;
@@ -1015,7 +1033,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
     constexpr int D = decltype(d)::value;
-    prepare<T, D>(prepared, params, p, t, settings, lists);
+    prepare<T, D>(prepared, params, p, t, settings, lists, statistics.data());
     timer.planned();
     if constexpr (D <= 64) {
       if (block_cols == 128) {
@@ -1025,9 +1043,6 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
     }
     launch_forward<T, D, 128, 64>(params, static_cast<int>(p.batch));
   });
-  const long long rows = p.lse_elements();
-  count_pairs_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics.data());
-  ATTN_CUDA_CHECK_LAUNCH();
   unsigned long long counted[2] = {};
   ATTN_CUDA_CHECK(cudaMemcpy(counted, statistics.data(), sizeof(counted), cudaMemcpyDeviceToHost));
   const double dense_pairs = static_cast<double>(p.batch * p.q_heads) * p.visible_pairs();
@@ -1045,7 +1060,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   const Settings settings = validate_gpu_call(p, t, options, lists, true);
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared{SideBuffers(p.batch * p.q_heads, p.seq_q), SideBuffers(p.batch * p.kv_heads, p.seq_k), {}};
+  Prepared prepared(p);
   DeviceBuffer<float> dq_accum(static_cast<std::size_t>(p.q_elements()));
   DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
@@ -1057,7 +1072,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
     constexpr int D = decltype(d)::value;
-    prepare<T, D>(prepared, params, p, t, settings, lists);
+    prepare<T, D>(prepared, params, p, t, settings, lists, nullptr);
     timer.planned();
     const long long rows = p.lse_elements();
     flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);

@@ -71,6 +71,12 @@ ATTN_SPARSE_HD inline float fused_multiply_add(float a, float b, float c) {
 #endif
 }
 
+/// bucket_of's step for projection c with dot = x R_c: x R_c, then -x R_c, replace the best so far if larger.
+ATTN_SPARSE_HD inline void consider_projection(int c, int half, float dot, int& best, float& best_value) {
+  if (c == 0 || dot > best_value) { best = c; best_value = dot; }
+  if (-dot > best_value) { best = c + half; best_value = -dot; }
+}
+
 /// Hash-sparse's bucket of one row x (head_dim floats, unit stride): argmax over the 2 * (buckets / 2) values
 /// [x R, -x R] (of equal maxima, the first in the order x R_0, -x R_0, x R_1, -x R_1, ... wins). Each projection is a sequential fp32 fma over the head
 /// dimension in index order, so both tiers get the same bucket. buckets = 1 puts every row in bucket 0.
@@ -83,8 +89,7 @@ ATTN_SPARSE_HD inline int bucket_of(const float* x, int head_dim, int buckets, c
   for (int c = 0; c < half; ++c) {
     float dot = 0;
     for (int d = 0; d < head_dim; ++d) dot = fused_multiply_add(x[d], projection[d * half + c], dot);
-    if (c == 0 || dot > best_value) { best = c; best_value = dot; }
-    if (-dot > best_value) { best = c + half; best_value = -dot; }
+    consider_projection(c, half, dot, best, best_value);
   }
   return best;
 }

@@ -11,6 +11,7 @@
 #include "common/numeric.hpp"
 #include "common/progress.hpp"
 #include "common/registry.hpp"
+#include "common/simd.hpp"
 #include "common/validate.hpp"
 #include "test_support.hpp"
 
@@ -508,4 +509,33 @@ TEST_CASE("the ladder lists stages once each, naive first, with a CPU tier each"
     CHECK(&find_stage(stage.name) == &stage);
   }
   CHECK_THROWS_AS(find_stage("no_such_stage"), std::invalid_argument);
+}
+
+TEST_CASE("the softmax's exp: within 3e-7 + 8e-8 |x| relative of exp where the passes use it, exactly 0 far below",
+          "[common][numeric]") {
+  // simd::exp_shifted_sum computes x[i] = e^(x[i] - shift) with simd::exp_of_nonpositive, the exp of every CPU
+  // softmax pass. Its arguments are <= 0 (a score minus a maximum), a little above 0 after rounding, or -inf
+  // (masked). A fine grid of [-87, 0.5] (e^x is normal down to -87.3), then the edges. The bound: 2^f and 2^n
+  // are good to about 2 ulp; rounding t = x log2(e) to fp32 moves t by up to |t| 2^-24, which scales e^x by
+  // up to a relative |t| ln(2) 2^-24 = |x| 6e-8, and log2(e) in fp32 is itself off by 1.7e-8 relative: |x| 8e-8
+  // in all. (Where that is large, e^x is tiny: the softmax's sums barely feel it.)
+  std::vector<float> x;
+  for (double t = -87.0; t <= 0.5; t += 1.0 / 4096.0 + 1e-7) x.push_back(static_cast<float>(t));
+  std::vector<float> e = x;
+  const float sum = simd::exp_shifted_sum(e.data(), 0.0f, static_cast<std::int64_t>(e.size()));
+  double worst = 0.0, exact_sum = 0.0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double exact = std::exp(static_cast<double>(x[i]));
+    worst = std::max(worst, std::abs(e[i] - exact) / exact / (3e-7 + 8e-8 * std::abs(x[i])));
+    exact_sum += exact;
+  }
+  CHECK(worst < 1.0);
+  CHECK(std::abs(sum - exact_sum) < 1e-5 * exact_sum);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> edges{0.0f, -1.0f, -inf, -88.5f, -100.0f, -1e30f};
+  edges.resize(2 * simd::lanes, -inf);  // whole vectors, so that the SIMD path (not the scalar tail) runs
+  simd::exp_shifted_sum(edges.data(), 0.0f, static_cast<std::int64_t>(edges.size()));
+  CHECK(edges[0] == 1.0f);
+  CHECK(std::abs(edges[1] - std::exp(-1.0)) < 3e-7 * std::exp(-1.0));
+  for (std::size_t i = 2; i < edges.size(); ++i) CHECK(edges[i] == 0.0f);
 }

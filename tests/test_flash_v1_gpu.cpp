@@ -134,7 +134,7 @@ TEST_CASE("flash_v1/gpu is right across many Q and K/V blocks: causal, Nq != Nk 
     std::int64_t batch, q_heads, kv_heads, seq_q, seq_k, head_dim;
     bool causal;
   };
-  // Lengths that are not multiples of the blocks (Br = 128, Bc = 64 forward; 64 and 64 backward) and many
+  // Lengths that are not multiples of the blocks (Br = 128, Bc = 128 forward; 64 and 64 backward) and many
   // blocks long, so that the O / l / m updates in HBM, the Q double buffering, the causal block skipping and the
   // diagonal mask all run several times.
   const Case cases[] = {
@@ -177,6 +177,39 @@ TEST_CASE("flash_v1/gpu matches the fp64 oracle on awkward shapes and across man
       INFO(p.describe() << " dtype " << dtype_name(dtype));
       check_against_oracle(make_problem_data(p, dtype, Layout::bhnd, ++seed));
     }
+}
+
+TEST_CASE("flash_v1/gpu: the Q blocks shared among any number of thread blocks per head (the option splits) "
+          "give the same output bit for bit", "[flash_v1][gpu]") {
+  // Each Q block goes through the same (j, i) steps whichever thread block runs it, so every split must give
+  // exactly the output of one thread block per head (splits = 1, the paper's grid). Lengths of several Q blocks
+  // (Br = 128) that are not multiples of it; causal with seq_q > seq_k (a first Q block that sees no key and is
+  // never visited), seq_q < seq_k, GQA.
+  const AttentionProblem problems[] = {problem_of(1, 4, 2, 1100, 1100, 64, true),
+                                       problem_of(1, 2, 2, 900, 1300, 128, false),
+                                       problem_of(2, 2, 1, 1000, 300, 64, true),
+                                       problem_of(1, 2, 1, 640, 900, 96, true)};
+  std::uint64_t seed = 3900;
+  for (const AttentionProblem& p : problems) {
+    for (DType dtype : kDtypes) {
+      const ProblemData data = make_problem_data(p, dtype, Layout::bhnd, ++seed);
+      RunSettings paper_grid;
+      paper_grid.options.values["splits"] = 1;
+      const StageRun one = run_stage(flash_v1::describe(), Tier::gpu, data, paper_grid);
+      const Errors e = compare_with_oracle(one, oracle::attention(data, false));
+      INFO(p.describe() << " dtype " << dtype_name(dtype) << " splits 1: " << summary(e));
+      check_within(e, tolerance(dtype), false);
+      REQUIRE(one.counters.at("splits") == 1.0);
+      for (std::int64_t splits : {2, 3, 5, 100, 0}) {  // 100: cut to Tr; 0: chosen by the tier
+        RunSettings settings;
+        settings.options.values["splits"] = splits;
+        const StageRun run = run_stage(flash_v1::describe(), Tier::gpu, data, settings);
+        INFO("splits " << splits << " (ran with " << run.counters.at("splits") << ")");
+        CHECK(std::memcmp(run.o.data(), one.o.data(), one.o.size() * sizeof(float)) == 0);
+        CHECK(std::memcmp(run.lse.data(), one.lse.data(), one.lse.size() * sizeof(float)) == 0);
+      }
+    }
+  }
 }
 
 TEST_CASE("flash_v1/gpu: causal rows that see no key give zero output, -inf log-sum-exp and zero dQ",
@@ -307,6 +340,13 @@ TEST_CASE("flash_v1/gpu rejects what its kernels cannot take, naming the argumen
       invalid_argument_message([&] { flash_v1::forward_gpu(huge, fake_tensors(huge, DType::bf16), options); });
   INFO(long_sequence);
   CHECK(long_sequence.rfind("seq_q: ", 0) == 0);
+
+  StageOptions negative_splits;
+  negative_splits.values["splits"] = -1;
+  const std::string splits =
+      invalid_argument_message([&] { flash_v1::forward_gpu(p, fake_tensors(p, DType::bf16), negative_splits); });
+  INFO(splits);
+  CHECK(splits.rfind("splits: ", 0) == 0);
 
   AttentionTensors unaligned_pointer = fake_tensors(p, DType::bf16);
   unaligned_pointer.k = static_cast<const unsigned char*>(unaligned_pointer.k) + 8;
