@@ -143,25 +143,26 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
 // The forward kernel's configuration and pipeline.
 // ============================================================================================================
 
-/// Deep: the K and V rings 4 stages deep at D = 128 and 3 at D = 256 (what shared memory holds beside 3 V^T
-/// stages): TMA's latency must hide behind fewer FLOPs per block than in bf16, since e4m3 halves the GEMM time.
-/// Shallow: 2 stages, as the bf16 kernel (option "stages" = 2, for the comparison).
+/// Deep: the K and V rings 4 stages deep and the V^T ring 3 at D = 128 (TMA's latency must hide behind fewer FLOPs
+/// per block than in bf16, since e4m3 halves the GEMM time); at D = 256 shared memory holds only 2 of each (Q 32
+/// KiB, K, V and V^T blocks 32 KiB each: 224 KiB of the 227). Shallow: 2 stages everywhere, as the bf16 kernel
+/// (option "stages" = 2, for the comparison).
 template <int HeadDim_, bool Deep = true>
 struct Config {
   static constexpr int HeadDim = HeadDim_;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
   static constexpr int Br = 64 * kConsumers;  // = kBlockRows: one Q scale per tile
-  // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block), 64 at D = 256, where S, P and O of
-  // 128 keys would not fit the consumers' registers next to O (64 x 256 fp32 = 128 per thread). V^T keeps rows of
-  // 128 bytes (the 128-byte swizzle) and at Bc = 64 uses the first 64 keys of each.
-  static constexpr int Bc = HeadDim == 256 ? 64 : 128;
-  static constexpr int kStages = !Deep ? 2 : HeadDim == 128 ? 4 : 3;  // depth of the K and V rings (as loaded)
-  static constexpr int kVtStages = 3;  // depth of the V^T ring: the transposition runs up to two blocks ahead
+  // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block). At D = 256 a consumer thread then
+  // holds O (128 fp32), S (64) and P (16) at once in its 240 registers (kConsumerRegisters). With 64 keys S = Q
+  // K^T was an m64n64k32 wgmma, which reads 4 KiB of shared memory per 32 cycles, all the bandwidth there is.
+  static constexpr int Bc = 128;
+  static constexpr int kStages = !Deep || HeadDim == 256 ? 2 : 4;  // depth of the K and V rings (as loaded)
+  static constexpr int kVtStages = !Deep || HeadDim == 256 ? 2 : 3;  // the transposition runs kVtStages - 1 ahead
   static constexpr int kPanels = HeadDim / kPanelRowBytes;  // 128 e4m3 columns per 128-byte panel row
   static constexpr int kQBytes = Br * HeadDim;
   static constexpr int kTileBytes = Bc * HeadDim;           // one K or V block
-  static constexpr int kVtBytes = HeadDim * kPanelRowBytes;  // one V^T block: HeadDim rows of 128 bytes
+  static constexpr int kVtBytes = HeadDim * Bc;  // one V^T block: HeadDim rows of 128 bytes (= Bc keys)
   // Shared memory from a 1024-byte aligned base: Q | K stages | V stages (as TMA wrote them) | V^T stages | mbarriers.
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kTileBytes;
@@ -169,7 +170,9 @@ struct Config {
   static constexpr int kBarrierOffset = kVtOffset + kVtStages * kVtBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages + 2 * kVtStages) + kSwizzleAtomBytes;
   static_assert(HeadDim % kPanelRowBytes == 0, "head dims of whole 128-byte panels");
-  static_assert(Br == kBlockRows && kBlockCols % Bc == 0, "a tile lies within one quantization block");
+  static_assert(Br == kBlockRows && kBlockCols == Bc, "a tile is one quantization block");
+  static_assert(Bc == kPanelRowBytes, "V^T rows are 128-byte swizzled panel rows");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per thread block");
 };
 
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
@@ -178,7 +181,7 @@ constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
 // Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
 // 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
 // enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
 static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * 2 * kWarpgroupThreads <= 168 * 384,
               "setmaxnreg cannot hand out more registers than the thread block has");
 
@@ -252,23 +255,23 @@ __device__ __forceinline__ void stmatrix_x4(void* row_address, const std::uint32
 /// stmatrix.x4 writes them, lane l giving the address of V^T row c0 + l. Both sides touch each bank once per 8
 /// rows through the 128-byte swizzle (chunk ^ row % 8): no bank conflicts.
 template <class Cfg>
-__device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, int warp, int warps) {
-  constexpr int kGroups = Cfg::Bc / 16, kUnits = kGroups * Cfg::HeadDim / 32;
-  const int lane = threadIdx.x % 32, block = lane / 8;
+__device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, unsigned warp, unsigned warps) {
+  constexpr unsigned kGroups = Cfg::Bc / 16, kUnits = kGroups * Cfg::HeadDim / 32;
+  const unsigned lane = threadIdx.x % 32, block = lane / 8, row7 = lane % 8;  // row7: key % 8 and V^T row % 8 alike
 #pragma unroll 2
-  for (int unit = warp; unit < kUnits; unit += warps) {
-    const int group = unit % kGroups, column0 = unit / kGroups * 32;
+  for (unsigned unit = warp; unit < kUnits; unit += warps) {
+    const unsigned group = unit % kGroups, column0 = unit / kGroups * 32;
     // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, 16 columns from
     // column0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
-    const int key = 16 * group + 8 * (block % 2) + lane % 8;
-    const int column = column0 + 16 * (block / 2), panel = column / kPanelRowBytes;
-    const int chunk = column % kPanelRowBytes / 16;
+    const unsigned key = 16 * group + 8 * (block % 2) + row7;
+    const unsigned column = column0 + 16 * (block / 2), panel = column / kPanelRowBytes;
+    const unsigned chunk = column % kPanelRowBytes / 16;
     std::uint32_t r[4];
-    mma::ldmatrix_x4_trans(r, v + (panel * Cfg::Bc + key) * kPanelRowBytes + ((chunk ^ (key & 7)) << 4));
+    mma::ldmatrix_x4_trans(r, v + (panel * Cfg::Bc + key) * kPanelRowBytes + ((chunk ^ row7) << 4));
     const std::uint32_t out[4] = {__byte_perm(r[0], r[1], kEvenBytes), __byte_perm(r[0], r[1], kOddBytes),   // c0 + 2p, + 1
                                   __byte_perm(r[2], r[3], kEvenBytes), __byte_perm(r[2], r[3], kOddBytes)};  // c0 + 16 + ...
-    const int row = column0 + lane;  // V^T row of stmatrix block lane / 8, row lane % 8
-    stmatrix_x4(vt + row * kPanelRowBytes + ((group ^ (row & 7)) << 4), out);
+    const unsigned row = column0 + lane;  // V^T row of stmatrix block lane / 8, row lane % 8
+    stmatrix_x4(vt + row * kPanelRowBytes + ((group ^ row7) << 4), out);
   }
 }
 
@@ -365,30 +368,43 @@ struct RowState {
   float l[2] = {0.0f, 0.0f};    // running sum of P~ = exp2(x - m + 8), this thread's columns only
 };
 
+/// x[0] = op over x[0 .. 2 Width - 1], as a pairwise tree: x[i] = op(x[i], x[i + Width]), then Width / 2, ...
+template <int Width, class Op>
+__device__ __forceinline__ void fold(float* x, Op op) {
+  if constexpr (Width >= 1) {
+#pragma unroll
+    for (int i = 0; i < Width; ++i) x[i] = op(x[i], x[i + Width]);
+    fold<Width / 2>(x, op);
+  }
+}
+
 /// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + 8) over s;
 /// l updated; `rescale` = exp2(m_old - m_new).
 template <bool Masked, int Bc>
 __device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
                                                const cuda::AttentionParams& p, int query0, int key0) {
   if constexpr (Masked) schedule::mask_invisible<Bc>(s, p, query0, key0);
+  // Max and sum as pairwise trees (depth log2(Bc / 4), not Bc / 4): the consumer's softmax is a chain of
+  // dependent instructions, and two consumer warps per scheduler cannot hide a long one.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float block_max = -kInf;
+    float tree[Bc / 8];
 #pragma unroll
-    for (int i = 0; i < Bc / 8; ++i) block_max = fmaxf(block_max, fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]));
-    const float m_new = fmaxf(rows.m[half], mma::group_max(block_max) * to_logits);  // to_logits > 0
+    for (int i = 0; i < Bc / 8; ++i) tree[i] = fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]);
+    fold<Bc / 16>(tree, [](float a, float b) { return fmaxf(a, b); });
+    const float m_new = fmaxf(rows.m[half], mma::group_max(tree[0]) * to_logits);  // to_logits > 0
     const float shift = m_new == -kInf ? 0.0f : m_new - kPExponent;  // a row with no key yet keeps P = 0
     rescale[half] = mma::exp2_fast(rows.m[half] - (m_new == -kInf ? 0.0f : m_new));
     rows.m[half] = m_new;
-    float sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < Bc / 8; ++i)
+    for (int i = 0; i < Bc / 8; ++i) {
 #pragma unroll
-      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+      for (int e = 2 * half; e < 2 * half + 2; ++e)
         s[4 * i + e] = mma::exp2_fast(s[4 * i + e] * to_logits - shift);  // one FFMA + one MUFU.EX2
-        sum += s[4 * i + e];
-      }
-    rows.l[half] = rows.l[half] * rescale[half] + sum;
+      tree[i] = s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
+    }
+    fold<Bc / 16>(tree, [](float a, float b) { return a + b; });
+    rows.l[half] = rows.l[half] * rescale[half] + tree[0];
   }
 }
 
@@ -418,9 +434,10 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const float q_factor = fp.q_scales[q_bh * cuda::ceil_div(p.seq_q, Cfg::Br) + tile.q_block] * p.scale_log2;
   auto block_of = [&](int it) { return tile.blocks - 1 - it; };
   // The K and V scales of block `it`, loaded one block ahead so that the load's latency is hidden behind a GEMM.
-  auto scale_index = [&](int it) { return kv_bh * kv_blocks + block_of(min(it, tile.blocks - 1)) * Bc / kBlockCols; };
-  auto k_scale_of = [&](int it) { return __ldg(fp.k_scales + scale_index(it)); };
-  auto v_scale_of = [&](int it) { return __ldg(fp.v_scales + scale_index(it)); };
+  const float* k_scales = fp.k_scales + kv_bh * kv_blocks;  // one per K/V block (Bc = kBlockCols)
+  const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
+  auto k_scale_of = [&](int it) { return __ldg(k_scales + block_of(min(it, tile.blocks - 1))); };
+  auto v_scale_of = [&](int it) { return __ldg(v_scales + block_of(min(it, tile.blocks - 1))); };
   auto k_tile = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kTileBytes; };
   auto vt_tile = [&](int stage) { return smem + Cfg::kVtOffset + stage * Cfg::kVtBytes; };
   RowState rows;
@@ -564,7 +581,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();  // the producer transposes as well as loads
+    setmaxnreg_decrease<kProducerRegisters>();
     producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose);
   } else {
     setmaxnreg_increase<kConsumerRegisters>();
