@@ -16,8 +16,9 @@
 //    P's keys are renumbered: the thread's four values go into one register as they are, and the V transpose
 //    writes V's rows in the same permuted order (README: "FP8: the two register layouts");
 //  - the scales: S's fp32 sums are multiplied by q_scale x k_scale (folded with softmax scale x log2 e into the
-//    exp2's FFMA); O is kept in units of the current V block's scale and moved to the next one's in the rescale
-//    that the online softmax does anyway; O = O x v_scale / l at the end, written in bf16; LSE in fp32.
+//    exp2's FFMA); V's block scales are powers of two, and each block's ratio to v_ref (the tile's largest) goes
+//    into P~'s exponent, so that O stays in units of v_ref and is rescaled only when a row's max grows; O = O x
+//    v_ref / l at the end, written in bf16; LSE in fp32.
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -105,8 +106,8 @@ __device__ __forceinline__ void load_row(float (&x)[HeadDim / 32], const __nv_bf
 template <int HeadDim, bool Incoherent>
 __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, long long batch_stride,
                                                        long long head_stride, long long seq_stride, int heads, int seq,
-                                                       int block_rows, std::uint8_t* codes, float* scales,
-                                                       const float* signs, float norm) {
+                                                       int block_rows, ScaleRule rule, std::uint8_t* codes,
+                                                       float* scales, const float* signs, float norm) {
   constexpr int E = HeadDim / 32;
   __shared__ float warp_amax[4];
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -123,8 +124,9 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
   if (lane == 0) warp_amax[warp] = amax;
   __syncthreads();
   amax = fmaxf(fmaxf(warp_amax[0], warp_amax[1]), fmaxf(warp_amax[2], warp_amax[3]));
-  const float inverse = amax == 0.0f ? 1.0f : e4m3::kMax / amax;  // the CPU's block_scale, operation for operation
-  if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = amax == 0.0f ? 1.0f : amax / e4m3::kMax;
+  const BlockScale scale = block_scale(amax, rule);  // the CPU's function (fp8.hpp)
+  const float inverse = scale.inverse;
+  if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = scale.scale;
   for (int row = row0 + warp; row < row_end; row += 4) {
     load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
     std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row) * HeadDim + lane * E;
@@ -201,6 +203,7 @@ struct Fp8Params {
   const float* k_scales;  // [batch x kv_heads][ceil(seq_k / Bc)]
   const float* v_scales;
   bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
+  bool vt_sync;    // false: a timing probe only (ATTN_FP8_PROBE=no_vt_sync): nobody waits on the V^T barriers
 };
 
 
@@ -280,7 +283,7 @@ __device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned cha
 /// false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
 template <class Cfg>
 __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
-                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, bool transpose) {
+                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, bool transpose, bool vt_sync) {
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32;
   if (warp == 0) {
     if (thread != 0) return;
@@ -306,7 +309,7 @@ __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, con
   for (int it = 0; it < tile.blocks; ++it) {
     const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
     mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);           // V_j has landed
-    mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);   // the consumers are done with this V^T slot
+    if (vt_sync) mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);  // the consumers are done with it
     if (transpose)
       transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
                        smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
@@ -365,8 +368,21 @@ __device__ __forceinline__ void to_p_operand(std::uint32_t (&p)[Bc / 32][4], con
 
 struct RowState {
   float m[2] = {-kInf, -kInf};  // running max of the base-2 logits x = s q_scale k_scale scale log2(e)
-  float l[2] = {0.0f, 0.0f};    // running sum of P~ = exp2(x - m + 8), this thread's columns only
+  float l[2] = {0.0f, 0.0f};    // running sum of exp2(x - m + 8), this thread's columns only
 };
+
+/// What a K/V block's V scale v_j does to its P~: P~ = exp2(x - m + p_offset), p_offset = 8 + log2(v_j / v_ref) <=
+/// 8, so that sum P8 V8 stays in units of v_ref (fp8.hpp, forward_cpu); l adds sum P~ x l_factor (= v_ref / v_j).
+/// The quantization kernel makes V's scales powers of two (ScaleRule::power_of_two): log2 of one is its exponent
+/// field, and 2^k is a float with exponent field k + 127, so both take integer instructions only.
+struct VBlock {
+  float p_offset, l_factor;
+};
+__device__ __forceinline__ int exponent_field(float power_of_two) { return (__float_as_int(power_of_two) >> 23) & 0xFF; }
+__device__ __forceinline__ VBlock v_block(float v_scale, int v_ref_exponent) {
+  const int log2_ratio = exponent_field(v_scale) - v_ref_exponent;  // log2(v_j / v_ref) <= 0
+  return {static_cast<float>(kPExponent + log2_ratio), __int_as_float((127 - log2_ratio) << 23)};
+}
 
 /// x[0] = op over x[0 .. 2 Width - 1], as a pairwise tree: x[i] = op(x[i], x[i + Width]), then Width / 2, ...
 template <int Width, class Op>
@@ -378,12 +394,14 @@ __device__ __forceinline__ void fold(float* x, Op op) {
   }
 }
 
-/// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + 8) over s;
-/// l updated; `rescale` = exp2(m_old - m_new).
+/// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + p_offset)
+/// over s; l updated; `rescale` = exp2(m_old - m_new). Returns whether a row's max grew (else rescale = 1 for
+/// both rows and O need not be touched).
 template <bool Masked, int Bc>
-__device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
-                                               const cuda::AttentionParams& p, int query0, int key0) {
+__device__ __forceinline__ bool online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
+                                               VBlock v, const cuda::AttentionParams& p, int query0, int key0) {
   if constexpr (Masked) schedule::mask_invisible<Bc>(s, p, query0, key0);
+  bool grew = false;
   // Max and sum as pairwise trees (depth log2(Bc / 4), not Bc / 4): the consumer's softmax is a chain of
   // dependent instructions, and two consumer warps per scheduler cannot hide a long one.
 #pragma unroll
@@ -393,7 +411,8 @@ __device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& row
     for (int i = 0; i < Bc / 8; ++i) tree[i] = fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]);
     fold<Bc / 16>(tree, [](float a, float b) { return fmaxf(a, b); });
     const float m_new = fmaxf(rows.m[half], mma::group_max(tree[0]) * to_logits);  // to_logits > 0
-    const float shift = m_new == -kInf ? 0.0f : m_new - kPExponent;  // a row with no key yet keeps P = 0
+    const float shift = m_new == -kInf ? 0.0f : m_new - v.p_offset;  // a row with no key yet keeps P = 0
+    grew |= m_new != rows.m[half];
     rescale[half] = mma::exp2_fast(rows.m[half] - (m_new == -kInf ? 0.0f : m_new));
     rows.m[half] = m_new;
 #pragma unroll
@@ -404,8 +423,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& row
       tree[i] = s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
     }
     fold<Bc / 16>(tree, [](float a, float b) { return a + b; });
-    rows.l[half] = rows.l[half] * rescale[half] + tree[0];
+    rows.l[half] = rows.l[half] * rescale[half] + tree[0] * v.l_factor;
   }
+  return grew;
 }
 
 template <int HeadDim>
@@ -426,7 +446,7 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const cuda::AttentionParams& p = fp.base;
   const bool releases = threadIdx.x % kWarpgroupThreads == 0;
   const unsigned char* q_rows = smem + consumer_index * 64 * kPanelRowBytes;
-  const int warp = threadIdx.x % kWarpgroupThreads / 32;
+  const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32;
   const int query0 = tile.row0 + consumer_index * 64 + warp * 16;
   const long long q_bh = static_cast<long long>(tile.batch) * p.q_heads + tile.head;
   const long long kv_bh = static_cast<long long>(tile.batch) * (p.q_heads / p.group_size) + tile.kv_head;
@@ -438,24 +458,34 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
   auto k_scale_of = [&](int it) { return __ldg(k_scales + block_of(min(it, tile.blocks - 1))); };
   auto v_scale_of = [&](int it) { return __ldg(v_scales + block_of(min(it, tile.blocks - 1))); };
+  // v_ref: the largest V scale of the blocks this tile visits (each warp reduces it on its own). O holds
+  // sum P8 V8 in units of v_ref, so it is rescaled only when a row's max grows.
+  float v_ref = 0.0f;
+  for (int b = lane; b < tile.blocks; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
+#pragma unroll
+  for (int lanes = 16; lanes >= 1; lanes /= 2) v_ref = fmaxf(v_ref, __shfl_xor_sync(0xFFFFFFFFu, v_ref, lanes));
+  const int v_ref_exponent = exponent_field(v_ref);
   auto k_tile = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kTileBytes; };
   auto vt_tile = [&](int stage) { return smem + Cfg::kVtOffset + stage * Cfg::kVtBytes; };
   RowState rows;
-  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale) {
+  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale, float v_scale) {
+    const VBlock v = v_block(v_scale, v_ref_exponent);
     if (it < tile.masked_blocks)
-      online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
-    else
-      online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
+      return online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
+    return online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
   };
   auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
   auto pass_turn = [&] { named_barrier_arrive(kPingpongBarrier + (1 - consumer_index), 2 * kWarpgroupThreads); };
+  auto wait_for_vt = [&](const Slot& slot) {
+    if (fp.vt_sync) mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
+  };
 
   float s[Bc / 2], o[HeadDim / 2], rescale[2];
   std::uint32_t p_operand[Bc / 32][4];
 #pragma unroll
   for (int i = 0; i < HeadDim / 2; ++i) o[i] = 0.0f;
 
-  float k_scale = k_scale_of(0), o_v_scale = v_scale_of(0);  // O will hold sum P8 V8 in units of o_v_scale
+  float k_scale = k_scale_of(0), v_scale = v_scale_of(0);
   float next_k_scale = k_scale_of(1), next_v_scale = v_scale_of(1);
 
   // FA3 Alg. 2 lines 2-5.
@@ -469,14 +499,14 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   wgmma_wait<0>();
   fence_registers(s);
   if (releases) mbarrier_arrive(&bars->k_empty[slot.stage]);
-  softmax(s, rescale, 0, k_scale);
+  softmax(s, rescale, 0, k_scale, v_scale);  // O = 0: nothing to rescale
   to_p_operand<Bc>(p_operand, s);
 
   // FA3 Alg. 2 lines 6-17.
   for (int it = 1; it < tile.blocks; ++it) {
     const Slot k_slot = slot_of<Cfg::kStages>(it), v_slot = slot_of<Cfg::kVtStages>(it - 1);
     mbarrier_wait(&bars->k_full[k_slot.stage], k_slot.phase);    // line 7
-    mbarrier_wait(&bars->vt_full[v_slot.stage], v_slot.phase);   // line 9 (V^T, transposed by the producer)
+    wait_for_vt(v_slot);                                         // line 9 (V^T, transposed by the producer)
     wait_for_turn();
     wgmma_fence();
     issue_qk<Cfg>(s, q_rows, k_tile(k_slot.stage));              // line 8
@@ -486,22 +516,21 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     fence_registers(s);
     if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
     k_scale = next_k_scale;
-    const float v_scale = next_v_scale;
+    v_scale = next_v_scale;
     next_k_scale = k_scale_of(it + 1);
     next_v_scale = v_scale_of(it + 1);
-    softmax(s, rescale, it, k_scale);                             // line 12
+    const bool grew = softmax(s, rescale, it, k_scale, v_scale);  // line 12
     wgmma_wait<0>();                                              // line 13
     fence_registers(o);
     if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
-    const float units = o_v_scale / v_scale;
-    rescale_output<HeadDim>(o, rescale[0] * units, rescale[1] * units);  // line 14, and into V_j's units
-    o_v_scale = v_scale;
+    // Line 14, skipped by a warp none of whose rows' max grew (factor 1): after the first blocks, most of the time.
+    if (__any_sync(0xFFFFFFFFu, grew)) rescale_output<HeadDim>(o, rescale[0], rescale[1]);
     to_p_operand<Bc>(p_operand, s);                                // line 16
   }
 
   // FA3 Alg. 2 lines 18-20.
   slot = slot_of<Cfg::kVtStages>(tile.blocks - 1);
-  mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
+  wait_for_vt(slot);
   wait_for_turn();
   wgmma_fence();
   issue_pv<Cfg>(o, p_operand, vt_tile(slot.stage));
@@ -510,14 +539,14 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   fence_registers(o);
   if (releases) mbarrier_arrive(&bars->vt_empty[slot.stage]);
 
-  // FA3 Alg. 2 lines 21-22: O = O v_scale / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
+  // FA3 Alg. 2 lines 21-22: O = O v_ref / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
   const int group = mma::lane_group(), t = mma::lane_in_group();
   auto* out = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
   float* lse = p.lse + q_bh * p.seq_q;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = mma::group_sum(rows.l[half]);
-    const float factor = l > 0.0f ? o_v_scale / l : 0.0f;
+    const float factor = l > 0.0f ? v_ref / l : 0.0f;
     const int row = query0 + group + 8 * half;
     if (row >= p.seq_q) continue;
     if (t == 0) lse[row] = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
@@ -582,7 +611,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
     setmaxnreg_decrease<kProducerRegisters>();
-    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose);
+    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose, fp.vt_sync);
   } else {
     setmaxnreg_increase<kConsumerRegisters>();
     const int consumer_index = warpgroup - 1;
@@ -598,24 +627,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 const char* const kWho = "flash_v3/gpu (fp8)";
 
+/// The timing probes (environment ATTN_FP8_PROBE): "no_transpose", the producer skips the V transposition, so
+/// that the kernel's time without it can be measured (O is then wrong: V^T holds whatever shared memory held);
+/// "no_vt_sync", the transposition runs but neither side waits on the V^T barriers (O wrong too: what the
+/// hand-over of V^T costs, as against the transposition's work).
+bool probe_is(const char* name) {
+  const char* probe = std::getenv("ATTN_FP8_PROBE");
+  return probe != nullptr && std::string(probe) == name;
+}
+
 
 template <int HeadDim>
 void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads, std::int64_t seq,
-                     int block_rows, bool incoherent, const float* signs, float norm, std::uint8_t* codes, float* scales) {
+                     int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm, std::uint8_t* codes,
+                     float* scales) {
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(seq, block_rows)), static_cast<unsigned>(batch * heads));
   auto kernel = incoherent ? quantize_kernel<HeadDim, true> : quantize_kernel<HeadDim, false>;
   kernel<<<grid, 128>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
-                        static_cast<int>(heads), static_cast<int>(seq), block_rows, codes, scales, signs, norm);
+                        static_cast<int>(heads), static_cast<int>(seq), block_rows, rule, codes, scales, signs, norm);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
 void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads,
-                       std::int64_t seq, int block_rows, bool incoherent, const float* signs, float norm,
+                       std::int64_t seq, int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm,
                        std::uint8_t* codes, float* scales) {
   switch (head_dim) {
-    case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
-    case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
-    case 256: return launch_quantize<256>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
+    case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
+    case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
+    case 256: return launch_quantize<256>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
   }
   throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not 64, 128 or 256 (quantization kernel)");
 }
@@ -628,7 +667,8 @@ void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const 
   const CUtensorMap q_map = make_tensor_map_bytes(scratch.q, p.batch, p.q_heads, p.seq_q, HeadDim, q_strides, Cfg::Br);
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
-  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose};
+  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose,
+               !probe_is("no_vt_sync")};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
@@ -681,13 +721,14 @@ void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool inc
     const std::vector<float> signs = random_signs(d, seed);
     ATTN_CUDA_CHECK(cudaMemcpy(scratch.signs, signs.data(), signs.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
-  // Q and K rotated by the same M (incoherent processing); V never.
-  quantize_dispatch(d, t.q, t.q_strides, p.batch, p.q_heads, p.seq_q, static_cast<int>(kBlockRows), incoherent,
-                    scratch.signs, norm, scratch.q, scratch.q_scales);
-  quantize_dispatch(d, t.k, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), incoherent,
-                    scratch.signs, norm, scratch.k, scratch.k_scales);
-  quantize_dispatch(d, t.v, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), false,
-                    scratch.signs, norm, scratch.v, scratch.v_scales);
+  // Q and K rotated by the same M (incoherent processing); V never. V's scales are powers of two (the forward
+  // moves each block's V scale into P exactly: fp8.hpp, forward_cpu).
+  quantize_dispatch(d, t.q, t.q_strides, p.batch, p.q_heads, p.seq_q, static_cast<int>(kBlockRows), ScaleRule::amax,
+                    incoherent, scratch.signs, norm, scratch.q, scratch.q_scales);
+  quantize_dispatch(d, t.k, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), ScaleRule::amax,
+                    incoherent, scratch.signs, norm, scratch.k, scratch.k_scales);
+  quantize_dispatch(d, t.v, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols),
+                    ScaleRule::power_of_two, false, scratch.signs, norm, scratch.v, scratch.v_scales);
 }
 
 void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep,
@@ -700,12 +741,6 @@ void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t,
   throw std::invalid_argument(std::string("head_dim: ") + std::to_string(p.head_dim) + " is not taken by " + kWho);
 }
 
-/// The timing probe ATTN_FP8_PROBE=no_transpose (environment): the producer skips the V transposition, so that the
-/// kernel's time without it can be measured. O is then wrong (V^T holds whatever shared memory held).
-bool transpose_probe() {
-  const char* probe = std::getenv("ATTN_FP8_PROBE");
-  return probe != nullptr && std::string(probe) == "no_transpose";
-}
 
 void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_call(p, t, gpu_caps(), kWho, false);
@@ -725,7 +760,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   ATTN_CUDA_CHECK(cudaEventRecord(marks[0]));
   quantize_gpu(p, t, incoherent == 1, 1, scratch);
   ATTN_CUDA_CHECK(cudaEventRecord(marks[1]));
-  forward_quantized_gpu(p, t, scratch, stages == 0, !transpose_probe());
+  forward_quantized_gpu(p, t, scratch, stages == 0, !probe_is("no_transpose"));
   ATTN_CUDA_CHECK(cudaEventRecord(marks[2]));
   ATTN_CUDA_CHECK(cudaEventSynchronize(marks[2]));
   float quantize_ms = 0.0f, attention_ms = 0.0f;

@@ -108,10 +108,18 @@ TEST_CASE("the quantization kernel gives the CPU's codes and scales bit for bit,
       std::size_t differ = 0;
       for (std::size_t i = 0; i < codes.size(); ++i) differ += codes[i] != expected.codes[i];
       CHECK(differ == 0);
-      // V is never rotated: its codes are the plain quantization whatever `incoherent` says.
+      // V is never rotated: its codes are the plain quantization whatever `incoherent` says, with power-of-two
+      // scales (ScaleRule::power_of_two: the forward moves V's block scales into P exactly).
       std::vector<std::uint8_t> v_codes(codes.size());
+      std::vector<float> v_scales(scales.size());
       ATTN_CUDA_CHECK(cudaMemcpy(v_codes.data(), scratch.v, v_codes.size(), cudaMemcpyDeviceToHost));
-      CHECK(v_codes == fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows).codes);
+      ATTN_CUDA_CHECK(cudaMemcpy(v_scales.data(), scratch.v_scales, v_scales.size() * 4, cudaMemcpyDeviceToHost));
+      const fp8::Quantized v_expected = fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows,
+                                                      false, fp8::ScaleRule::power_of_two);
+      CHECK(v_scales == v_expected.scales);
+      std::size_t v_differ = 0;
+      for (std::size_t i = 0; i < v_codes.size(); ++i) v_differ += v_codes[i] != v_expected.codes[i];
+      CHECK(v_differ == 0);
     }
 }
 
