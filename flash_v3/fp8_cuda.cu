@@ -179,7 +179,6 @@ struct Config {
 
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
 constexpr int kPingpongBarrier = 3;  // + consumer
-constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
 // Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
 // 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
 // enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
@@ -204,6 +203,7 @@ struct Fp8Params {
   const float* v_scales;
   bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
   bool vt_sync;    // false: a timing probe only (ATTN_FP8_PROBE=no_vt_sync): nobody waits on the V^T barriers
+  int transposers;  // producer warps that transpose V: 4 (all), or 3 (ATTN_FP8_PROBE=three_transposers)
 };
 
 
@@ -278,41 +278,55 @@ __device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned cha
   }
 }
 
-/// The producer warpgroup: warp 0's first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through
-/// a ring with full/empty barriers); warps 1-3 transpose each V tile that lands into the V^T ring. `transpose` =
-/// false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
+/// The producer warpgroup: its first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through a
+/// ring with full/empty barriers, kStages - 1 blocks ahead of the transposition), and all four warps transpose each
+/// V tile that lands into the V^T ring (`transposers` = 4), the loads issued between two tiles; or (3, the probe
+/// ATTN_FP8_PROBE=three_transposers, the layout of v1-v3) warp 0's first thread only loads and warps 1-3 transpose.
+/// `transpose` = false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what
+/// the transposition costs.
 template <class Cfg>
 __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
-                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, bool transpose, bool vt_sync) {
+                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, const Fp8Params& fp) {
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32;
-  if (warp == 0) {
-    if (thread != 0) return;
-    auto load_tile = [&](const CUtensorMap* map, int offset, std::uint64_t* full, std::uint64_t* empty, int it) {
-      const Slot slot = slot_of<Cfg::kStages>(it);
-      mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
-      mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
-      const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
-      for (int panel = 0; panel < Cfg::kPanels; ++panel)
-        tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
-                 &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
-    };
+  const bool loads = thread == 0;
+  auto load_tile = [&](const CUtensorMap* map, int offset, std::uint64_t* full, std::uint64_t* empty, int it) {
+    const Slot slot = slot_of<Cfg::kStages>(it);
+    mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
+    mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
+    const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
+    for (int panel = 0; panel < Cfg::kPanels; ++panel)
+      tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
+               &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
+  };
+  auto load_block = [&](int it) {  // lines 5-8
+    load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
+    load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
+  };
+  if (loads) {
     mbarrier_arrive_expect_tx(&bars->q_full, Cfg::kQBytes);  // line 4: Q_i
     for (int panel = 0; panel < Cfg::kPanels; ++panel)
       tma_load(smem + panel * Cfg::Br * kPanelRowBytes, q_map, &bars->q_full, panel * kPanelRowBytes, tile.row0,
                tile.head, tile.batch);
-    for (int it = 0; it < tile.blocks; ++it) {  // lines 5-8
-      load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
-      load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
-    }
+  }
+  constexpr int kAhead = Cfg::kStages - 1;  // blocks loaded before the transposition of the first
+  if (fp.transposers == 3 && warp == 0) {
+    if (loads)
+      for (int it = 0; it < tile.blocks; ++it) load_block(it);
     return;
   }
+  if (fp.transposers == 4 && loads)
+    for (int it = 0; it < min(kAhead, tile.blocks); ++it) load_block(it);
+  const int transposer = warp - (4 - fp.transposers);
   for (int it = 0; it < tile.blocks; ++it) {
     const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
-    mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);           // V_j has landed
-    if (vt_sync) mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);  // the consumers are done with it
-    if (transpose)
+    if (fp.vt_sync) mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);  // the consumers are done with it
+    // Block it + kAhead goes into the slots of block it - 1, free by now: the consumers released K_{it-1} before
+    // V^T_{it-kVtStages} (just waited for), and the transposers released V_{it-1} after transposing it.
+    if (fp.transposers == 4 && loads && it + kAhead < tile.blocks) load_block(it + kAhead);
+    mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);  // V_j has landed
+    if (fp.transpose)
       transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
-                       smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
+                       smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, transposer, fp.transposers);
     fence_proxy_async();  // ordinary stores read next by wgmma (the async proxy)
     __syncwarp();         // the warp's loads and stores are done: one arrival speaks for the warp
     if (thread % 32 == 0) {
@@ -599,10 +613,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       mbarrier_init(&bars->k_full[stage], 1);
       mbarrier_init(&bars->k_empty[stage], Cfg::kConsumers);
       mbarrier_init(&bars->v_full[stage], 1);
-      mbarrier_init(&bars->v_empty[stage], kTransposeWarps);  // one arrival per transposing warp
+      mbarrier_init(&bars->v_empty[stage], fp.transposers);  // one arrival per transposing warp
     }
     for (int stage = 0; stage < Cfg::kVtStages; ++stage) {
-      mbarrier_init(&bars->vt_full[stage], kTransposeWarps);  // one arrival per transposing warp
+      mbarrier_init(&bars->vt_full[stage], fp.transposers);  // one arrival per transposing warp
       mbarrier_init(&bars->vt_empty[stage], Cfg::kConsumers);
     }
     fence_mbarrier_init();
@@ -611,7 +625,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
     setmaxnreg_decrease<kProducerRegisters>();
-    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose, fp.vt_sync);
+    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp);
   } else {
     setmaxnreg_increase<kConsumerRegisters>();
     const int consumer_index = warpgroup - 1;
@@ -668,7 +682,7 @@ void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const 
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose,
-               !probe_is("no_vt_sync")};
+               !probe_is("no_vt_sync"), probe_is("three_transposers") ? 3 : 4};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
