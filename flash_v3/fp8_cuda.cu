@@ -179,11 +179,18 @@ struct Config {
 
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
 constexpr int kPingpongBarrier = 3;  // + consumer
-// Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
-// 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
-// enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
-constexpr int kProducerRegisters = 24, kConsumerRegisters = 240;
-static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * 2 * kWarpgroupThreads <= 168 * 384,
+constexpr int kTransposers = 4;      // every warp of the producer warpgroup transposes V
+// Registers per thread after setmaxnreg (multiples of 8). At entry every thread has 168 (65536 / 384, rounded down
+// to a multiple of 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the
+// decreases have freed enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
+// D = 128: the consumers need fewer than 232 (O is 64 registers), and 40 let a producer thread keep two
+// transposition loads in flight; D = 256: the consumers need 240 (O is 128), the producer makes do with 24.
+template <int HeadDim>
+constexpr int kProducerRegisters = HeadDim == 256 ? 24 : 40;
+template <int HeadDim>
+constexpr int kConsumerRegisters = HeadDim == 256 ? 240 : 232;
+static_assert(kProducerRegisters<128> * kWarpgroupThreads + kConsumerRegisters<128> * 2 * kWarpgroupThreads <= 168 * 384 &&
+                  kProducerRegisters<256> * kWarpgroupThreads + kConsumerRegisters<256> * 2 * kWarpgroupThreads <= 168 * 384,
               "setmaxnreg cannot hand out more registers than the thread block has");
 
 template <class Cfg>
@@ -203,7 +210,6 @@ struct Fp8Params {
   const float* v_scales;
   bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
   bool vt_sync;    // false: a timing probe only (ATTN_FP8_PROBE=no_vt_sync): nobody waits on the V^T barriers
-  int transposers;  // producer warps that transpose V: 4 (all), or 3 (ATTN_FP8_PROBE=three_transposers)
 };
 
 
@@ -240,50 +246,72 @@ constexpr bool transpose_unit_moves_right() {
 static_assert(transpose_unit_moves_right(), "transpose_v's ldmatrix / byte permute / stmatrix layouts disagree");
 
 /// stmatrix.sync.aligned.m8n8.x4.shared.b16 (sm_90): the inverse of ldmatrix_x4 (common/mma.cuh). Lanes 8i..8i+7
-/// give the addresses of rows 0..7 of matrix i (16 bytes each); lane l's r[i] goes to row l / 4, bytes
-/// 4 (l % 4) .. 4 (l % 4) + 3 of matrix i.
-__device__ __forceinline__ void stmatrix_x4(void* row_address, const std::uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_address(row_address)),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+/// give the shared-memory addresses of rows 0..7 of matrix i (16 bytes each); lane l's r[i] goes to row l / 4,
+/// bytes 4 (l % 4) .. 4 (l % 4) + 3 of matrix i.
+__device__ __forceinline__ void stmatrix_x4(std::uint32_t row_address, const std::uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(row_address), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+/// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 at a shared-memory address (mma::ldmatrix_x4_trans takes a
+/// pointer): lanes 8i..8i+7 give the rows of 8 x 8 block i, lane 4p + q receives, per block, row 2q's and row
+/// 2q + 1's 16-bit element p.
+__device__ __forceinline__ void ldmatrix_x4_trans_at(std::uint32_t (&r)[4], std::uint32_t row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address)
                : "memory");
 }
 
 /// V (Bc keys x HeadDim, TMA's swizzled panels of 128 columns) -> V^T (HeadDim rows x Bc keys, 128-byte rows,
 /// swizzled), keys of each 16-group in A-operand order and columns in stmatrix order:
-/// V^T[r][16j + l] = V[16j + key_at_position(l)][column_at_row(r)]. A warp's unit is 16 keys (group j) x 32 columns
+/// V^T[r][16j + l] = V[16j + key_at_position(l)][column_at_row(r)]. A unit is 16 keys (group j) x 32 columns
 /// (c0 ..): one ldmatrix.x4.trans reads the four 8 x 8 blocks of 16-bit pairs (keys 16j + 0..7 and 16j + 8..15, x
 /// columns c0 .. c0 + 15 and c0 + 16 .. c0 + 31); lane 4p + q then holds, per block, keys 2q and 2q + 1 of column
 /// pair p, both bytes of each. Two byte permutes per block pair gather keys {2q, 2q+1, 8+2q, 9+2q} of column 2p
 /// (even bytes) and of column 2p + 1 (odd bytes): A positions 4q .. 4q + 3 of V^T rows c0 + p and c0 + 8 + p. One
 /// stmatrix.x4 writes them, lane l giving the address of V^T row c0 + l. Both sides touch each bank once per 8
 /// rows through the 128-byte swizzle (chunk ^ row % 8): no bank conflicts.
+///
+/// Warp w of the four takes groups w and w + 4 (Bc = 128: 8 groups) at every c0, both groups' loads issued before
+/// their permutes and stores (two loads in flight). The addresses are a per-thread part, computed once, plus a
+/// part that depends on c0 alone: the stores' is a constant (c0 x 128 bytes), the loads' is a constant (the panel)
+/// plus ((c0 % 128 / 16) ^ row % 8) x 16, whose row-dependent bits are those of row % 8 & 6 (c0 % 128 / 16 is even).
 template <class Cfg>
-__device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, unsigned warp, unsigned warps) {
-  constexpr unsigned kGroups = Cfg::Bc / 16, kUnits = kGroups * Cfg::HeadDim / 32;
+__device__ __forceinline__ void transpose_v(std::uint32_t v, std::uint32_t vt, unsigned warp) {
+  static_assert(Cfg::Bc == 16 * 2 * 4, "four warps x two 16-key groups");
   const unsigned lane = threadIdx.x % 32, block = lane / 8, row7 = lane % 8;  // row7: key % 8 and V^T row % 8 alike
-#pragma unroll 2
-  for (unsigned unit = warp; unit < kUnits; unit += warps) {
-    const unsigned group = unit % kGroups, column0 = unit / kGroups * 32;
-    // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, 16 columns from
-    // column0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
+  std::uint32_t load_base[2], store_base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const unsigned group = warp + 4 * i;
+    // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, the 16 columns
+    // from c0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
     const unsigned key = 16 * group + 8 * (block % 2) + row7;
-    const unsigned column = column0 + 16 * (block / 2), panel = column / kPanelRowBytes;
-    const unsigned chunk = column % kPanelRowBytes / 16;
-    std::uint32_t r[4];
-    mma::ldmatrix_x4_trans(r, v + (panel * Cfg::Bc + key) * kPanelRowBytes + ((chunk ^ row7) << 4));
-    const std::uint32_t out[4] = {__byte_perm(r[0], r[1], kEvenBytes), __byte_perm(r[0], r[1], kOddBytes),   // c0 + 2p, + 1
-                                  __byte_perm(r[2], r[3], kEvenBytes), __byte_perm(r[2], r[3], kOddBytes)};  // c0 + 16 + ...
-    const unsigned row = column0 + lane;  // V^T row of stmatrix block lane / 8, row lane % 8
-    stmatrix_x4(vt + row * kPanelRowBytes + ((group ^ row7) << 4), out);
+    load_base[i] = v + key * kPanelRowBytes + (((block / 2) ^ (row7 & 1)) << 4);
+    store_base[i] = vt + lane * kPanelRowBytes + ((group ^ row7) << 4);  // V^T row c0 + lane
+  }
+  const unsigned row_bits = (row7 & 6) << 4;
+#pragma unroll
+  for (int c0 = 0; c0 < Cfg::HeadDim; c0 += 32) {
+    const unsigned panel = c0 / kPanelRowBytes, chunk = c0 % kPanelRowBytes / 16;  // chunk even
+    const unsigned column_offset = panel * Cfg::Bc * kPanelRowBytes + ((chunk << 4) ^ row_bits);
+    std::uint32_t r[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) ldmatrix_x4_trans_at(r[i], load_base[i] + column_offset);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::uint32_t out[4] = {__byte_perm(r[i][0], r[i][1], kEvenBytes), __byte_perm(r[i][0], r[i][1], kOddBytes),
+                                    __byte_perm(r[i][2], r[i][3], kEvenBytes), __byte_perm(r[i][2], r[i][3], kOddBytes)};
+      stmatrix_x4(store_base[i] + c0 * kPanelRowBytes, out);
+    }
   }
 }
 
 /// The producer warpgroup: its first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through a
-/// ring with full/empty barriers, kStages - 1 blocks ahead of the transposition), and all four warps transpose each
-/// V tile that lands into the V^T ring (`transposers` = 4), the loads issued between two tiles; or (3, the probe
-/// ATTN_FP8_PROBE=three_transposers, the layout of v1-v3) warp 0's first thread only loads and warps 1-3 transpose.
-/// `transpose` = false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what
-/// the transposition costs.
+/// ring with full/empty barriers, kStages - 1 blocks ahead of the transposition), between two V tiles; all four
+/// warps transpose each V tile that lands into the V^T ring. `transpose` = false (the probe
+/// ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
 template <class Cfg>
 __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
                          unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, const Fp8Params& fp) {
@@ -302,31 +330,24 @@ __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, con
     load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
     load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
   };
+  constexpr int kAhead = Cfg::kStages - 1;  // blocks loaded before the first transposition
   if (loads) {
     mbarrier_arrive_expect_tx(&bars->q_full, Cfg::kQBytes);  // line 4: Q_i
     for (int panel = 0; panel < Cfg::kPanels; ++panel)
       tma_load(smem + panel * Cfg::Br * kPanelRowBytes, q_map, &bars->q_full, panel * kPanelRowBytes, tile.row0,
                tile.head, tile.batch);
-  }
-  constexpr int kAhead = Cfg::kStages - 1;  // blocks loaded before the transposition of the first
-  if (fp.transposers == 3 && warp == 0) {
-    if (loads)
-      for (int it = 0; it < tile.blocks; ++it) load_block(it);
-    return;
-  }
-  if (fp.transposers == 4 && loads)
     for (int it = 0; it < min(kAhead, tile.blocks); ++it) load_block(it);
-  const int transposer = warp - (4 - fp.transposers);
+  }
   for (int it = 0; it < tile.blocks; ++it) {
     const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
     if (fp.vt_sync) mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);  // the consumers are done with it
     // Block it + kAhead goes into the slots of block it - 1, free by now: the consumers released K_{it-1} before
-    // V^T_{it-kVtStages} (just waited for), and the transposers released V_{it-1} after transposing it.
-    if (fp.transposers == 4 && loads && it + kAhead < tile.blocks) load_block(it + kAhead);
+    // V^T_{it-kVtStages} (just waited for), and V_{it-1} is released once the four warps have transposed it.
+    if (loads && it + kAhead < tile.blocks) load_block(it + kAhead);
     mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);  // V_j has landed
     if (fp.transpose)
-      transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
-                       smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, transposer, fp.transposers);
+      transpose_v<Cfg>(smem_address(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes),
+                       smem_address(smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes), warp);
     fence_proxy_async();  // ordinary stores read next by wgmma (the async proxy)
     __syncwarp();         // the warp's loads and stores are done: one arrival speaks for the warp
     if (thread % 32 == 0) {
@@ -613,10 +634,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       mbarrier_init(&bars->k_full[stage], 1);
       mbarrier_init(&bars->k_empty[stage], Cfg::kConsumers);
       mbarrier_init(&bars->v_full[stage], 1);
-      mbarrier_init(&bars->v_empty[stage], fp.transposers);  // one arrival per transposing warp
+      mbarrier_init(&bars->v_empty[stage], kTransposers);  // one arrival per producer warp
     }
     for (int stage = 0; stage < Cfg::kVtStages; ++stage) {
-      mbarrier_init(&bars->vt_full[stage], fp.transposers);  // one arrival per transposing warp
+      mbarrier_init(&bars->vt_full[stage], kTransposers);
       mbarrier_init(&bars->vt_empty[stage], Cfg::kConsumers);
     }
     fence_mbarrier_init();
@@ -624,10 +645,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();
+    setmaxnreg_decrease<kProducerRegisters<Cfg::HeadDim>>();
     producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp);
   } else {
-    setmaxnreg_increase<kConsumerRegisters>();
+    setmaxnreg_increase<kConsumerRegisters<Cfg::HeadDim>>();
     const int consumer_index = warpgroup - 1;
     if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
     consumer<Cfg>(fp, tile, smem, bars, consumer_index);
@@ -682,7 +703,7 @@ void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const 
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose,
-               !probe_is("no_vt_sync"), probe_is("three_transposers") ? 3 : 4};
+               !probe_is("no_vt_sync")};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
