@@ -223,6 +223,28 @@ TEST_CASE("FP8 forward (CPU emulation) matches the fp64 oracle within e4m3's pre
   }
 }
 
+TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an outlier in one K/V block)", "[fp8]") {
+  // 4 K/V blocks; V's block 1 holds a 60, so its scale is ~15x the others': P~ of blocks 0, 2, 3 carry
+  // v_j / v_ref ~ 1/16 (forward_cpu). Getting that factor wrong, or its inverse in l, is off by up to 16x.
+  const AttentionProblem p = testing::problem_of(1, 2, 2, 130, 400, 64, false);
+  ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 13);
+  data.v[(0 * p.seq_k + 150) * p.head_dim + 5] = 60.0f;
+  data.v[(1 * p.seq_k + 140) * p.head_dim + 9] = -60.0f;
+  const oracle::Result exact = oracle::attention(data, false);
+  const auto q = fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, int(p.head_dim), fp8::kBlockRows);
+  const auto k = fp8::quantize(data.k.span(), p.batch * p.kv_heads, p.seq_k, int(p.head_dim), fp8::kBlockCols);
+  for (const fp8::ScaleRule rule : {fp8::ScaleRule::amax, fp8::ScaleRule::power_of_two}) {
+    const auto v = fp8::quantize(data.v.span(), p.batch * p.kv_heads, p.seq_k, int(p.head_dim), fp8::kBlockCols, false, rule);
+    REQUIRE(v.scale_of(0, 128) > 10.0f * v.scale_of(0, 0));
+    std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
+    fp8::forward_cpu(p, q, k, v, o, lse);
+    const ErrorStats o_error = compare(o, exact.o), lse_error = compare(lse, exact.lse);
+    INFO("O vs oracle " << o_error.rel_frobenius << ", LSE " << lse_error.rel_frobenius);
+    CHECK(o_error.rel_frobenius < 0.1);  // the bound of the test above
+    CHECK(lse_error.rel_frobenius < 0.02);
+  }
+}
+
 TEST_CASE("FP8 forward with per-tensor scales and incoherent processing also matches the oracle", "[fp8]") {
   const AttentionProblem p = testing::problem_of(1, 4, 2, 200, 333, 128, true);
   ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 12);

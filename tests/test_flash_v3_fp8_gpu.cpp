@@ -136,6 +136,22 @@ TEST_CASE("FP8 forward matches the fp64 oracle within e4m3's precision, and the 
   CHECK(e.lse.max_abs == 0.0);
 }
 
+TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an outlier in one K/V block)", "[fp8][small]") {
+  // The kernel moves each V block's scale into P~'s exponent (log2(v_j / v_ref), ~ -4 here for the blocks without
+  // the outlier) and its inverse into l; a mistake there is off by up to 16x (the CPU twin of this test shows it).
+  ProblemData data = make_problem_data(problem_of(1, 2, 2, 130, 400, 128, false), DType::bf16, Layout::bhnd, 23);
+  data.v[(0 * 400 + 150) * 128 + 5] = 60.0f;  // exact in bf16
+  data.v[(1 * 400 + 140) * 128 + 9] = -60.0f;
+  const oracle::Result exact = oracle::attention(data, false);
+  const StageRun run = run_fp8(data, false);
+  const Errors vs_oracle = compare_with_oracle(run, exact);
+  const ErrorStats vs_emulation = compare(run.o.span(), std::span<const float>(emulate(data, false)));
+  INFO("O vs oracle " << vs_oracle.o.rel_frobenius << ", vs CPU emulation " << vs_emulation.rel_frobenius);
+  CHECK(vs_oracle.o.rel_frobenius < kOracleBound);
+  CHECK(vs_oracle.lse.rel_frobenius < kLseBound);
+  CHECK(vs_emulation.rel_frobenius < kEmulationBound);
+}
+
 TEST_CASE("FP8 forward matches the fp64 oracle and the CPU emulation on awkward shapes, causal and not, GQA", "[fp8]") {
   for (const Shape& shape : fp8_shapes()) {
     INFO(label(shape));
