@@ -23,10 +23,10 @@ namespace {
 // u = 2^-4, ~0.036 rms relative per rounding; Q, K (through the logits), P and V rounded once each give ~0.07
 // relative on O; allowed 0.1). Against the CPU emulation: Q, K and V are the same e4m3 values (the quantization
 // test shows the codes equal bit for bit), but P~ is not rounded at the same point: the GPU visits the K/V blocks
-// from the last to the first (and at D = 256 in blocks of 64 keys), so each row's running max, and with it the
-// value P~ = exp2(x - m + 8) that is rounded, differs by a factor; two independent roundings of P differ by
-// sqrt(2) x 0.036 ~ 0.05 relative per term, which bounds the difference (the sums of O and the exp2 approximation
-// add far less). Allowed 0.05; measured 0-0.032. A layout, swizzle or scale mistake gives errors near 1.
+// from the last to the first, so each row's running max, and with it the value P~ = exp2(x - m + 8) that is
+// rounded, differs by a factor; two independent roundings of P differ by sqrt(2) x 0.036 ~ 0.05 relative per term,
+// which bounds the difference (the sums of O and the exp2 approximation add far less). Allowed 0.05; measured
+// 0-0.032. A layout, swizzle or scale mistake gives errors near 1.
 constexpr double kOracleBound = 0.1, kLseBound = 0.02, kEmulationBound = 0.05;
 
 StageRun run_fp8(const ProblemData& data, bool incoherent) {
