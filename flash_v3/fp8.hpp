@@ -6,10 +6,12 @@
 // Tensors here are contiguous [batch, heads, seq, head_dim] (the bhnd layout) in fp32.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <vector>
 
+#include "common/e4m3.hpp"
 #include "common/problem.hpp"
 
 namespace attn::flash_v3::fp8 {
@@ -21,6 +23,27 @@ inline constexpr std::int64_t kBlockCols = 128;
 /// P~ = exp2(x - m + kPExponent) lies in (0, 2^8]: well inside e4m3's range (448), and its small values stay
 /// out of the subnormals down to 2^-14 of the row max (FA3 Section 3.3).
 inline constexpr int kPExponent = 8;
+
+/// How a block's scale follows from its largest magnitude amax. `amax`: amax / 448, the block's largest value
+/// becomes e4m3's largest. `power_of_two`: the smallest power of two >= amax / 448, so the largest value lands in
+/// [224, 448]: the same relative precision (e4m3 is floating point: every binade has 3 mantissa bits) and the
+/// ratio of two scales is a power of two, which the forward uses for V (forward_cpu: the V scale goes into P).
+enum class ScaleRule { amax, power_of_two };
+
+/// The scale of a block whose largest magnitude is amax, and its reciprocal used to encode (1 and 1 for an
+/// all-zero block). Host and device: the quantization kernel calls this very function.
+struct BlockScale {
+  float scale, inverse;
+};
+ATTN_HOST_DEVICE inline BlockScale block_scale(float amax, ScaleRule rule) {
+  if (amax == 0.0f) return {1.0f, 1.0f};
+  const float scale = amax / e4m3::kMax;
+  if (rule == ScaleRule::amax) return {scale, e4m3::kMax / amax};
+  int exponent = 0;
+  const float mantissa = frexpf(scale, &exponent);  // scale = mantissa x 2^exponent, mantissa in [0.5, 1)
+  const float power = mantissa == 0.5f ? scale : ldexpf(1.0f, exponent);
+  return {power, 1.0f / power};  // exact: a power of two
+}
 
 /// x <- x H in place, H the unnormalised d x d Walsh-Hadamard matrix (H H = d I), d = x.size() a power of two:
 /// log2(d) butterfly passes, O(d log d) additions.
@@ -47,16 +70,19 @@ struct Quantized {
   }
 };
 
-/// Block quantization: scale = amax / 448 over the block (1 for an all-zero block), code = e4m3(x * (448 / amax)),
-/// rounded to nearest even. `batch_heads` tensors of `seq` rows x head_dim. per_tensor: one amax over everything
-/// (the baseline of the paper's Table 3). The GPU's quantization kernel computes exactly this.
+/// Block quantization: scale = block_scale(amax over the block, rule), code = e4m3(x * inverse), rounded to
+/// nearest even. `batch_heads` tensors of `seq` rows x head_dim. per_tensor: one amax over everything (the
+/// baseline of the paper's Table 3). The GPU's quantization kernel computes exactly this (Q and K with
+/// ScaleRule::amax, V with ScaleRule::power_of_two).
 Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int64_t seq, int head_dim,
-                   std::int64_t block_rows, bool per_tensor = false);
+                   std::int64_t block_rows, bool per_tensor = false, ScaleRule rule = ScaleRule::amax);
 
 /// The forward in FP8 on the CPU, the GPU kernel's arithmetic on a simple tiled loop: per Q block (B_r = q's
 /// block_rows) and K/V block (B_c = k's block_rows, equal to v's), S = Q8 K8^T exactly in fp32 times the two
-/// scales, online softmax in base 2, P~ = exp2(x - m + 8) rounded to e4m3, O += P8 V8 in fp32 with O kept in
-/// units of the current V block's scale, O / l at the end. o (fp32, q's shape) and lse (natural log, -inf for a
+/// scales, online softmax in base 2, P~ = exp2(x - m + 8) x v_j / v_ref rounded to e4m3 (v_j: block j's V scale,
+/// v_ref: the largest V scale of the blocks the Q block visits), O += P8 V8 in fp32, so that O stays in units of
+/// v_ref and is rescaled only when a row's max grows; O v_ref / l at the end. With power-of-two V scales the
+/// factor v_j / v_ref is a power of two and P8 is the same e4m3 value as without it. o (fp32, q's shape) and lse (natural log, -inf for a
 /// row that sees no key). q, k, v from quantize (with the same per_tensor for k and v).
 void forward_cpu(const AttentionProblem& problem, const Quantized& q, const Quantized& k, const Quantized& v,
                  std::span<float> o, std::span<float> lse);

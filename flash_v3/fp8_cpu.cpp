@@ -55,15 +55,6 @@ void rotate_rows(std::span<float> x, int head_dim, std::span<const float> signs)
 
 namespace {
 
-/// The scale of a block whose largest magnitude is amax, and its reciprocal used to encode.
-struct BlockScale {
-  float scale, inverse;
-};
-BlockScale block_scale(float amax) {
-  if (amax == 0.0f) return {1.0f, 1.0f};
-  return {amax / e4m3::kMax, e4m3::kMax / amax};
-}
-
 float amax_of(std::span<const float> x) {
   float amax = 0.0f;
   for (float value : x) amax = std::max(amax, std::fabs(value));
@@ -73,7 +64,7 @@ float amax_of(std::span<const float> x) {
 }  // namespace
 
 Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int64_t seq, int head_dim,
-                   std::int64_t block_rows, bool per_tensor) {
+                   std::int64_t block_rows, bool per_tensor, ScaleRule rule) {
   if (block_rows < 1) throw std::invalid_argument("block_rows: must be >= 1");
   if (static_cast<std::int64_t>(x.size()) != batch_heads * seq * head_dim)
     throw std::invalid_argument("x: size is not batch_heads x seq x head_dim");
@@ -84,7 +75,7 @@ Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int6
   out.per_tensor = per_tensor;
   const std::int64_t blocks = (seq + block_rows - 1) / block_rows;
   if (per_tensor) {
-    const BlockScale s = block_scale(amax_of(x));
+    const BlockScale s = block_scale(amax_of(x), rule);
     out.scales = {s.scale};
     for (std::size_t i = 0; i < x.size(); ++i) out.codes[i] = e4m3::from_float(x[i] * s.inverse);
     return out;
@@ -96,7 +87,7 @@ Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int6
     const std::int64_t rows = std::min(block_rows, seq - row0);
     const std::size_t first = static_cast<std::size_t>((bh * seq + row0) * head_dim);
     const std::span<const float> block = x.subspan(first, static_cast<std::size_t>(rows * head_dim));
-    const BlockScale s = block_scale(amax_of(block));
+    const BlockScale s = block_scale(amax_of(block), rule);
     out.scales[static_cast<std::size_t>(b)] = s.scale;
     for (std::size_t i = 0; i < block.size(); ++i) out.codes[first + i] = e4m3::from_float(block[i] * s.inverse);
   }
@@ -133,7 +124,14 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(o_tile.begin(), o_tile.end(), 0.0f);
-      float v_scale_of_o = 1.0f;  // O holds sum P8 V8 in units of this V block's scale
+      // v_ref: the largest V scale among the K/V blocks that the GPU kernel's tile of Br rows visits (causal: up
+      // to the block its last row, row0 + Br - 1, sees; flash_v3_schedule.cuh, tile_at). O holds sum P8 V8 in
+      // units of v_ref for the whole tile.
+      const std::int64_t last_visible = row0 + Br - 1 + offset;
+      const std::int64_t tile_blocks = !p.causal ? Tc : last_visible < 0 ? 0 : std::min(Tc, last_visible / Bc + 1);
+      float v_ref = 0.0f;
+      for (std::int64_t j = 0; j < tile_blocks; ++j) v_ref = std::max(v_ref, v.scale_of(kv_bh, j * Bc));
+      const float log2_v_ref = std::log2(v_ref);
       for (std::int64_t j = 0; j < Tc; ++j) {
         const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
         if (p.causal && key0 > row0 + rows - 1 + offset) break;  // no row of the tile sees this block
@@ -147,7 +145,10 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
                       s.data(), padded_Bc);
         // One factor takes the fp32 sums to base-2 logits: both block scales and softmax scale x log2(e).
         const float to_logits = q_scale * k.scale_of(kv_bh, key0) * scale_log2;
-        const float v_scale = v.scale_of(kv_bh, key0);
+        // P~ carries this block's V scale relative to v_ref: exp2(x - m + offset), offset = 8 + log2(v_j / v_ref)
+        // <= 8, so that sum P8 V8 is in units of v_ref whatever block V comes from; l sums exp2(x - m + 8).
+        const float p_offset = kPExponent + (std::log2(v.scale_of(kv_bh, key0)) - log2_v_ref);
+        const float l_factor = std::exp2(kPExponent - p_offset);  // v_ref / v_j
         for (std::int64_t r = 0; r < rows; ++r) {
           float* x = s.data() + r * padded_Bc;
           const std::int64_t visible = p.causal ? std::clamp<std::int64_t>(row0 + r + offset + 1 - key0, 0, keys) : keys;
@@ -159,28 +160,27 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
             factor[r] = 0.0f;
             continue;
           }
-          // FA2 Alg. 1 l. 9-10, base 2: rescale by exp2(m_old - m_new); P~ = exp2(x - m_new + 8) in (0, 256].
+          // FA2 Alg. 1 l. 9-10, base 2: rescale by exp2(m_old - m_new) (1 when the max did not grow: the GPU
+          // kernel then skips the multiplication); P~ in (0, 256].
           const float rescale = std::exp2(m[r] - m_new);
           float row_sum = 0.0f;
           for (std::int64_t c = 0; c < padded_Bc; ++c) {
-            const float p_value = c < visible ? std::exp2(x[c] - m_new + kPExponent) : 0.0f;
+            const float p_value = c < visible ? std::exp2(x[c] - m_new + p_offset) : 0.0f;
             row_sum += p_value;               // l sums P~ before rounding, as the kernel's fp32 registers do
             x[c] = e4m3::round(p_value);      // P8: P~ in e4m3, the A operand of O += P V
           }
-          l[r] = l[r] * rescale + row_sum;
+          l[r] = l[r] * rescale + row_sum * l_factor;
           m[r] = m_new;
-          // O moves into units of this block's V scale while it is rescaled anyway.
-          factor[r] = rescale * (v_scale_of_o / v_scale);
+          factor[r] = rescale;
         }
         tiles::scale_rows(o_tile.data(), rows, D, D, factor.data());
         tiles::matmul(tiles::Update::accumulate, rows, D, keys, tiles::MatrixView{s.data(), padded_Bc, 1}, v_tile.data(), D,
                       o_tile.data(), D);
-        v_scale_of_o = v_scale;
       }
-      // Epilogue: O = (sum P8 V8) x v_scale / l; LSE = ln 2 x (m + log2 l - 8), undoing P~'s 2^8.
+      // Epilogue: O = (sum P8 V8) x v_ref / l; LSE = ln 2 x (m + log2 l - 8), undoing P~'s 2^8.
       for (std::int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == 0.0f;
-        const float out_factor = empty ? 0.0f : v_scale_of_o / l[r];
+        const float out_factor = empty ? 0.0f : v_ref / l[r];
         float* out = o.data() + (bh * p.seq_q + row0 + r) * D;
         for (std::int64_t c = 0; c < D; ++c) out[c] = o_tile[r * D + c] * out_factor;
         lse[bh * p.seq_q + row0 + r] = empty ? -std::numeric_limits<float>::infinity()
@@ -201,7 +201,7 @@ std::vector<float> attention_cpu(const AttentionProblem& p, std::span<const floa
   }
   const Quantized q8 = quantize(q_in, p.batch * p.q_heads, p.seq_q, d, kBlockRows, !block_scales);
   const Quantized k8 = quantize(k_in, p.batch * p.kv_heads, p.seq_k, d, kBlockCols, !block_scales);
-  const Quantized v8 = quantize(v, p.batch * p.kv_heads, p.seq_k, d, kBlockCols, !block_scales);
+  const Quantized v8 = quantize(v, p.batch * p.kv_heads, p.seq_k, d, kBlockCols, !block_scales, ScaleRule::power_of_two);
   std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
   forward_cpu(p, q8, k8, v8, o, lse);
   round_to_dtype(o, DType::bf16);

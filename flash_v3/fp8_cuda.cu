@@ -16,8 +16,9 @@
 //    P's keys are renumbered: the thread's four values go into one register as they are, and the V transpose
 //    writes V's rows in the same permuted order (README: "FP8: the two register layouts");
 //  - the scales: S's fp32 sums are multiplied by q_scale x k_scale (folded with softmax scale x log2 e into the
-//    exp2's FFMA); O is kept in units of the current V block's scale and moved to the next one's in the rescale
-//    that the online softmax does anyway; O = O x v_scale / l at the end, written in bf16; LSE in fp32.
+//    exp2's FFMA); V's block scales are powers of two, and each block's ratio to v_ref (the tile's largest) goes
+//    into P~'s exponent, so that O stays in units of v_ref and is rescaled only when a row's max grows; O = O x
+//    v_ref / l at the end, written in bf16; LSE in fp32.
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -105,8 +106,8 @@ __device__ __forceinline__ void load_row(float (&x)[HeadDim / 32], const __nv_bf
 template <int HeadDim, bool Incoherent>
 __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, long long batch_stride,
                                                        long long head_stride, long long seq_stride, int heads, int seq,
-                                                       int block_rows, std::uint8_t* codes, float* scales,
-                                                       const float* signs, float norm) {
+                                                       int block_rows, ScaleRule rule, std::uint8_t* codes,
+                                                       float* scales, const float* signs, float norm) {
   constexpr int E = HeadDim / 32;
   __shared__ float warp_amax[4];
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -123,8 +124,9 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
   if (lane == 0) warp_amax[warp] = amax;
   __syncthreads();
   amax = fmaxf(fmaxf(warp_amax[0], warp_amax[1]), fmaxf(warp_amax[2], warp_amax[3]));
-  const float inverse = amax == 0.0f ? 1.0f : e4m3::kMax / amax;  // the CPU's block_scale, operation for operation
-  if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = amax == 0.0f ? 1.0f : amax / e4m3::kMax;
+  const BlockScale scale = block_scale(amax, rule);  // the CPU's function (fp8.hpp)
+  const float inverse = scale.inverse;
+  if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = scale.scale;
   for (int row = row0 + warp; row < row_end; row += 4) {
     load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
     std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row) * HeadDim + lane * E;
@@ -143,25 +145,26 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
 // The forward kernel's configuration and pipeline.
 // ============================================================================================================
 
-/// Deep: the K and V rings 4 stages deep at D = 128 and 3 at D = 256 (what shared memory holds beside 3 V^T
-/// stages): TMA's latency must hide behind fewer FLOPs per block than in bf16, since e4m3 halves the GEMM time.
-/// Shallow: 2 stages, as the bf16 kernel (option "stages" = 2, for the comparison).
+/// Deep: the K and V rings 4 stages deep and the V^T ring 3 at D = 128 (TMA's latency must hide behind fewer FLOPs
+/// per block than in bf16, since e4m3 halves the GEMM time); at D = 256 shared memory holds only 2 of each (Q 32
+/// KiB, K, V and V^T blocks 32 KiB each: 224 KiB of the 227). Shallow: 2 stages everywhere, as the bf16 kernel
+/// (option "stages" = 2, for the comparison).
 template <int HeadDim_, bool Deep = true>
 struct Config {
   static constexpr int HeadDim = HeadDim_;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
   static constexpr int Br = 64 * kConsumers;  // = kBlockRows: one Q scale per tile
-  // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block), 64 at D = 256, where S, P and O of
-  // 128 keys would not fit the consumers' registers next to O (64 x 256 fp32 = 128 per thread). V^T keeps rows of
-  // 128 bytes (the 128-byte swizzle) and at Bc = 64 uses the first 64 keys of each.
-  static constexpr int Bc = HeadDim == 256 ? 64 : 128;
-  static constexpr int kStages = !Deep ? 2 : HeadDim == 128 ? 4 : 3;  // depth of the K and V rings (as loaded)
-  static constexpr int kVtStages = 3;  // depth of the V^T ring: the transposition runs up to two blocks ahead
+  // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block). At D = 256 a consumer thread then
+  // holds O (128 fp32), S (64) and P (16) at once in its 240 registers (kConsumerRegisters). With 64 keys S = Q
+  // K^T was an m64n64k32 wgmma, which reads 4 KiB of shared memory per 32 cycles, all the bandwidth there is.
+  static constexpr int Bc = 128;
+  static constexpr int kStages = !Deep || HeadDim == 256 ? 2 : 4;  // depth of the K and V rings (as loaded)
+  static constexpr int kVtStages = !Deep || HeadDim == 256 ? 2 : 3;  // the transposition runs kVtStages - 1 ahead
   static constexpr int kPanels = HeadDim / kPanelRowBytes;  // 128 e4m3 columns per 128-byte panel row
   static constexpr int kQBytes = Br * HeadDim;
   static constexpr int kTileBytes = Bc * HeadDim;           // one K or V block
-  static constexpr int kVtBytes = HeadDim * kPanelRowBytes;  // one V^T block: HeadDim rows of 128 bytes
+  static constexpr int kVtBytes = HeadDim * Bc;  // one V^T block: HeadDim rows of 128 bytes (= Bc keys)
   // Shared memory from a 1024-byte aligned base: Q | K stages | V stages (as TMA wrote them) | V^T stages | mbarriers.
   static constexpr int kKOffset = kQBytes;
   static constexpr int kVOffset = kKOffset + kStages * kTileBytes;
@@ -169,17 +172,25 @@ struct Config {
   static constexpr int kBarrierOffset = kVtOffset + kVtStages * kVtBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages + 2 * kVtStages) + kSwizzleAtomBytes;
   static_assert(HeadDim % kPanelRowBytes == 0, "head dims of whole 128-byte panels");
-  static_assert(Br == kBlockRows && kBlockCols % Bc == 0, "a tile lies within one quantization block");
+  static_assert(Br == kBlockRows && kBlockCols == Bc, "a tile is one quantization block");
+  static_assert(Bc == kPanelRowBytes, "V^T rows are 128-byte swizzled panel rows");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per thread block");
 };
 
 // Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
 constexpr int kPingpongBarrier = 3;  // + consumer
-constexpr int kTransposeWarps = 3;   // warps 1-3 of the producer warpgroup
-// Registers per thread after setmaxnreg. At entry every thread has 168 (65536 / 384, rounded down to a multiple of
-// 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the decreases have freed
-// enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-static_assert(kProducerRegisters * kWarpgroupThreads + kConsumerRegisters * 2 * kWarpgroupThreads <= 168 * 384,
+constexpr int kTransposers = 4;      // every warp of the producer warpgroup transposes V
+// Registers per thread after setmaxnreg (multiples of 8). At entry every thread has 168 (65536 / 384, rounded down
+// to a multiple of 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the
+// decreases have freed enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
+// D = 128: the consumers need fewer than 232 (O is 64 registers), and 40 let a producer thread keep two
+// transposition loads in flight; D = 256: the consumers need 240 (O is 128), the producer makes do with 24.
+template <int HeadDim>
+constexpr int kProducerRegisters = HeadDim == 256 ? 24 : 40;
+template <int HeadDim>
+constexpr int kConsumerRegisters = HeadDim == 256 ? 240 : 232;
+static_assert(kProducerRegisters<128> * kWarpgroupThreads + kConsumerRegisters<128> * 2 * kWarpgroupThreads <= 168 * 384 &&
+                  kProducerRegisters<256> * kWarpgroupThreads + kConsumerRegisters<256> * 2 * kWarpgroupThreads <= 168 * 384,
               "setmaxnreg cannot hand out more registers than the thread block has");
 
 template <class Cfg>
@@ -198,6 +209,7 @@ struct Fp8Params {
   const float* k_scales;  // [batch x kv_heads][ceil(seq_k / Bc)]
   const float* v_scales;
   bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
+  bool vt_sync;    // false: a timing probe only (ATTN_FP8_PROBE=no_vt_sync): nobody waits on the V^T barriers
 };
 
 
@@ -234,79 +246,108 @@ constexpr bool transpose_unit_moves_right() {
 static_assert(transpose_unit_moves_right(), "transpose_v's ldmatrix / byte permute / stmatrix layouts disagree");
 
 /// stmatrix.sync.aligned.m8n8.x4.shared.b16 (sm_90): the inverse of ldmatrix_x4 (common/mma.cuh). Lanes 8i..8i+7
-/// give the addresses of rows 0..7 of matrix i (16 bytes each); lane l's r[i] goes to row l / 4, bytes
-/// 4 (l % 4) .. 4 (l % 4) + 3 of matrix i.
-__device__ __forceinline__ void stmatrix_x4(void* row_address, const std::uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_address(row_address)),
-               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+/// give the shared-memory addresses of rows 0..7 of matrix i (16 bytes each); lane l's r[i] goes to row l / 4,
+/// bytes 4 (l % 4) .. 4 (l % 4) + 3 of matrix i.
+__device__ __forceinline__ void stmatrix_x4(std::uint32_t row_address, const std::uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(row_address), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+/// ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 at a shared-memory address (mma::ldmatrix_x4_trans takes a
+/// pointer): lanes 8i..8i+7 give the rows of 8 x 8 block i, lane 4p + q receives, per block, row 2q's and row
+/// 2q + 1's 16-bit element p.
+__device__ __forceinline__ void ldmatrix_x4_trans_at(std::uint32_t (&r)[4], std::uint32_t row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(row_address)
                : "memory");
 }
 
 /// V (Bc keys x HeadDim, TMA's swizzled panels of 128 columns) -> V^T (HeadDim rows x Bc keys, 128-byte rows,
 /// swizzled), keys of each 16-group in A-operand order and columns in stmatrix order:
-/// V^T[r][16j + l] = V[16j + key_at_position(l)][column_at_row(r)]. A warp's unit is 16 keys (group j) x 32 columns
+/// V^T[r][16j + l] = V[16j + key_at_position(l)][column_at_row(r)]. A unit is 16 keys (group j) x 32 columns
 /// (c0 ..): one ldmatrix.x4.trans reads the four 8 x 8 blocks of 16-bit pairs (keys 16j + 0..7 and 16j + 8..15, x
 /// columns c0 .. c0 + 15 and c0 + 16 .. c0 + 31); lane 4p + q then holds, per block, keys 2q and 2q + 1 of column
 /// pair p, both bytes of each. Two byte permutes per block pair gather keys {2q, 2q+1, 8+2q, 9+2q} of column 2p
 /// (even bytes) and of column 2p + 1 (odd bytes): A positions 4q .. 4q + 3 of V^T rows c0 + p and c0 + 8 + p. One
 /// stmatrix.x4 writes them, lane l giving the address of V^T row c0 + l. Both sides touch each bank once per 8
 /// rows through the 128-byte swizzle (chunk ^ row % 8): no bank conflicts.
+///
+/// Warp w of the four takes groups w and w + 4 (Bc = 128: 8 groups) at every c0, both groups' loads issued before
+/// their permutes and stores (two loads in flight). The addresses are a per-thread part, computed once, plus a
+/// part that depends on c0 alone: the stores' is a constant (c0 x 128 bytes), the loads' is a constant (the panel)
+/// plus ((c0 % 128 / 16) ^ row % 8) x 16, whose row-dependent bits are those of row % 8 & 6 (c0 % 128 / 16 is even).
 template <class Cfg>
-__device__ __forceinline__ void transpose_v(const unsigned char* v, unsigned char* vt, int warp, int warps) {
-  constexpr int kGroups = Cfg::Bc / 16, kUnits = kGroups * Cfg::HeadDim / 32;
-  const int lane = threadIdx.x % 32, block = lane / 8;
-#pragma unroll 2
-  for (int unit = warp; unit < kUnits; unit += warps) {
-    const int group = unit % kGroups, column0 = unit / kGroups * 32;
-    // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, 16 columns from
-    // column0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
-    const int key = 16 * group + 8 * (block % 2) + lane % 8;
-    const int column = column0 + 16 * (block / 2), panel = column / kPanelRowBytes;
-    const int chunk = column % kPanelRowBytes / 16;
-    std::uint32_t r[4];
-    mma::ldmatrix_x4_trans(r, v + (panel * Cfg::Bc + key) * kPanelRowBytes + ((chunk ^ (key & 7)) << 4));
-    const std::uint32_t out[4] = {__byte_perm(r[0], r[1], kEvenBytes), __byte_perm(r[0], r[1], kOddBytes),   // c0 + 2p, + 1
-                                  __byte_perm(r[2], r[3], kEvenBytes), __byte_perm(r[2], r[3], kOddBytes)};  // c0 + 16 + ...
-    const int row = column0 + lane;  // V^T row of stmatrix block lane / 8, row lane % 8
-    stmatrix_x4(vt + row * kPanelRowBytes + ((group ^ (row & 7)) << 4), out);
+__device__ __forceinline__ void transpose_v(std::uint32_t v, std::uint32_t vt, unsigned warp) {
+  static_assert(Cfg::Bc == 16 * 2 * 4, "four warps x two 16-key groups");
+  const unsigned lane = threadIdx.x % 32, block = lane / 8, row7 = lane % 8;  // row7: key % 8 and V^T row % 8 alike
+  std::uint32_t load_base[2], store_base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const unsigned group = warp + 4 * i;
+    // ldmatrix: lane gives row lane % 8 of block `block`: key 16 group + 8 (block % 2) + lane % 8, the 16 columns
+    // from c0 + 16 (block / 2), a 16-byte chunk of the key's 128-byte row in its panel.
+    const unsigned key = 16 * group + 8 * (block % 2) + row7;
+    load_base[i] = v + key * kPanelRowBytes + (((block / 2) ^ (row7 & 1)) << 4);
+    store_base[i] = vt + lane * kPanelRowBytes + ((group ^ row7) << 4);  // V^T row c0 + lane
+  }
+  const unsigned row_bits = (row7 & 6) << 4;
+#pragma unroll
+  for (int c0 = 0; c0 < Cfg::HeadDim; c0 += 32) {
+    const unsigned panel = c0 / kPanelRowBytes, chunk = c0 % kPanelRowBytes / 16;  // chunk even
+    const unsigned column_offset = panel * Cfg::Bc * kPanelRowBytes + ((chunk << 4) ^ row_bits);
+    std::uint32_t r[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) ldmatrix_x4_trans_at(r[i], load_base[i] + column_offset);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const std::uint32_t out[4] = {__byte_perm(r[i][0], r[i][1], kEvenBytes), __byte_perm(r[i][0], r[i][1], kOddBytes),
+                                    __byte_perm(r[i][2], r[i][3], kEvenBytes), __byte_perm(r[i][2], r[i][3], kOddBytes)};
+      stmatrix_x4(store_base[i] + c0 * kPanelRowBytes, out);
+    }
   }
 }
 
-/// The producer warpgroup: warp 0's first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through
-/// a ring with full/empty barriers); warps 1-3 transpose each V tile that lands into the V^T ring. `transpose` =
-/// false (the probe ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
+/// The producer warpgroup: its first thread issues every TMA load (FA3 Alg. 1 lines 2-8, K and V each through a
+/// ring with full/empty barriers, kStages - 1 blocks ahead of the transposition), between two V tiles; all four
+/// warps transpose each V tile that lands into the V^T ring. `transpose` = false (the probe
+/// ATTN_FP8_PROBE=no_transpose) leaves V^T as it is: wrong results, for timing what the transposition costs.
 template <class Cfg>
 __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, const CUtensorMap* v_map,
-                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, bool transpose) {
+                         unsigned char* smem, Barriers<Cfg>* bars, const Tile& tile, const Fp8Params& fp) {
   const int thread = threadIdx.x % kWarpgroupThreads, warp = thread / 32;
-  if (warp == 0) {
-    if (thread != 0) return;
-    auto load_tile = [&](const CUtensorMap* map, int offset, std::uint64_t* full, std::uint64_t* empty, int it) {
-      const Slot slot = slot_of<Cfg::kStages>(it);
-      mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
-      mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
-      const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
-      for (int panel = 0; panel < Cfg::kPanels; ++panel)
-        tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
-                 &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
-    };
+  const bool loads = thread == 0;
+  auto load_tile = [&](const CUtensorMap* map, int offset, std::uint64_t* full, std::uint64_t* empty, int it) {
+    const Slot slot = slot_of<Cfg::kStages>(it);
+    mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
+    mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
+    const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
+    for (int panel = 0; panel < Cfg::kPanels; ++panel)
+      tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
+               &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
+  };
+  auto load_block = [&](int it) {  // lines 5-8
+    load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
+    load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
+  };
+  constexpr int kAhead = Cfg::kStages - 1;  // blocks loaded before the first transposition
+  if (loads) {
     mbarrier_arrive_expect_tx(&bars->q_full, Cfg::kQBytes);  // line 4: Q_i
     for (int panel = 0; panel < Cfg::kPanels; ++panel)
       tma_load(smem + panel * Cfg::Br * kPanelRowBytes, q_map, &bars->q_full, panel * kPanelRowBytes, tile.row0,
                tile.head, tile.batch);
-    for (int it = 0; it < tile.blocks; ++it) {  // lines 5-8
-      load_tile(k_map, Cfg::kKOffset, bars->k_full, bars->k_empty, it);
-      load_tile(v_map, Cfg::kVOffset, bars->v_full, bars->v_empty, it);
-    }
-    return;
+    for (int it = 0; it < min(kAhead, tile.blocks); ++it) load_block(it);
   }
   for (int it = 0; it < tile.blocks; ++it) {
     const Slot v_slot = slot_of<Cfg::kStages>(it), vt_slot = slot_of<Cfg::kVtStages>(it);
-    mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);           // V_j has landed
-    mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);   // the consumers are done with this V^T slot
-    if (transpose)
-      transpose_v<Cfg>(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes,
-                       smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes, warp - 1, kTransposeWarps);
+    if (fp.vt_sync) mbarrier_wait(&bars->vt_empty[vt_slot.stage], vt_slot.phase ^ 1);  // the consumers are done with it
+    // Block it + kAhead goes into the slots of block it - 1, free by now: the consumers released K_{it-1} before
+    // V^T_{it-kVtStages} (just waited for), and V_{it-1} is released once the four warps have transposed it.
+    if (loads && it + kAhead < tile.blocks) load_block(it + kAhead);
+    mbarrier_wait(&bars->v_full[v_slot.stage], v_slot.phase);  // V_j has landed
+    if (fp.transpose)
+      transpose_v<Cfg>(smem_address(smem + Cfg::kVOffset + v_slot.stage * Cfg::kTileBytes),
+                       smem_address(smem + Cfg::kVtOffset + vt_slot.stage * Cfg::kVtBytes), warp);
     fence_proxy_async();  // ordinary stores read next by wgmma (the async proxy)
     __syncwarp();         // the warp's loads and stores are done: one arrival speaks for the warp
     if (thread % 32 == 0) {
@@ -362,34 +403,64 @@ __device__ __forceinline__ void to_p_operand(std::uint32_t (&p)[Bc / 32][4], con
 
 struct RowState {
   float m[2] = {-kInf, -kInf};  // running max of the base-2 logits x = s q_scale k_scale scale log2(e)
-  float l[2] = {0.0f, 0.0f};    // running sum of P~ = exp2(x - m + 8), this thread's columns only
+  float l[2] = {0.0f, 0.0f};    // running sum of exp2(x - m + 8), this thread's columns only
 };
 
-/// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + 8) over s;
-/// l updated; `rescale` = exp2(m_old - m_new).
+/// What a K/V block's V scale v_j does to its P~: P~ = exp2(x - m + p_offset), p_offset = 8 + log2(v_j / v_ref) <=
+/// 8, so that sum P8 V8 stays in units of v_ref (fp8.hpp, forward_cpu); l adds sum P~ x l_factor (= v_ref / v_j).
+/// The quantization kernel makes V's scales powers of two (ScaleRule::power_of_two): log2 of one is its exponent
+/// field, and 2^k is a float with exponent field k + 127, so both take integer instructions only.
+struct VBlock {
+  float p_offset, l_factor;
+};
+__device__ __forceinline__ int exponent_field(float power_of_two) { return (__float_as_int(power_of_two) >> 23) & 0xFF; }
+__device__ __forceinline__ VBlock v_block(float v_scale, int v_ref_exponent) {
+  const int log2_ratio = exponent_field(v_scale) - v_ref_exponent;  // log2(v_j / v_ref) <= 0
+  return {static_cast<float>(kPExponent + log2_ratio), __int_as_float((127 - log2_ratio) << 23)};
+}
+
+/// x[0] = op over x[0 .. 2 Width - 1], as a pairwise tree: x[i] = op(x[i], x[i + Width]), then Width / 2, ...
+template <int Width, class Op>
+__device__ __forceinline__ void fold(float* x, Op op) {
+  if constexpr (Width >= 1) {
+#pragma unroll
+    for (int i = 0; i < Width; ++i) x[i] = op(x[i], x[i + Width]);
+    fold<Width / 2>(x, op);
+  }
+}
+
+/// FA3 Alg. 2 line 12 in base 2 with the block scales: x = s to_logits; m_new; P~ = exp2(x - m_new + p_offset)
+/// over s; l updated; `rescale` = exp2(m_old - m_new). Returns whether a row's max grew (else rescale = 1 for
+/// both rows and O need not be touched).
 template <bool Masked, int Bc>
-__device__ __forceinline__ void online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
-                                               const cuda::AttentionParams& p, int query0, int key0) {
+__device__ __forceinline__ bool online_softmax(float (&s)[Bc / 2], RowState& rows, float (&rescale)[2], float to_logits,
+                                               VBlock v, const cuda::AttentionParams& p, int query0, int key0) {
   if constexpr (Masked) schedule::mask_invisible<Bc>(s, p, query0, key0);
+  bool grew = false;
+  // Max and sum as pairwise trees (depth log2(Bc / 4), not Bc / 4): the consumer's softmax is a chain of
+  // dependent instructions, and two consumer warps per scheduler cannot hide a long one.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float block_max = -kInf;
+    float tree[Bc / 8];
 #pragma unroll
-    for (int i = 0; i < Bc / 8; ++i) block_max = fmaxf(block_max, fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]));
-    const float m_new = fmaxf(rows.m[half], mma::group_max(block_max) * to_logits);  // to_logits > 0
-    const float shift = m_new == -kInf ? 0.0f : m_new - kPExponent;  // a row with no key yet keeps P = 0
+    for (int i = 0; i < Bc / 8; ++i) tree[i] = fmaxf(s[4 * i + 2 * half], s[4 * i + 2 * half + 1]);
+    fold<Bc / 16>(tree, [](float a, float b) { return fmaxf(a, b); });
+    const float m_new = fmaxf(rows.m[half], mma::group_max(tree[0]) * to_logits);  // to_logits > 0
+    const float shift = m_new == -kInf ? 0.0f : m_new - v.p_offset;  // a row with no key yet keeps P = 0
+    grew |= m_new != rows.m[half];
     rescale[half] = mma::exp2_fast(rows.m[half] - (m_new == -kInf ? 0.0f : m_new));
     rows.m[half] = m_new;
-    float sum = 0.0f;
 #pragma unroll
-    for (int i = 0; i < Bc / 8; ++i)
+    for (int i = 0; i < Bc / 8; ++i) {
 #pragma unroll
-      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+      for (int e = 2 * half; e < 2 * half + 2; ++e)
         s[4 * i + e] = mma::exp2_fast(s[4 * i + e] * to_logits - shift);  // one FFMA + one MUFU.EX2
-        sum += s[4 * i + e];
-      }
-    rows.l[half] = rows.l[half] * rescale[half] + sum;
+      tree[i] = s[4 * i + 2 * half] + s[4 * i + 2 * half + 1];
+    }
+    fold<Bc / 16>(tree, [](float a, float b) { return a + b; });
+    rows.l[half] = rows.l[half] * rescale[half] + tree[0] * v.l_factor;
   }
+  return grew;
 }
 
 template <int HeadDim>
@@ -410,7 +481,7 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const cuda::AttentionParams& p = fp.base;
   const bool releases = threadIdx.x % kWarpgroupThreads == 0;
   const unsigned char* q_rows = smem + consumer_index * 64 * kPanelRowBytes;
-  const int warp = threadIdx.x % kWarpgroupThreads / 32;
+  const int warp = threadIdx.x % kWarpgroupThreads / 32, lane = threadIdx.x % 32;
   const int query0 = tile.row0 + consumer_index * 64 + warp * 16;
   const long long q_bh = static_cast<long long>(tile.batch) * p.q_heads + tile.head;
   const long long kv_bh = static_cast<long long>(tile.batch) * (p.q_heads / p.group_size) + tile.kv_head;
@@ -418,27 +489,38 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const float q_factor = fp.q_scales[q_bh * cuda::ceil_div(p.seq_q, Cfg::Br) + tile.q_block] * p.scale_log2;
   auto block_of = [&](int it) { return tile.blocks - 1 - it; };
   // The K and V scales of block `it`, loaded one block ahead so that the load's latency is hidden behind a GEMM.
-  auto scale_index = [&](int it) { return kv_bh * kv_blocks + block_of(min(it, tile.blocks - 1)) * Bc / kBlockCols; };
-  auto k_scale_of = [&](int it) { return __ldg(fp.k_scales + scale_index(it)); };
-  auto v_scale_of = [&](int it) { return __ldg(fp.v_scales + scale_index(it)); };
+  const float* k_scales = fp.k_scales + kv_bh * kv_blocks;  // one per K/V block (Bc = kBlockCols)
+  const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
+  auto k_scale_of = [&](int it) { return __ldg(k_scales + block_of(min(it, tile.blocks - 1))); };
+  auto v_scale_of = [&](int it) { return __ldg(v_scales + block_of(min(it, tile.blocks - 1))); };
+  // v_ref: the largest V scale of the blocks this tile visits (each warp reduces it on its own). O holds
+  // sum P8 V8 in units of v_ref, so it is rescaled only when a row's max grows.
+  float v_ref = 0.0f;
+  for (int b = lane; b < tile.blocks; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
+#pragma unroll
+  for (int lanes = 16; lanes >= 1; lanes /= 2) v_ref = fmaxf(v_ref, __shfl_xor_sync(0xFFFFFFFFu, v_ref, lanes));
+  const int v_ref_exponent = exponent_field(v_ref);
   auto k_tile = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kTileBytes; };
   auto vt_tile = [&](int stage) { return smem + Cfg::kVtOffset + stage * Cfg::kVtBytes; };
   RowState rows;
-  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale) {
+  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale, float v_scale) {
+    const VBlock v = v_block(v_scale, v_ref_exponent);
     if (it < tile.masked_blocks)
-      online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
-    else
-      online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, p, query0, block_of(it) * Bc);
+      return online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
+    return online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
   };
   auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
   auto pass_turn = [&] { named_barrier_arrive(kPingpongBarrier + (1 - consumer_index), 2 * kWarpgroupThreads); };
+  auto wait_for_vt = [&](const Slot& slot) {
+    if (fp.vt_sync) mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
+  };
 
   float s[Bc / 2], o[HeadDim / 2], rescale[2];
   std::uint32_t p_operand[Bc / 32][4];
 #pragma unroll
   for (int i = 0; i < HeadDim / 2; ++i) o[i] = 0.0f;
 
-  float k_scale = k_scale_of(0), o_v_scale = v_scale_of(0);  // O will hold sum P8 V8 in units of o_v_scale
+  float k_scale = k_scale_of(0), v_scale = v_scale_of(0);
   float next_k_scale = k_scale_of(1), next_v_scale = v_scale_of(1);
 
   // FA3 Alg. 2 lines 2-5.
@@ -452,14 +534,14 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   wgmma_wait<0>();
   fence_registers(s);
   if (releases) mbarrier_arrive(&bars->k_empty[slot.stage]);
-  softmax(s, rescale, 0, k_scale);
+  softmax(s, rescale, 0, k_scale, v_scale);  // O = 0: nothing to rescale
   to_p_operand<Bc>(p_operand, s);
 
   // FA3 Alg. 2 lines 6-17.
   for (int it = 1; it < tile.blocks; ++it) {
     const Slot k_slot = slot_of<Cfg::kStages>(it), v_slot = slot_of<Cfg::kVtStages>(it - 1);
     mbarrier_wait(&bars->k_full[k_slot.stage], k_slot.phase);    // line 7
-    mbarrier_wait(&bars->vt_full[v_slot.stage], v_slot.phase);   // line 9 (V^T, transposed by the producer)
+    wait_for_vt(v_slot);                                         // line 9 (V^T, transposed by the producer)
     wait_for_turn();
     wgmma_fence();
     issue_qk<Cfg>(s, q_rows, k_tile(k_slot.stage));              // line 8
@@ -469,22 +551,21 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     fence_registers(s);
     if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
     k_scale = next_k_scale;
-    const float v_scale = next_v_scale;
+    v_scale = next_v_scale;
     next_k_scale = k_scale_of(it + 1);
     next_v_scale = v_scale_of(it + 1);
-    softmax(s, rescale, it, k_scale);                             // line 12
+    const bool grew = softmax(s, rescale, it, k_scale, v_scale);  // line 12
     wgmma_wait<0>();                                              // line 13
     fence_registers(o);
     if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
-    const float units = o_v_scale / v_scale;
-    rescale_output<HeadDim>(o, rescale[0] * units, rescale[1] * units);  // line 14, and into V_j's units
-    o_v_scale = v_scale;
+    // Line 14, skipped by a warp none of whose rows' max grew (factor 1): after the first blocks, most of the time.
+    if (__any_sync(0xFFFFFFFFu, grew)) rescale_output<HeadDim>(o, rescale[0], rescale[1]);
     to_p_operand<Bc>(p_operand, s);                                // line 16
   }
 
   // FA3 Alg. 2 lines 18-20.
   slot = slot_of<Cfg::kVtStages>(tile.blocks - 1);
-  mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
+  wait_for_vt(slot);
   wait_for_turn();
   wgmma_fence();
   issue_pv<Cfg>(o, p_operand, vt_tile(slot.stage));
@@ -493,14 +574,14 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   fence_registers(o);
   if (releases) mbarrier_arrive(&bars->vt_empty[slot.stage]);
 
-  // FA3 Alg. 2 lines 21-22: O = O v_scale / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
+  // FA3 Alg. 2 lines 21-22: O = O v_ref / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
   const int group = mma::lane_group(), t = mma::lane_in_group();
   auto* out = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
   float* lse = p.lse + q_bh * p.seq_q;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const float l = mma::group_sum(rows.l[half]);
-    const float factor = l > 0.0f ? o_v_scale / l : 0.0f;
+    const float factor = l > 0.0f ? v_ref / l : 0.0f;
     const int row = query0 + group + 8 * half;
     if (row >= p.seq_q) continue;
     if (t == 0) lse[row] = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
@@ -553,10 +634,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       mbarrier_init(&bars->k_full[stage], 1);
       mbarrier_init(&bars->k_empty[stage], Cfg::kConsumers);
       mbarrier_init(&bars->v_full[stage], 1);
-      mbarrier_init(&bars->v_empty[stage], kTransposeWarps);  // one arrival per transposing warp
+      mbarrier_init(&bars->v_empty[stage], kTransposers);  // one arrival per producer warp
     }
     for (int stage = 0; stage < Cfg::kVtStages; ++stage) {
-      mbarrier_init(&bars->vt_full[stage], kTransposeWarps);  // one arrival per transposing warp
+      mbarrier_init(&bars->vt_full[stage], kTransposers);
       mbarrier_init(&bars->vt_empty[stage], Cfg::kConsumers);
     }
     fence_mbarrier_init();
@@ -564,10 +645,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   __syncthreads();
   const int warpgroup = threadIdx.x / kWarpgroupThreads;
   if (warpgroup == 0) {
-    setmaxnreg_decrease<kProducerRegisters>();  // the producer transposes as well as loads
-    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp.transpose);
+    setmaxnreg_decrease<kProducerRegisters<Cfg::HeadDim>>();
+    producer<Cfg>(&q_map, &k_map, &v_map, smem, bars, tile, fp);
   } else {
-    setmaxnreg_increase<kConsumerRegisters>();
+    setmaxnreg_increase<kConsumerRegisters<Cfg::HeadDim>>();
     const int consumer_index = warpgroup - 1;
     if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
     consumer<Cfg>(fp, tile, smem, bars, consumer_index);
@@ -581,24 +662,34 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 
 const char* const kWho = "flash_v3/gpu (fp8)";
 
+/// The timing probes (environment ATTN_FP8_PROBE): "no_transpose", the producer skips the V transposition, so
+/// that the kernel's time without it can be measured (O is then wrong: V^T holds whatever shared memory held);
+/// "no_vt_sync", the transposition runs but neither side waits on the V^T barriers (O wrong too: what the
+/// hand-over of V^T costs, as against the transposition's work).
+bool probe_is(const char* name) {
+  const char* probe = std::getenv("ATTN_FP8_PROBE");
+  return probe != nullptr && std::string(probe) == name;
+}
+
 
 template <int HeadDim>
 void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads, std::int64_t seq,
-                     int block_rows, bool incoherent, const float* signs, float norm, std::uint8_t* codes, float* scales) {
+                     int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm, std::uint8_t* codes,
+                     float* scales) {
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(seq, block_rows)), static_cast<unsigned>(batch * heads));
   auto kernel = incoherent ? quantize_kernel<HeadDim, true> : quantize_kernel<HeadDim, false>;
   kernel<<<grid, 128>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
-                        static_cast<int>(heads), static_cast<int>(seq), block_rows, codes, scales, signs, norm);
+                        static_cast<int>(heads), static_cast<int>(seq), block_rows, rule, codes, scales, signs, norm);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
 void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads,
-                       std::int64_t seq, int block_rows, bool incoherent, const float* signs, float norm,
+                       std::int64_t seq, int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm,
                        std::uint8_t* codes, float* scales) {
   switch (head_dim) {
-    case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
-    case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
-    case 256: return launch_quantize<256>(x, strides, batch, heads, seq, block_rows, incoherent, signs, norm, codes, scales);
+    case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
+    case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
+    case 256: return launch_quantize<256>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
   }
   throw std::invalid_argument("head_dim: " + std::to_string(head_dim) + " is not 64, 128 or 256 (quantization kernel)");
 }
@@ -611,7 +702,8 @@ void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const 
   const CUtensorMap q_map = make_tensor_map_bytes(scratch.q, p.batch, p.q_heads, p.seq_q, HeadDim, q_strides, Cfg::Br);
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
-  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose};
+  Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose,
+               !probe_is("no_vt_sync")};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
@@ -664,13 +756,14 @@ void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool inc
     const std::vector<float> signs = random_signs(d, seed);
     ATTN_CUDA_CHECK(cudaMemcpy(scratch.signs, signs.data(), signs.size() * sizeof(float), cudaMemcpyHostToDevice));
   }
-  // Q and K rotated by the same M (incoherent processing); V never.
-  quantize_dispatch(d, t.q, t.q_strides, p.batch, p.q_heads, p.seq_q, static_cast<int>(kBlockRows), incoherent,
-                    scratch.signs, norm, scratch.q, scratch.q_scales);
-  quantize_dispatch(d, t.k, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), incoherent,
-                    scratch.signs, norm, scratch.k, scratch.k_scales);
-  quantize_dispatch(d, t.v, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), false,
-                    scratch.signs, norm, scratch.v, scratch.v_scales);
+  // Q and K rotated by the same M (incoherent processing); V never. V's scales are powers of two (the forward
+  // moves each block's V scale into P exactly: fp8.hpp, forward_cpu).
+  quantize_dispatch(d, t.q, t.q_strides, p.batch, p.q_heads, p.seq_q, static_cast<int>(kBlockRows), ScaleRule::amax,
+                    incoherent, scratch.signs, norm, scratch.q, scratch.q_scales);
+  quantize_dispatch(d, t.k, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols), ScaleRule::amax,
+                    incoherent, scratch.signs, norm, scratch.k, scratch.k_scales);
+  quantize_dispatch(d, t.v, t.kv_strides, p.batch, p.kv_heads, p.seq_k, static_cast<int>(kBlockCols),
+                    ScaleRule::power_of_two, false, scratch.signs, norm, scratch.v, scratch.v_scales);
 }
 
 void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep,
@@ -683,12 +776,6 @@ void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t,
   throw std::invalid_argument(std::string("head_dim: ") + std::to_string(p.head_dim) + " is not taken by " + kWho);
 }
 
-/// The timing probe ATTN_FP8_PROBE=no_transpose (environment): the producer skips the V transposition, so that the
-/// kernel's time without it can be measured. O is then wrong (V^T holds whatever shared memory held).
-bool transpose_probe() {
-  const char* probe = std::getenv("ATTN_FP8_PROBE");
-  return probe != nullptr && std::string(probe) == "no_transpose";
-}
 
 void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
   validate_call(p, t, gpu_caps(), kWho, false);
@@ -708,7 +795,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   ATTN_CUDA_CHECK(cudaEventRecord(marks[0]));
   quantize_gpu(p, t, incoherent == 1, 1, scratch);
   ATTN_CUDA_CHECK(cudaEventRecord(marks[1]));
-  forward_quantized_gpu(p, t, scratch, stages == 0, !transpose_probe());
+  forward_quantized_gpu(p, t, scratch, stages == 0, !probe_is("no_transpose"));
   ATTN_CUDA_CHECK(cudaEventRecord(marks[2]));
   ATTN_CUDA_CHECK(cudaEventSynchronize(marks[2]));
   float quantize_ms = 0.0f, attention_ms = 0.0f;

@@ -31,7 +31,8 @@ std::size_t scratch_bytes(const AttentionProblem& problem);
 void quantize_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, bool incoherent, std::uint64_t seed,
                   Scratch& scratch);
 /// The FP8 forward kernel on quantized Q, K, V: O (bf16, tensors.o with q_strides) and LSE. `deep`: K/V rings of 4
-/// (D = 128) or 3 (D = 256) stages; else 2. `transpose` = false skips the V transposition: wrong O, a timing probe.
+/// (D = 128) or 2 (D = 256: shared memory holds no more) stages; else 2. `transpose` = false skips the V
+/// transposition: wrong O, a timing probe.
 void forward_quantized_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, const Scratch& scratch,
                            bool deep = true, bool transpose = true);
 /// Both, after validation (gpu_caps); options "incoherent" = 0 or 1, "stages" = 0 (deep rings) or 2.

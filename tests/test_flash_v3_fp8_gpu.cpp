@@ -23,10 +23,10 @@ namespace {
 // u = 2^-4, ~0.036 rms relative per rounding; Q, K (through the logits), P and V rounded once each give ~0.07
 // relative on O; allowed 0.1). Against the CPU emulation: Q, K and V are the same e4m3 values (the quantization
 // test shows the codes equal bit for bit), but P~ is not rounded at the same point: the GPU visits the K/V blocks
-// from the last to the first (and at D = 256 in blocks of 64 keys), so each row's running max, and with it the
-// value P~ = exp2(x - m + 8) that is rounded, differs by a factor; two independent roundings of P differ by
-// sqrt(2) x 0.036 ~ 0.05 relative per term, which bounds the difference (the sums of O and the exp2 approximation
-// add far less). Allowed 0.05; measured 0-0.032. A layout, swizzle or scale mistake gives errors near 1.
+// from the last to the first, so each row's running max, and with it the value P~ = exp2(x - m + 8) that is
+// rounded, differs by a factor; two independent roundings of P differ by sqrt(2) x 0.036 ~ 0.05 relative per term,
+// which bounds the difference (the sums of O and the exp2 approximation add far less). Allowed 0.05; measured
+// 0-0.032. A layout, swizzle or scale mistake gives errors near 1.
 constexpr double kOracleBound = 0.1, kLseBound = 0.02, kEmulationBound = 0.05;
 
 StageRun run_fp8(const ProblemData& data, bool incoherent) {
@@ -108,10 +108,18 @@ TEST_CASE("the quantization kernel gives the CPU's codes and scales bit for bit,
       std::size_t differ = 0;
       for (std::size_t i = 0; i < codes.size(); ++i) differ += codes[i] != expected.codes[i];
       CHECK(differ == 0);
-      // V is never rotated: its codes are the plain quantization whatever `incoherent` says.
+      // V is never rotated: its codes are the plain quantization whatever `incoherent` says, with power-of-two
+      // scales (ScaleRule::power_of_two: the forward moves V's block scales into P exactly).
       std::vector<std::uint8_t> v_codes(codes.size());
+      std::vector<float> v_scales(scales.size());
       ATTN_CUDA_CHECK(cudaMemcpy(v_codes.data(), scratch.v, v_codes.size(), cudaMemcpyDeviceToHost));
-      CHECK(v_codes == fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows).codes);
+      ATTN_CUDA_CHECK(cudaMemcpy(v_scales.data(), scratch.v_scales, v_scales.size() * 4, cudaMemcpyDeviceToHost));
+      const fp8::Quantized v_expected = fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, d, fp8::kBlockRows,
+                                                      false, fp8::ScaleRule::power_of_two);
+      CHECK(v_scales == v_expected.scales);
+      std::size_t v_differ = 0;
+      for (std::size_t i = 0; i < v_codes.size(); ++i) v_differ += v_codes[i] != v_expected.codes[i];
+      CHECK(v_differ == 0);
     }
 }
 
@@ -126,6 +134,22 @@ TEST_CASE("FP8 forward matches the fp64 oracle within e4m3's precision, and the 
   const Errors e = compare_runs(run_stage(flash_v3::describe(), Tier::gpu, data, shallow), run_fp8(data, false));
   CHECK(e.o.max_abs == 0.0);
   CHECK(e.lse.max_abs == 0.0);
+}
+
+TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an outlier in one K/V block)", "[fp8][small]") {
+  // The kernel moves each V block's scale into P~'s exponent (log2(v_j / v_ref), ~ -4 here for the blocks without
+  // the outlier) and its inverse into l; a mistake there is off by up to 16x (the CPU twin of this test shows it).
+  ProblemData data = make_problem_data(problem_of(1, 2, 2, 130, 400, 128, false), DType::bf16, Layout::bhnd, 23);
+  data.v[(0 * 400 + 150) * 128 + 5] = 60.0f;  // exact in bf16
+  data.v[(1 * 400 + 140) * 128 + 9] = -60.0f;
+  const oracle::Result exact = oracle::attention(data, false);
+  const StageRun run = run_fp8(data, false);
+  const Errors vs_oracle = compare_with_oracle(run, exact);
+  const ErrorStats vs_emulation = compare(run.o.span(), std::span<const float>(emulate(data, false)));
+  INFO("O vs oracle " << vs_oracle.o.rel_frobenius << ", vs CPU emulation " << vs_emulation.rel_frobenius);
+  CHECK(vs_oracle.o.rel_frobenius < kOracleBound);
+  CHECK(vs_oracle.lse.rel_frobenius < kLseBound);
+  CHECK(vs_emulation.rel_frobenius < kEmulationBound);
 }
 
 TEST_CASE("FP8 forward matches the fp64 oracle and the CPU emulation on awkward shapes, causal and not, GQA", "[fp8]") {
