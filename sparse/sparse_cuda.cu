@@ -43,14 +43,19 @@ constexpr int kRowTile = 128;
 ///   bucket[head * seq + pos] its bucket (QK-sparse: 0 for kept rows)
 ///   first[head * (buckets + 2) + b]  the first sorted position of bucket b; b = buckets: of the dropped rows;
 ///                            b = buckets + 1: seq
-///   tiles[head * max_tiles + n], n < tile_count[head]: the sorted positions [x, y) of tile n, bucket by bucket
+///   tiles[head * max_tiles + n]: the sorted positions [x, y) of tile n, for n < tile_count[head].y; the kept
+///                            rows' tiles first (n < tile_count[head].x), by their rank in their bucket (the
+///                            first tile of every bucket, then the second of every bucket, ...), then the
+///                            dropped rows'. A forward Q block of rank r sees about r + 1 K/V tiles of its bucket
+///                            and a backward K block of rank r about (the bucket's tiles - r) Q blocks: taken in
+///                            this order (backward) or its reverse (forward), the longest blocks start first.
 struct SortedRows {
   const int* order = nullptr;
   const int* bucket = nullptr;
   const int* count = nullptr;
   const int* first = nullptr;
   const int2* tiles = nullptr;
-  const int* tile_count = nullptr;
+  const int2* tile_count = nullptr;
   int buckets = 1;  // kept buckets
   int max_tiles = 0;
 };
@@ -111,26 +116,50 @@ __device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int 
   return best;
 }
 
+constexpr int kClassifyThreads = 128;
+
 /// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
-/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
+/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it). For the hash each warp first
+/// copies its 32 rows to shared memory together, 16-byte pieces of consecutive addresses side by side (a thread
+/// reading its own row would touch 32 rows' cache lines in every load).
 template <class T, int HeadDim>
-__global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int heads, int seq, Classify c,
-                                     int* row_bucket) {
+__global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(const T* x, Strides strides, int batch,
+                                                                         int heads, int seq, Classify c,
+                                                                         int* row_bucket) {
+  constexpr int kPieces = HeadDim / 8;  // 16-byte pieces per row
+  const long long rows = static_cast<long long>(batch) * heads * seq;
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= static_cast<long long>(batch) * heads * seq) return;
-  const int i = static_cast<int>(row % seq);
-  const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
   if (c.mode == Mode::qk) {
+    if (row >= rows) return;
+    const int i = static_cast<int>(row % seq);
+    const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
     const std::uint64_t stream = c.queries ? query_stream(batch, heads, b, head) : key_stream(batch, heads, b, head);
     row_bucket[row] = keep_row(c.seed, stream, i, c.drop_permille) ? 0 : 1;
     return;
   }
-  // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
-  const uint4* source = reinterpret_cast<const uint4*>(x + b * strides.batch + head * strides.head + i * strides.seq);
+  // The warp's 32 rows, a row per lane, padded by one piece so that the lanes' reads of their own rows fall in
+  // different banks. Rows start 16-byte aligned (gpu_caps' stride and pointer rules).
+  __shared__ uint4 staged[kClassifyThreads / 32][32][kPieces + 1];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long warp_row0 = row - lane;
+  const T* my_row = x;  // this lane's row, handed to the lane that copies each of its pieces
+  if (row < rows) {
+    const int i = static_cast<int>(row % seq);
+    const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
+    my_row = x + b * strides.batch + head * strides.head + i * strides.seq;
+  }
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    const int chunk = k * 32 + lane, r = chunk / kPieces, piece = chunk % kPieces;
+    const T* source = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(my_row), r));
+    if (warp_row0 + r < rows) staged[warp][r][piece] = reinterpret_cast<const uint4*>(source)[piece];
+  }
+  __syncwarp();
+  if (row >= rows) return;
   float values[HeadDim];
 #pragma unroll
-  for (int piece = 0; piece < HeadDim / 8; ++piece) {
-    const uint4 bits = source[piece];
+  for (int piece = 0; piece < kPieces; ++piece) {
+    const uint4 bits = staged[warp][lane][piece];
     const T* elements = reinterpret_cast<const T*>(&bits);
 #pragma unroll
     for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
@@ -159,7 +188,7 @@ struct SortSide {
   int* count = nullptr;
   int* first = nullptr;
   int2* tiles = nullptr;
-  int* tile_count = nullptr;
+  int2* tile_count = nullptr;
   int max_tiles = 0;
 };
 
@@ -244,18 +273,32 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
     if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
     __syncwarp();
   });
+  __syncthreads();  // (next_position is free again: thread 0 keeps its list of buckets with tiles left there)
   if (threadIdx.x != 0) return;
   side.count[head] = kept;
   int* first = side.first + head * (all + 1);
-  int2* tiles = side.tiles + head * side.max_tiles;
-  int tile_count = 0;
-  for (int b = 0; b < all; ++b) {  // at most seq / kRowTile + all tiles: SortSide::max_tiles
-    const int begin = totals[b], end = b + 1 < all ? totals[b + 1] : seq;
-    first[b] = begin;
-    for (int row = begin; row < end; row += kRowTile) tiles[tile_count++] = make_int2(row, min(end, row + kRowTile));
-  }
+  for (int b = 0; b < all; ++b) first[b] = totals[b];
   first[all] = seq;
-  side.tile_count[head] = tile_count;
+  // The tiles (at most seq / kRowTile + all: SortSide::max_tiles): the kept buckets' by rank, then the dropped
+  // rows'. totals[b + 1] is the end of kept bucket b.
+  int2* tiles = side.tiles + head * side.max_tiles;
+  int count = 0;
+  int* left = next_position;  // the buckets with tiles from this rank on
+  int left_count = 0;
+  for (int b = 0; b < buckets; ++b)
+    if (totals[b] < totals[b + 1]) left[left_count++] = b;
+  for (int rank = 0; left_count > 0; ++rank) {
+    int still = 0;
+    for (int i = 0; i < left_count; ++i) {
+      const int b = left[i], row = totals[b] + rank * kRowTile;
+      tiles[count++] = make_int2(row, min(totals[b + 1], row + kRowTile));
+      if (row + kRowTile < totals[b + 1]) left[still++] = b;
+    }
+    left_count = still;
+  }
+  const int kept_tiles = count;
+  for (int row = kept; row < seq; row += kRowTile) tiles[count++] = make_int2(row, min(seq, row + kRowTile));
+  side.tile_count[head] = make_int2(kept_tiles, count);
 }
 
 // ---- Spans: what a query sees, as one run of sorted key positions -------------------------------------------
@@ -263,7 +306,8 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
 // only those not after its limit) are one run [first, end) of sorted key positions. And the queries are sorted
 // the same way, so along a head's kept query positions neither first nor end ever decreases. The kernels work
 // from these spans alone: SCFA Alg. 1 line 10's mask becomes a comparison of key positions (as flash_v2's causal
-// mask), and line 8's skip test a binary search over the spans of a tile's queries.
+// mask), and line 8's skip test the span of a Q block's first and last query (forward) or a binary search over
+// a head's spans (backward).
 
 /// The first position in [low, high) where `before` is false, `before` being true on a prefix of the range and
 /// false after it (a binary search, as std::partition_point).
@@ -375,14 +419,16 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   int2* spans = reinterpret_cast<int2*>(shared_bytes + Shape::kTileBytes);  // of Q_i's Br rows
   int* key_rows = reinterpret_cast<int*>(spans + Br);  // 2 slots of Bc original indices (the next tiles')
 
-  const int head = blockIdx.y, batch = blockIdx.z;
+  // Thread blocks go out in the order of blockIdx.x: the n-th tile of every head, then the (n + 1)-th.
+  const int n = blockIdx.x / p.q_heads, head = blockIdx.x % p.q_heads, batch = blockIdx.y;
   const int kv_heads = p.q_heads / p.group_size, kv_head = head / p.group_size;
   const long long q_flat = static_cast<long long>(batch) * p.q_heads + head;
   const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
-  const int tile_count = p.queries.tile_count[q_flat];
-  if (static_cast<int>(blockIdx.x) >= tile_count) return;  // (the grid has room for the most tiles a head can have)
-  // The last tiles of each bucket see the most keys: the tiles are taken from the last.
-  const int2 rows = p.queries.tiles[q_flat * p.queries.max_tiles + tile_count - 1 - blockIdx.x];
+  const int2 tile_count = p.queries.tile_count[q_flat];
+  if (n >= tile_count.y) return;  // (the grid has room for the most tiles a head can have)
+  // The kept tiles from the last (the most keys to visit), then the dropped ones (zeros to write).
+  const int tile = n < tile_count.x ? tile_count.x - 1 - n : n;
+  const int2 rows = p.queries.tiles[q_flat * p.queries.max_tiles + tile];
   const int row0 = rows.x, tile_rows = rows.y - rows.x;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_row0 = warp * Shape::kRowsPerWarp;
@@ -537,7 +583,7 @@ void launch_forward(const Params& p, int batch) {
   using Shape = ForwardShape<HeadDim, Br, Bc>;
   auto kernel = forward_kernel<T, HeadDim, Br, Bc>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-  const dim3 grid(p.queries.max_tiles, p.q_heads, batch);
+  const dim3 grid(p.queries.max_tiles * p.q_heads, batch);
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(p);
   ATTN_CUDA_CHECK_LAUNCH();
 }
@@ -582,12 +628,13 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);
   int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);  // 3 slots of Br original indices
 
-  const int kv_head = blockIdx.y, batch = blockIdx.z;
+  // Thread blocks go out in the order of blockIdx.x: the n-th tile of every KV head, then the (n + 1)-th; the
+  // kept tiles in their order (the most Q blocks to visit first), then the dropped ones (zeros to write).
   const int kv_heads = p.q_heads / p.group_size;
+  const int n = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads, batch = blockIdx.y;
   const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
-  const int tile_count = p.keys.tile_count[k_flat];
-  if (static_cast<int>(blockIdx.x) >= tile_count) return;  // (the grid has room for the most tiles a head can have)
-  const int2 keys = p.keys.tiles[k_flat * p.keys.max_tiles + blockIdx.x];
+  if (n >= p.keys.tile_count[k_flat].y) return;  // (the grid has room for the most tiles a head can have)
+  const int2 keys = p.keys.tiles[k_flat * p.keys.max_tiles + n];
   const int key0 = keys.x, key_end = keys.y;  // this block's sorted key positions
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_key0 = warp * 16;
@@ -680,7 +727,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     const int2* spans = span_tiles + stage * Br;
     const int* q_index = query_rows + slot * Br;
 
-    // SCFA Alg. 2 lines 8-11 and 13 (FA2 Alg. 2 lines 10-14 and 16), with Alg. 1 line 10's mask: key position
+    // SCFA Alg. 2 lines 8-9 and 11 (FA2 Alg. 2 lines 10-14 and 16), with Alg. 1 line 10's mask: key position
     // c is visible from a query with span [x, y) iff x <= c < y, and only the keys of this tile count (the
     // zeros past key_end, and other tiles' keys, are another block's). No mask where every query of Q_i sees
     // all of K_j.
@@ -781,6 +828,7 @@ int kept_buckets(const Settings& s, const KeepLists* lists) {
 
 /// The most tiles of kRowTile sorted rows one head can have: each group of rows (a kept bucket, or the dropped
 /// rows) adds at most one partial tile.
+/// (The kernels' grids are max_tiles x heads thread blocks wide: below 2^31 for any tensor that fits in memory.)
 std::int64_t max_tiles(std::int64_t seq, int buckets) { return (seq + kRowTile - 1) / kRowTile + buckets + 1; }
 
 /// One side's sort: per row its bucket, original index and sorted bucket; per head the kept count, the
@@ -810,7 +858,7 @@ std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool b
 struct SideBuffers {
   DeviceBuffer<int> row_bucket, order, bucket, count, first;
   DeviceBuffer<int2> tiles;
-  DeviceBuffer<int> tile_count;
+  DeviceBuffer<int2> tile_count;
   DeviceBuffer<std::int64_t> list_offsets;
   DeviceBuffer<std::int32_t> list_indices;
   int heads = 0, seq = 0, buckets = 1, max_tiles = 0;
@@ -849,7 +897,8 @@ void classify_side(SideBuffers& side, const T* x, const Strides& strides, int ba
                                                  side.row_bucket.data());
   } else {
     const long long rows = static_cast<long long>(side.heads) * side.seq;
-    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, 128), 128>>>(x, strides, batch, heads, side.seq, classify,
+    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, kClassifyThreads), kClassifyThreads>>>(x, strides, batch, heads,
+                                                                                         side.seq, classify,
                                                                   side.row_bucket.data());
   }
   ATTN_CUDA_CHECK_LAUNCH();
@@ -1033,7 +1082,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     using Shape = BackwardShape<D, kBackwardBr, kBackwardBc>;
     auto kernel = backward_kernel<T, D, kBackwardBr, kBackwardBc>;
     ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-    const dim3 grid(params.keys.max_tiles, static_cast<int>(p.kv_heads), static_cast<int>(p.batch));
+    const dim3 grid(params.keys.max_tiles * static_cast<unsigned>(p.kv_heads), static_cast<int>(p.batch));
     kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
     const long long elements = rows * D;
