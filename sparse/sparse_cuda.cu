@@ -119,47 +119,25 @@ __device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int 
 constexpr int kClassifyThreads = 128;
 
 /// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
-/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it). For the hash each warp first
-/// copies its 32 rows to shared memory together, 16-byte pieces of consecutive addresses side by side (a thread
-/// reading its own row would touch 32 rows' cache lines in every load).
+/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
 template <class T, int HeadDim>
-__global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(const T* x, Strides strides, int batch,
-                                                                         int heads, int seq, Classify c,
-                                                                         int* row_bucket) {
-  constexpr int kPieces = HeadDim / 8;  // 16-byte pieces per row
-  const long long rows = static_cast<long long>(batch) * heads * seq;
+__global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int heads, int seq, Classify c,
+                                     int* row_bucket) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= static_cast<long long>(batch) * heads * seq) return;
+  const int i = static_cast<int>(row % seq);
+  const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
   if (c.mode == Mode::qk) {
-    if (row >= rows) return;
-    const int i = static_cast<int>(row % seq);
-    const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
     const std::uint64_t stream = c.queries ? query_stream(batch, heads, b, head) : key_stream(batch, heads, b, head);
     row_bucket[row] = keep_row(c.seed, stream, i, c.drop_permille) ? 0 : 1;
     return;
   }
-  // The warp's 32 rows, a row per lane, padded by one piece so that the lanes' reads of their own rows fall in
-  // different banks. Rows start 16-byte aligned (gpu_caps' stride and pointer rules).
-  __shared__ uint4 staged[kClassifyThreads / 32][32][kPieces + 1];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long long warp_row0 = row - lane;
-  const T* my_row = x;  // this lane's row, handed to the lane that copies each of its pieces
-  if (row < rows) {
-    const int i = static_cast<int>(row % seq);
-    const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
-    my_row = x + b * strides.batch + head * strides.head + i * strides.seq;
-  }
-#pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    const int chunk = k * 32 + lane, r = chunk / kPieces, piece = chunk % kPieces;
-    const T* source = reinterpret_cast<const T*>(__shfl_sync(0xffffffffu, reinterpret_cast<std::uintptr_t>(my_row), r));
-    if (warp_row0 + r < rows) staged[warp][r][piece] = reinterpret_cast<const uint4*>(source)[piece];
-  }
-  __syncwarp();
-  if (row >= rows) return;
+  // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
+  const uint4* source = reinterpret_cast<const uint4*>(x + b * strides.batch + head * strides.head + i * strides.seq);
   float values[HeadDim];
 #pragma unroll
-  for (int piece = 0; piece < kPieces; ++piece) {
-    const uint4 bits = staged[warp][lane][piece];
+  for (int piece = 0; piece < HeadDim / 8; ++piece) {
+    const uint4 bits = source[piece];
     const T* elements = reinterpret_cast<const T*>(&bits);
 #pragma unroll
     for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
