@@ -11,6 +11,8 @@
 #include "common/attention_params.cuh"
 #include "common/cuda_device.cuh"
 #include "common/cuda_utils.hpp"
+#include "common/flash_blocks.cuh"
+#include "common/key_block_backward.cuh"
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "flash_v1/flash_v1.hpp"
@@ -292,28 +294,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
 // Backward: Algorithm 4.
 // ============================================================================================================
 
-// D_i = rowsum(dO_i * O_i) (Algorithm 4 forms it inside the loop; computing it once beforehand is the same
-// number) and L_i in log2 units, +inf where a row sees no key so that exp2(s - L) = 0 there.
-template <class T, int HeadDim>
-__global__ void backward_prepare_kernel(const Params p, long long rows) {
-  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const long long i = row % p.seq_q, bh = row / p.seq_q;
-  const long long head = bh % p.q_heads, batch = bh / p.q_heads;
-  const long long offset = batch * p.q_batch + head * p.q_head + i * p.q_seq;
-  const T* o = static_cast<const T*>(p.o) + offset;
-  const T* d_o = static_cast<const T*>(p.d_o) + offset;
-  float sum = 0.0f;
-  for (int d = lane; d < HeadDim; d += 32) sum += cuda::to_float(o[d]) * cuda::to_float(d_o[d]);
-#pragma unroll
-  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (lane == 0) {
-    p.delta[row] = sum;
-    p.lse_log2[row] = p.lse[row] == -kInf ? kInf : p.lse[row] * kLog2e;
-  }
-}
-
 // Backward blocks: Bc = 64 keys (4 warps of 16 keys), Br = 64 query rows.
 constexpr int kBackwardWarps = 4;
 constexpr int kBackwardThreads = 32 * kBackwardWarps;
@@ -335,7 +315,7 @@ template <class T, int HeadDim>
 __global__ void __launch_bounds__(kBackwardThreads) backward_kernel(const Params p) {
   constexpr int Br = kBackwardBr, Bc = kBackwardBc;
   constexpr int kStride = padded(HeadDim), kDsStride = padded(Br);
-  constexpr int kQTiles = Br / 8, kDTiles = HeadDim / 8;
+  constexpr int kDTiles = HeadDim / 8;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);
   T* v_tile = k_tile + Bc * kStride;
@@ -401,82 +381,14 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_kernel(const Params
       const float* lse_log2 = lse_tiles + stage * Br;
       const float* delta = delta_tiles + stage * Br;
 
-      // Recompute S_ij^T = K_j Q_i^T (keys in rows), P_ij = diag(l_i)^-1 exp(S_ij - m_i) = exp(S_ij - L_i).
-      float s[kQTiles][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < HeadDim / 16; ++kk) {
-        std::uint32_t a[4];
-        load_a(a, k_tile, kStride, warp_key0, kk * 16);
-#pragma unroll
-        for (int np = 0; np < kQTiles / 2; ++np) {
-          std::uint32_t b[4];
-          load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
-          mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int column = nt * 8 + 2 * t + e % 2;
-          const int key = key0 + warp_key0 + group + 8 * (e / 2);
-          s[nt][e] = masked(p, row0 + column, key) ? 0.0f : exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
-        }
-
-      // dV_j += P_ij^T dO_i.
-#pragma unroll
-      for (int kk = 0; kk < Br / 16; ++kk) {
-        std::uint32_t a[4];
-        a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          std::uint32_t b[4];
-          load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
-          mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
-          mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
-      // dP_ij^T = V_j dO_i^T.
-      float ds[kQTiles][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < HeadDim / 16; ++kk) {
-        std::uint32_t a[4];
-        load_a(a, v_tile, kStride, warp_key0, kk * 16);
-#pragma unroll
-        for (int np = 0; np < kQTiles / 2; ++np) {
-          std::uint32_t b[4];
-          load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
-          mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
-          mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
-        }
-      }
-      // dS_ij = P_ij * (dP_ij - D_i) (the scale goes on dQ and dK at the end).
-#pragma unroll
-      for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
-      // dK_j += dS_ij^T Q_i.
-#pragma unroll
-      for (int kk = 0; kk < Br / 16; ++kk) {
-        std::uint32_t a[4];
-        a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          std::uint32_t b[4];
-          load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
-          mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
-          mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
-        }
-      }
-      // dQ_i += dS_ij K_j, read from and written back to HBM. dS^T goes through shared memory so that
-      // each warp can take whole query rows: warp w owns rows 16 w .. 16 w + 15 of dQ_i, all columns.
-#pragma unroll
-      for (int nt = 0; nt < kQTiles; ++nt) {
-        T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
-        *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
-        *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
-      }
+      // Lines 11-13, 16-17, 20 and 22: S_ij^T = K_j Q_i^T (keys in rows), P_ij = exp(S_ij - L_i) recomputed,
+      // dV_j += P_ij^T dO_i, dP_ij, dS_ij = P_ij * (dP_ij - D_i), dK_j += dS_ij^T Q_i; dS_ij^T to shared
+      // memory, so that for line 21 each warp can take whole query rows: warp w owns rows 16 w .. 16 w + 15 of
+      // dQ_i, all columns.
+      flash::key_block_backward_step<T, HeadDim, Br>(
+          k_tile, v_tile, q_tile, do_tile, kStride, lse_log2, delta, p.scale_log2, warp_key0,
+          [&](int query, int key_row) { return masked(p, row0 + query, key0 + key_row); }, acc_dk, acc_dv,
+          ds_tile, kDsStride);
       __syncthreads();
       float dq[kDTiles][4] = {};
 #pragma unroll
@@ -575,7 +487,9 @@ void forward_typed(const Params& params, int batch) {
 template <class T, int D>
 void backward_typed(const Params& params, int batch, int kv_heads) {
   const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
-  backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
+  // D_i = rowsum(dO_i * O_i) (Algorithm 4 forms it inside the loop, line 19; once beforehand is the same
+  // number) and L_i in log2 units, +inf where a row sees no key so that exp2(s - L) = 0 there.
+  flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
   ATTN_CUDA_CHECK_LAUNCH();
   auto kernel = backward_kernel<T, D>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, backward_smem_bytes<D>()));

@@ -3,7 +3,6 @@
 // tier), a stable counting sort of each head's rows by (bucket, original index), and flash_v2's kernels run
 // over the sorted rows, gathering them through the permutation, skipping the tiles that cannot meet and
 // scattering the results back to the rows' original places.
-#include <climits>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -13,6 +12,7 @@
 #include "common/cuda_device.cuh"
 #include "common/cuda_utils.hpp"
 #include "common/flash_blocks.cuh"
+#include "common/key_block_backward.cuh"
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "sparse/sparse.hpp"
@@ -32,15 +32,32 @@ using mma::load_b_pair;
 using mma::load_b_pair_transposed;
 using mma::mma_m16n8k16;
 
+/// Sorted rows are cut into tiles of at most kRowTile rows that never cross a bucket boundary: the forward's Q
+/// blocks and the backward's K blocks. (A tile cut by a boundary would be visited for the keys of both buckets.)
+constexpr int kRowTile = 128;
+
 /// One side (queries or keys) of a call after sorting, for every (batch, head) of that side, "head" below
 /// meaning the flattened b * heads + h:
 ///   order[head * seq + pos]  original index of the row at sorted position pos; positions [0, count[head]) hold
 ///                            the kept rows by (bucket, original index), then the dropped rows
 ///   bucket[head * seq + pos] its bucket (QK-sparse: 0 for kept rows)
+///   first[head * (buckets + 2) + b]  the first sorted position of bucket b; b = buckets: of the dropped rows;
+///                            b = buckets + 1: seq
+///   tiles[head * max_tiles + n]: the sorted positions [x, y) of tile n, for n < tile_count[head].y; the kept
+///                            rows' tiles first (n < tile_count[head].x), by their rank in their bucket (the
+///                            first tile of every bucket, then the second of every bucket, ...), then the
+///                            dropped rows'. A forward Q block of rank r sees about r + 1 K/V tiles of its bucket
+///                            and a backward K block of rank r about (the bucket's tiles - r) Q blocks: taken in
+///                            this order (backward) or its reverse (forward), the longest blocks start first.
 struct SortedRows {
   const int* order = nullptr;
   const int* bucket = nullptr;
   const int* count = nullptr;
+  const int* first = nullptr;
+  const int2* tiles = nullptr;
+  const int2* tile_count = nullptr;
+  int buckets = 1;  // kept buckets
+  int max_tiles = 0;
 };
 
 struct Params : cuda::AttentionParams {
@@ -99,6 +116,8 @@ __device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int 
   return best;
 }
 
+constexpr int kClassifyThreads = 128;
+
 /// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
 /// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
 template <class T, int HeadDim>
@@ -145,6 +164,10 @@ struct SortSide {
   int* order = nullptr;
   int* bucket = nullptr;
   int* count = nullptr;
+  int* first = nullptr;
+  int2* tiles = nullptr;
+  int2* tile_count = nullptr;
+  int max_tiles = 0;
 };
 
 constexpr int kSortWarps = 32;
@@ -155,7 +178,7 @@ constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in fl
 /// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
 /// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
 /// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
-/// every bucket.
+/// every bucket. Then the bucket boundaries and the tiles (SortedRows).
 __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets) {
   extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
   const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
@@ -228,7 +251,32 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
     if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
     __syncwarp();
   });
-  if (threadIdx.x == 0) side.count[head] = kept;
+  __syncthreads();  // (next_position is free again: thread 0 keeps its list of buckets with tiles left there)
+  if (threadIdx.x != 0) return;
+  side.count[head] = kept;
+  int* first = side.first + head * (all + 1);
+  for (int b = 0; b < all; ++b) first[b] = totals[b];
+  first[all] = seq;
+  // The tiles (at most seq / kRowTile + all: SortSide::max_tiles): the kept buckets' by rank, then the dropped
+  // rows'. totals[b + 1] is the end of kept bucket b.
+  int2* tiles = side.tiles + head * side.max_tiles;
+  int count = 0;
+  int* left = next_position;  // the buckets with tiles from this rank on
+  int left_count = 0;
+  for (int b = 0; b < buckets; ++b)
+    if (totals[b] < totals[b + 1]) left[left_count++] = b;
+  for (int rank = 0; left_count > 0; ++rank) {
+    int still = 0;
+    for (int i = 0; i < left_count; ++i) {
+      const int b = left[i], row = totals[b] + rank * kRowTile;
+      tiles[count++] = make_int2(row, min(totals[b + 1], row + kRowTile));
+      if (row + kRowTile < totals[b + 1]) left[still++] = b;
+    }
+    left_count = still;
+  }
+  const int kept_tiles = count;
+  for (int row = kept; row < seq; row += kRowTile) tiles[count++] = make_int2(row, min(seq, row + kRowTile));
+  side.tile_count[head] = make_int2(kept_tiles, count);
 }
 
 // ---- Spans: what a query sees, as one run of sorted key positions -------------------------------------------
@@ -236,43 +284,16 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
 // only those not after its limit) are one run [first, end) of sorted key positions. And the queries are sorted
 // the same way, so along a head's kept query positions neither first nor end ever decreases. The kernels work
 // from these spans alone: SCFA Alg. 1 line 10's mask becomes a comparison of key positions (as flash_v2's causal
-// mask), and line 8's skip test a binary search over the spans of a tile's queries.
+// mask), and line 8's skip test the span of a Q block's first and last query (forward) or a binary search over
+// a head's spans (backward).
 
-/// The first sorted position of `head` in [0, count) whose (bucket, original index) is >= (bucket, index).
-__device__ __forceinline__ int lower_bound(const SortedRows& side, long long head, int seq, int count, int bucket,
-                                           int index) {
-  const int* order = side.order + head * seq;
-  const int* buckets = side.bucket + head * seq;
-  int low = 0, high = count;
+/// The first position in [low, high) where `before` is false, `before` being true on a prefix of the range and
+/// false after it (a binary search, as std::partition_point).
+template <class Before>
+__device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
   while (low < high) {
-    const int middle = (low + high) / 2;
-    if (buckets[middle] < bucket || (buckets[middle] == bucket && order[middle] < index))
-      low = middle + 1;
-    else
-      high = middle;
-  }
-  return low;
-}
-
-/// The first of spans[0..count) (non-decreasing) that ends after sorted key position `key`, or count.
-__device__ __forceinline__ int first_span_ending_after(const int2* spans, int count, int key) {
-  int low = 0, high = count;
-  while (low < high) {
-    const int middle = (low + high) / 2;
-    if (spans[middle].y <= key)
-      low = middle + 1;
-    else
-      high = middle;
-  }
-  return low;
-}
-
-/// The first of spans[0..count) (non-decreasing) that starts at or after sorted key position `key`, or count.
-__device__ __forceinline__ int first_span_starting_from(const int2* spans, int count, int key) {
-  int low = 0, high = count;
-  while (low < high) {
-    const int middle = (low + high) / 2;
-    if (spans[middle].x < key)
+    const int middle = low + (high - low) / 2;
+    if (before(middle))
       low = middle + 1;
     else
       high = middle;
@@ -281,8 +302,8 @@ __device__ __forceinline__ int first_span_starting_from(const int2* spans, int c
 }
 
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
-/// call): its bucket's first key, and the first key of its bucket after its causal limit (without causal, the
-/// next bucket's first key), by binary search in the sorted keys. Dropped positions get (0, 0). When `pairs` is
+/// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search in
+/// the bucket's sorted keys; without causal, the next bucket's first key). Dropped positions get (0, 0). When `pairs` is
 /// given it also sums the spans' lengths: the visible pairs, for the counters.
 __global__ void spans_kernel(const Params p, long long rows, unsigned long long* pairs) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -294,10 +315,12 @@ __global__ void spans_kernel(const Params p, long long rows, unsigned long long*
     const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
     if (position < p.queries.count[q_flat]) {
       const int query = p.queries.order[row], bucket = p.queries.bucket[row];
-      const int k_count = p.keys.count[k_flat];
-      span.x = lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, INT_MIN);
-      span.y = p.causal ? lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket, query + (p.seq_k - p.seq_q) + 1)
-                        : lower_bound(p.keys, k_flat, p.seq_k, k_count, bucket + 1, INT_MIN);
+      const int* key_first = p.keys.first + k_flat * (p.keys.buckets + 2);
+      const int* key_order = p.keys.order + k_flat * p.seq_k;
+      const int limit = query + (p.seq_k - p.seq_q);  // the last original key index it may see, with causal
+      span.x = key_first[bucket];
+      span.y = p.causal ? lower_bound(span.x, key_first[bucket + 1], [&](int c) { return key_order[c] <= limit; })
+                        : key_first[bucket + 1];
     }
     p.spans[row] = span;
   }
@@ -309,13 +332,16 @@ __global__ void spans_kernel(const Params p, long long rows, unsigned long long*
 }
 
 /// Copies rows rows[0..valid_rows) of a tensor (row r at source + rows[r] * row_stride) into a shared tile, 16
-/// bytes per cp.async: load_tile_async through a permutation. Rows r >= valid_rows are zero-filled.
+/// bytes per cp.async: load_tile_async through a permutation. Rows r >= valid_rows are zero-filled. Each thread
+/// copies a fixed number of chunks, so the loop unrolls whole (no loop left in the kernels' main loops).
 template <int Rows, int Cols, int SmemStride, int Threads, class T>
 __device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long long row_stride, const int* rows,
                                                   int valid_rows) {
   constexpr int kChunksPerRow = Cols / 8;
+  static_assert(Rows * kChunksPerRow % Threads == 0, "every thread copies the same number of chunks");
 #pragma unroll
-  for (int chunk = static_cast<int>(threadIdx.x); chunk < Rows * kChunksPerRow; chunk += Threads) {
+  for (int i = 0; i < Rows * kChunksPerRow / Threads; ++i) {
+    const int chunk = static_cast<int>(threadIdx.x) + i * Threads;
     const int row = chunk / kChunksPerRow;
     const int col = (chunk % kChunksPerRow) * 8;
     const bool in_bounds = row < valid_rows;
@@ -324,12 +350,15 @@ __device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long
   }
 }
 
-/// Copies `count` 32-bit words from[0..valid) into shared `to` (zeros past valid), by cp.async.
-template <int Threads, class Word>
-__device__ __forceinline__ void copy_words_async(Word* to, const Word* from, int count, int valid) {
-  for (int i = threadIdx.x; i < count; i += Threads) mma::cp_async_4(to + i, from + (i < valid ? i : 0), i < valid);
+/// Copies Count 32-bit words from[0..valid) into shared `to` (zeros past valid), by cp.async.
+template <int Count, int Threads, class Word>
+__device__ __forceinline__ void copy_words_async(Word* to, const Word* from, int valid) {
+#pragma unroll
+  for (int k = 0; k < (Count + Threads - 1) / Threads; ++k) {
+    const int i = static_cast<int>(threadIdx.x) + k * Threads;
+    if (Count % Threads == 0 || i < Count) mma::cp_async_4(to + i, from + (i < valid ? i : 0), i < valid);
+  }
 }
-
 
 // ============================================================================================================
 // Forward: SCFA Algorithm 1, FA2 Algorithm 1 over the sorted rows.
@@ -350,13 +379,15 @@ struct ForwardShape {
   static_assert(kRowsPerWarp % 16 == 0 && Bc % 16 == 0 && HeadDim % 16 == 0, "tiles are made of 16 x 16 blocks");
 };
 
-/// One thread block per (batch, query head, Br sorted query positions): SCFA Alg. 1 lines 4-16. Only the K/V
-/// tiles some query of the tile sees are visited (line 8, from the spans); the mask is applied per element only
-/// where a tile is not seen whole by every query. Positions past the kept count (dropped queries) get O = 0 and
-/// LSE = -inf.
+/// One thread block per (batch, query head, tile of sorted queries): SCFA Alg. 1 lines 4-16. A tile holds the
+/// queries of one bucket (or dropped queries only), so they all see keys from the same first one, spans[0].x,
+/// up to the last query's end: the K/V tiles are taken from that first key on (line 8's skip then leaves nothing
+/// to search), and the mask is applied per element only where a tile is not seen whole by every query. Dropped
+/// queries get O = 0 and LSE = -inf.
 template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   using Shape = ForwardShape<HeadDim, Br, Bc>;
+  static_assert(Br == kRowTile, "a Q block is one tile of sorted queries");
   constexpr int kStride = Shape::kStride;
   constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles, kDTiles = Shape::kDTiles;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -366,17 +397,21 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   int2* spans = reinterpret_cast<int2*>(shared_bytes + Shape::kTileBytes);  // of Q_i's Br rows
   int* key_rows = reinterpret_cast<int*>(spans + Br);  // 2 slots of Bc original indices (the next tiles')
 
-  const int q_block = gridDim.x - 1 - blockIdx.x;  // the last positions have the most keys to visit (QK-sparse)
-  const int head = blockIdx.y, batch = blockIdx.z;
+  // Thread blocks go out in the order of blockIdx.x: the n-th tile of every head, then the (n + 1)-th.
+  const int n = blockIdx.x / p.q_heads, head = blockIdx.x % p.q_heads, batch = blockIdx.y;
   const int kv_heads = p.q_heads / p.group_size, kv_head = head / p.group_size;
   const long long q_flat = static_cast<long long>(batch) * p.q_heads + head;
   const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
-  const int row0 = q_block * Br;
+  const int2 tile_count = p.queries.tile_count[q_flat];
+  if (n >= tile_count.y) return;  // (the grid has room for the most tiles a head can have)
+  // The kept tiles from the last (the most keys to visit), then the dropped ones (zeros to write).
+  const int tile = n < tile_count.x ? tile_count.x - 1 - n : n;
+  const int2 rows = p.queries.tiles[q_flat * p.queries.max_tiles + tile];
+  const int row0 = rows.x, tile_rows = rows.y - rows.x;
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_row0 = warp * Shape::kRowsPerWarp;
   const int q_count = p.queries.count[q_flat], k_count = p.keys.count[k_flat];
-  const int valid = min(Br, q_count - row0);  // kept queries in Q_i (none if <= 0)
-  const int k_blocks = cuda::ceil_div(k_count, Bc);
+  const int valid = row0 < q_count ? tile_rows : 0;  // kept queries in Q_i (a tile is all kept or all dropped)
   const int* q_order = p.queries.order + q_flat * p.seq_q;
   const int* k_order = p.keys.order + k_flat * p.seq_k;
   const T* q = static_cast<const T*>(p.q) + batch * p.q_batch + head * p.q_head;
@@ -385,46 +420,38 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   T* o = static_cast<T*>(p.o_out) + batch * p.q_batch + head * p.q_head;
   float* lse = p.lse + q_flat * p.seq_q;
 
-  // SCFA Alg. 1 line 8: the first K/V tile from j on that some query of Q_i sees. Only the first query whose
-  // span ends past the tile's first key can: those before it end before the tile, those after it start no
-  // earlier. If it starts past the tile, go on from the tile where it starts.
-  auto next_tile = [&](int j) {
-    while (j < k_blocks) {
-      const int first = first_span_ending_after(spans, valid, j * Bc);
-      if (first == valid) return k_blocks;
-      if (spans[first].x < (j + 1) * Bc) return j;
-      j = spans[first].x / Bc;
-    }
-    return k_blocks;
-  };
-  // K_j, V_j through the permutation, rows[] their original indices (global or shared memory).
-  auto load_kv_block = [&](int j, int stage, const int* rows) {
+  // K/V tile n holds the sorted keys [key_first + n Bc, key_first + (n + 1) Bc); rows[] their original indices
+  // (global or shared memory). Keys past the kept ones read as zeros (and are masked: no span reaches them).
+  int key_first = 0, tiles = 0;
+  auto load_kv_block = [&](int n, int stage, const int* rows) {
+    const int valid_keys = k_count - (key_first + n * Bc);
     gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k, p.kv_seq, rows,
-                                                             k_count - j * Bc);
+                                                             valid_keys);
     gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v, p.kv_seq, rows,
-                                                             k_count - j * Bc);
+                                                             valid_keys);
   };
-  auto load_key_rows = [&](int j, int slot) {
-    copy_words_async<Shape::kThreads>(key_rows + slot * Bc, k_order + j * Bc, Bc, k_count - j * Bc);
+  auto load_key_rows = [&](int n, int slot) {
+    const int key0 = key_first + n * Bc;
+    copy_words_async<Bc, Shape::kThreads>(key_rows + slot * Bc, k_order + key0, k_count - key0);
   };
 
-  // SCFA Alg. 1 line 5: Q_i through the permutation (rows past the kept count read as zeros), and its spans.
-  int j = k_blocks, j_next = k_blocks, j_after = k_blocks;  // the next three tiles to visit
+  // SCFA Alg. 1 line 5: Q_i through the permutation (rows past the tile read as zeros), and its spans.
   if (valid > 0) {
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, valid);
-    copy_words_async<Shape::kThreads>(reinterpret_cast<int*>(spans),
-                                      reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0), 2 * Br,
-                                      2 * valid);
+    copy_words_async<2 * Br, Shape::kThreads>(reinterpret_cast<int*>(spans),
+                                               reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0),
+                                               2 * valid);
     mma::cp_async_commit();
     mma::cp_async_wait<0>();
     __syncthreads();
-    j = next_tile(0);
-    j_next = j < k_blocks ? next_tile(j + 1) : k_blocks;
-    j_after = j_next < k_blocks ? next_tile(j_next + 1) : k_blocks;
+    // SCFA Alg. 1 line 8: the keys some query of Q_i sees are [spans[0].x, spans[valid - 1].y) (one bucket's,
+    // and the spans never decrease); each K/V tile there is seen by the last query at least.
+    key_first = spans[0].x;
+    tiles = cuda::ceil_div(max(0, spans[valid - 1].y - key_first), Bc);
     // The first K/V tile reads its original indices from global memory; every later one from the slot its
     // indices were copied to one tile ahead, so that no gather waits on a global load.
-    if (j < k_blocks) load_kv_block(j, 0, k_order + j * Bc);
-    if (j_next < k_blocks) load_key_rows(j_next, 1);
+    if (tiles > 0) load_kv_block(0, 0, k_order + key_first);
+    if (tiles > 1) load_key_rows(1, 1);
     mma::cp_async_commit();
   }
 
@@ -433,15 +460,14 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) row_max[mt][0] = row_max[mt][1] = -kInf, row_sum[mt][0] = row_sum[mt][1] = 0.0f;
 
-  // SCFA Alg. 1 lines 7-9: the visible K/V tiles only. Tile number n lives in stage n % 2 and its original
-  // indices in slot n % 2; they are copied two tiles ahead, after a search three tiles ahead.
-  int visited = 0;
-  for (int stage = 0; j < k_blocks; stage ^= 1, ++visited) {
+  // SCFA Alg. 1 lines 7-9: the visible K/V tiles only. Tile n lives in stage n % 2 and its original indices in
+  // slot n % 2; the indices are copied two tiles ahead, the tile one ahead.
+  for (int n = 0, stage = 0; n < tiles; ++n, stage ^= 1) {
     mma::cp_async_wait<0>();
     __syncthreads();  // K_j, V_j and the next tile's indices have landed; every warp is done with the last tile
-    if (j_next < k_blocks) {
-      load_kv_block(j_next, stage ^ 1, key_rows + (stage ^ 1) * Bc);
-      if (j_after < k_blocks) load_key_rows(j_after, stage);  // slot `stage` was read one tile ago
+    if (n + 1 < tiles) {
+      load_kv_block(n + 1, stage ^ 1, key_rows + (stage ^ 1) * Bc);
+      if (n + 2 < tiles) load_key_rows(n + 2, stage);  // slot `stage` was read one tile ago
       mma::cp_async_commit();
     }
     const T* k_tile = k_tiles + stage * Bc * kStride;
@@ -469,13 +495,13 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     // SCFA Alg. 1 line 10: a key at sorted position c is visible from a query with span [x, y) iff x <= c < y.
     // The spans never decrease, so every query sees the whole tile iff the last one starts and the first one
     // ends no later than the tile does: then no mask.
-    const int key0 = j * Bc;
+    const int key0 = key_first + n * Bc;
     if (spans[valid - 1].x > key0 || spans[0].y < key0 + Bc) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int2 span = spans[warp_row0 + mt * 16 + group + 8 * half];  // (0, 0) past the kept rows
+          const int2 span = spans[warp_row0 + mt * 16 + group + 8 * half];  // (0, 0) past the tile's rows
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
@@ -504,14 +530,9 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
         }
       }
     }
-    // SCFA Alg. 1 line 8 three tiles ahead, searched while the tensor cores finish O_i.
-    const int j_later = j_after < k_blocks ? next_tile(j_after + 1) : k_blocks;
-    j = j_next;
-    j_next = j_after;
-    j_after = j_later;
   }
   mma::cp_async_wait<0>();  // (nothing is left in flight; a guard for changes)
-  if (threadIdx.x == 0 && visited > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(visited));
+  if (threadIdx.x == 0 && tiles > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(tiles));
 
   // SCFA Alg. 1 lines 13-14 and 16: scattered to the rows' original places; dropped rows and rows that saw no
   // key get O = 0 and LSE = -inf.
@@ -520,11 +541,11 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = mma::group_sum(row_sum[mt][half]);
-      const int position = row0 + warp_row0 + mt * 16 + group + 8 * half;
-      if (position >= p.seq_q) continue;
-      const bool kept = position < q_count && l > 0.0f;
+      const int local = warp_row0 + mt * 16 + group + 8 * half;
+      if (local >= tile_rows) continue;  // another tile's row
+      const bool kept = valid > 0 && l > 0.0f;
       const float inverse = kept ? 1.0f / l : 0.0f;
-      const int row = q_order[position];
+      const int row = q_order[row0 + local];
       T* o_row = o + row * p.q_seq;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt)
@@ -540,7 +561,7 @@ void launch_forward(const Params& p, int batch) {
   using Shape = ForwardShape<HeadDim, Br, Bc>;
   auto kernel = forward_kernel<T, HeadDim, Br, Bc>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-  const dim3 grid(cuda::ceil_div(p.seq_q, Br), p.q_heads, batch);
+  const dim3 grid(p.queries.max_tiles * p.q_heads, batch);
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(p);
   ATTN_CUDA_CHECK_LAUNCH();
 }
@@ -553,7 +574,6 @@ template <int HeadDim, int Br, int Bc>
 struct BackwardShape {
   static constexpr int kWarps = Bc / 16;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kQTiles = Br / 8;
   static constexpr int kDTiles = HeadDim / 8;
   static constexpr int kStride = padded(HeadDim);
   static constexpr int kDsStride = padded(Br);
@@ -565,15 +585,16 @@ struct BackwardShape {
   static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
 };
 
-/// One thread block per (batch, KV head, Bc sorted key positions), SCFA Alg. 2 lines 4-14: dK_j, dV_j in
-/// registers over the Q tiles (of every query head of the group) that see some key of the tile; dQ by fp32
-/// atomics into dq_accum at the queries' original rows. Dropped keys (positions past the kept count) get
-/// dK = dV = 0.
+/// One thread block per (batch, KV head, tile of sorted keys), SCFA Alg. 2 lines 4-14: dK_j, dV_j in registers
+/// over the Q blocks (of every query head of the group) that see some key of the tile; dQ by fp32 atomics into
+/// dq_accum at the queries' original rows. A tile holds the keys of one bucket (or dropped keys only, which get
+/// dK = dV = 0), and its Q blocks start at the first query that sees it.
 template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) backward_kernel(const Params p) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
+  static_assert(Bc == kRowTile, "a K block is one tile of sorted keys");
   constexpr int kStride = Shape::kStride, kDsStride = Shape::kDsStride;
-  constexpr int kQTiles = Shape::kQTiles, kDTiles = Shape::kDTiles;
+  constexpr int kDTiles = Shape::kDTiles;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);
   T* v_tile = k_tile + Bc * kStride;
@@ -585,13 +606,18 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);
   int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);  // 3 slots of Br original indices
 
-  const int kv_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  // Thread blocks go out in the order of blockIdx.x: the n-th tile of every KV head, then the (n + 1)-th; the
+  // kept tiles in their order (the most Q blocks to visit first), then the dropped ones (zeros to write).
   const int kv_heads = p.q_heads / p.group_size;
+  const int n = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads, batch = blockIdx.y;
   const long long k_flat = static_cast<long long>(batch) * kv_heads + kv_head;
-  const int key0 = kv_block * Bc;
+  if (n >= p.keys.tile_count[k_flat].y) return;  // (the grid has room for the most tiles a head can have)
+  const int2 keys = p.keys.tiles[k_flat * p.keys.max_tiles + n];
+  const int key0 = keys.x, key_end = keys.y;  // this block's sorted key positions
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
   const int warp_key0 = warp * 16;
   const int k_count = p.keys.count[k_flat];
+  const int valid_keys = key0 < k_count ? key_end - key0 : 0;  // a tile is all kept or all dropped
   const int* k_order = p.keys.order + k_flat * p.seq_k;
   const T* k = static_cast<const T*>(p.k) + batch * p.kv_batch + kv_head * p.kv_head;
   const T* v = static_cast<const T*>(p.v) + batch * p.kv_batch + kv_head * p.kv_head;
@@ -599,45 +625,47 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     return static_cast<long long>(batch) * p.q_heads + kv_head * p.group_size + head_in_group;
   };
 
-  // SCFA Alg. 2 line 7: the (query head of the group, Q tile) steps to visit. The queries of a head that see
+  // SCFA Alg. 2 line 7: the (query head of the group, Q block) steps to visit. The queries of a head that see
   // some key of K_j are one run of sorted positions: from the first whose span ends after key0 to the last
-  // whose span starts before key0 + Bc (the spans never decrease); their Q tiles are the steps.
+  // whose span starts before key_end (the spans never decrease); the steps are that run cut into Br rows.
   struct Step {
-    int head_in_group, block, block_end, q_count;
+    int head_in_group, block, blocks, first, q_count;
+    __device__ int row0() const { return first + block * Br; }
   };
   auto first_step_from = [&](int head_in_group) {  // of this head, or the next head with any
     for (; head_in_group < p.group_size; ++head_in_group) {
       const long long q_flat = flat_of(head_in_group);
       const int q_count = p.queries.count[q_flat];
       const int2* spans = p.spans + q_flat * p.seq_q;
-      const int first = first_span_ending_after(spans, q_count, key0);
-      const int end = first_span_starting_from(spans, q_count, key0 + Bc);
-      if (first < end) return Step{head_in_group, first / Br, cuda::ceil_div(end, Br), q_count};
+      const int first = lower_bound(0, q_count, [&](int i) { return spans[i].y <= key0; });
+      const int end = lower_bound(first, q_count, [&](int i) { return spans[i].x < key_end; });
+      if (first < end) return Step{head_in_group, 0, cuda::ceil_div(end - first, Br), first, q_count};
     }
-    return Step{p.group_size, 0, 0, 0};
+    return Step{p.group_size, 0, 0, 0, 0};
   };
   auto next_step = [&](Step step) {
     if (step.head_in_group >= p.group_size) return step;
-    if (++step.block < step.block_end) return step;
+    if (++step.block < step.blocks) return step;
     return first_step_from(step.head_in_group + 1);
   };
   auto load_query_rows = [&](const Step& at, int slot) {
-    const int row0 = at.block * Br;
-    copy_words_async<Shape::kThreads>(query_rows + slot * Br, p.queries.order + flat_of(at.head_in_group) * p.seq_q + row0,
-                                      Br, at.q_count - row0);
+    const int row0 = at.row0();
+    copy_words_async<Br, Shape::kThreads>(query_rows + slot * Br,
+                                          p.queries.order + flat_of(at.head_in_group) * p.seq_q + row0,
+                                          at.q_count - row0);
   };
   // Q_i, dO_i, L_i, D_i through the permutation, rows[] their original indices (global or shared memory).
   auto load_q_block = [&](const Step& at, int stage, const int* rows) {
     const long long q_flat = flat_of(at.head_in_group);
-    const int row0 = at.block * Br, valid = at.q_count - row0;
+    const int row0 = at.row0(), valid = at.q_count - row0;
     const long long offset = batch * p.q_batch + (kv_head * p.group_size + at.head_in_group) * p.q_head;
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
         q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, rows, valid);
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
         do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, rows, valid);
-    copy_words_async<Shape::kThreads>(reinterpret_cast<int*>(span_tiles + stage * Br),
-                                      reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0), 2 * Br,
-                                      2 * valid);
+    copy_words_async<2 * Br, Shape::kThreads>(reinterpret_cast<int*>(span_tiles + stage * Br),
+                                               reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0),
+                                               2 * valid);
     for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
       const long long at_row = q_flat * p.seq_q + (i < valid ? rows[i] : 0);
       mma::cp_async_4(lse_tiles + stage * Br + i, p.lse_log2 + at_row, i < valid);
@@ -645,21 +673,22 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     }
   };
 
-  // SCFA Alg. 2 line 5, and the first step's Q tile: both through indices in global memory; every later Q
-  // tile through indices copied to shared memory one step ahead, so that no gather waits on a global load.
-  Step step = key0 < k_count ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
+  // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first step's Q block: both through indices
+  // in global memory; every later Q block through indices copied to shared memory one step ahead, so that no
+  // gather waits on a global load.
+  Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0, 0};
   Step next = next_step(step);
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, k_count - key0);
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, k_count - key0);
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, valid_keys);
+  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, valid_keys);
   if (step.head_in_group < p.group_size) {
-    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.block * Br);
+    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0());
     load_query_rows(step, 0);  // for the scatter of dQ
   }
   if (next.head_in_group < p.group_size) load_query_rows(next, 1);
   mma::cp_async_commit();
   float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
 
-  // SCFA Alg. 2 lines 6-7: the visible Q tiles of each query head of the group. Step number n lives in stage
+  // SCFA Alg. 2 lines 6-7: the visible Q blocks of each query head of the group. Step number n lives in stage
   // n % 2 and its original indices in slot n % 3 (read by the gather one step ahead and by dQ's scatter).
   for (int stage = 0, slot = 0; step.head_in_group < p.group_size; stage ^= 1, slot = slot == 2 ? 0 : slot + 1) {
     mma::cp_async_wait<0>();
@@ -672,94 +701,25 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
       mma::cp_async_commit();
     }
     const long long q_flat = flat_of(step.head_in_group);
-    const int row0 = step.block * Br;
-    const T* q_tile = q_tiles + stage * Br * kStride;
-    const T* do_tile = do_tiles + stage * Br * kStride;
-    const float* lse_log2 = lse_tiles + stage * Br;
-    const float* delta = delta_tiles + stage * Br;
+    const int row0 = step.row0();
     const int2* spans = span_tiles + stage * Br;
     const int* q_index = query_rows + slot * Br;
 
-    // SCFA Alg. 2 line 8: S_ij^T = K_j Q_i^T,
-    float s[kQTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a(a, k_tile, kStride, warp_key0, kk * 16);
-#pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        std::uint32_t b[4];
-        load_b_pair(b, q_tile, kStride, np * 16, kk * 16);
-        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // and P_ij^T = exp(scale S_ij^T - L_i), 0 where Alg. 1 line 10 masks the pair: key position c is visible
-    // from a query with span [x, y) iff x <= c < y; no mask where every query of Q_i sees all of K_j.
-    const bool needs_mask = step.q_count - row0 < Br || spans[Br - 1].x > key0 || spans[0].y < key0 + Bc;
-#pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int column = nt * 8 + 2 * t + e % 2;
-        const int key = key0 + warp_key0 + group + 8 * (e / 2);
-        const float prob = exp2_fast(s[nt][e] * p.scale_log2 - lse_log2[column]);
-        const bool hidden = needs_mask && (key < spans[column].x || key >= spans[column].y);  // (0, 0) past the kept rows
-        s[nt][e] = hidden ? 0.0f : prob;
-      }
-
-    // SCFA Alg. 2 line 9: dV_j += P_ij^T dO_i,
-#pragma unroll
-    for (int kk = 0; kk < Br / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, do_tile, kStride, kk * 16, dp * 16);
-        mma_m16n8k16<T>(acc_dv[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc_dv[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
-    // dP_ij^T = V_j dO_i^T,
-    float ds[kQTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a(a, v_tile, kStride, warp_key0, kk * 16);
-#pragma unroll
-      for (int np = 0; np < kQTiles / 2; ++np) {
-        std::uint32_t b[4];
-        load_b_pair(b, do_tile, kStride, np * 16, kk * 16);
-        mma_m16n8k16<T>(ds[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<T>(ds[2 * np + 1], a, b[2], b[3]);
-      }
-    }
-    // dS_ij^T = P_ij^T * (dP_ij^T - D_i).
-#pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
-    // SCFA Alg. 2 line 11: dK_j += dS_ij^T Q_i (the scale tau at the end).
-#pragma unroll
-    for (int kk = 0; kk < Br / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, ds[2 * kk], ds[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, q_tile, kStride, kk * 16, dp * 16);
-        mma_m16n8k16<T>(acc_dk[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc_dk[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
+    // SCFA Alg. 2 lines 8-9 and 11 (FA2 Alg. 2 lines 10-14 and 16), with Alg. 1 line 10's mask: key position
+    // c is visible from a query with span [x, y) iff x <= c < y, and only the keys of this tile count (the
+    // zeros past key_end, and other tiles' keys, are another block's). No mask where every query of Q_i sees
+    // all of K_j.
+    const bool needs_mask = step.q_count - row0 < Br || spans[Br - 1].x > key0 || spans[0].y < key0 + Bc ||
+                            key_end < key0 + Bc;
+    flash::key_block_backward_step<T, HeadDim, Br>(
+        k_tile, v_tile, q_tiles + stage * Br * kStride, do_tiles + stage * Br * kStride, kStride,
+        lse_tiles + stage * Br, delta_tiles + stage * Br, p.scale_log2, warp_key0,
+        [&](int query, int key_row) {
+          const int key = key0 + key_row;  // (spans are (0, 0) past the kept queries)
+          return needs_mask && (key < spans[query].x || key >= spans[query].y || key >= key_end);
+        },
+        acc_dk, acc_dv, ds_tile, kDsStride);
     // SCFA Alg. 2 lines 10 and 15: dQ_i += dS_ij K_j by fp32 atomics, straight at each query's original row.
-#pragma unroll
-    for (int nt = 0; nt < kQTiles; ++nt) {
-      T* ds_row = ds_tile + (warp_key0 + group) * kDsStride + nt * 8 + 2 * t;
-      *reinterpret_cast<std::uint32_t*>(ds_row) = mma::pack2<T>(ds[nt][0], ds[nt][1]);
-      *reinterpret_cast<std::uint32_t*>(ds_row + 8 * kDsStride) = mma::pack2<T>(ds[nt][2], ds[nt][3]);
-    }
     __syncthreads();
     const int row_tile = warp % Shape::kDqRowTiles;
     const int column0 = (warp / Shape::kDqRowTiles) * Shape::kDqDTiles * 8;
@@ -799,9 +759,10 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int position = key0 + warp_key0 + group + 8 * half;
-    if (position >= p.seq_k) continue;
-    const float keep = position < k_count ? 1.0f : 0.0f;
+    const int local = warp_key0 + group + 8 * half;
+    if (local >= key_end - key0) continue;  // another tile's key
+    const int position = key0 + local;
+    const float keep = valid_keys > 0 ? 1.0f : 0.0f;
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       const long long at = static_cast<long long>(k_order[position]) * p.kv_seq + dt * 8 + 2 * t;
@@ -843,14 +804,24 @@ int kept_buckets(const Settings& s, const KeepLists* lists) {
   return lists == nullptr && s.mode == Mode::hash ? s.buckets : 1;
 }
 
-std::size_t side_bytes(std::int64_t heads, std::int64_t seq) {
-  return static_cast<std::size_t>(heads) * (3 * seq * sizeof(int) + sizeof(int));
+/// The most tiles of kRowTile sorted rows one head can have: each group of rows (a kept bucket, or the dropped
+/// rows) adds at most one partial tile.
+/// (The kernels' grids are max_tiles x heads thread blocks wide: below 2^31 for any tensor that fits in memory.)
+std::int64_t max_tiles(std::int64_t seq, int buckets) { return (seq + kRowTile - 1) / kRowTile + buckets + 1; }
+
+/// One side's sort: per row its bucket, original index and sorted bucket; per head the kept count, the
+/// bucket boundaries (buckets + 2), the tiles (int2 each) and their count.
+std::size_t side_bytes(std::int64_t heads, std::int64_t seq, int buckets) {
+  return static_cast<std::size_t>(heads) *
+         ((3 * seq + 1 + (buckets + 2) + 2 * max_tiles(seq, buckets) + 1) * sizeof(int));
 }
 
 /// The device workspace of one pass: both sides' buckets, permutations and counts, the queries' spans (O(N)
 /// per head), the projection R, and in the backward dQ in fp32 plus L_i and D_i.
 std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool backward) {
-  std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q) + side_bytes(p.batch * p.kv_heads, p.seq_k) +
+  const int buckets = kept_buckets(s, nullptr);
+  std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q, buckets) +
+                      side_bytes(p.batch * p.kv_heads, p.seq_k, buckets) +
                       static_cast<std::size_t>(p.lse_elements()) * sizeof(int2);
   if (s.mode == Mode::hash) bytes += static_cast<std::size_t>(p.head_dim) * (s.buckets / 2) * sizeof(float);
   if (backward)
@@ -863,18 +834,26 @@ std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool b
 
 /// One side's workspace, filled by classify_side and sort_sides.
 struct SideBuffers {
-  DeviceBuffer<int> row_bucket, order, bucket, count;
+  DeviceBuffer<int> row_bucket, order, bucket, count, first;
+  DeviceBuffer<int2> tiles;
+  DeviceBuffer<int2> tile_count;
   DeviceBuffer<std::int64_t> list_offsets;
   DeviceBuffer<std::int32_t> list_indices;
-  int heads = 0, seq = 0;
+  int heads = 0, seq = 0, buckets = 1, max_tiles = 0;
 
-  SideBuffers(std::int64_t heads_, std::int64_t seq_)
+  SideBuffers(std::int64_t heads_, std::int64_t seq_, int buckets_)
       : row_bucket(heads_ * seq_), order(heads_ * seq_), bucket(heads_ * seq_), count(heads_),
-        heads(static_cast<int>(heads_)), seq(static_cast<int>(seq_)) {}
+        first(heads_ * (buckets_ + 2)), tiles(heads_ * sparse::max_tiles(seq_, buckets_)), tile_count(heads_),
+        heads(static_cast<int>(heads_)), seq(static_cast<int>(seq_)), buckets(buckets_),
+        max_tiles(static_cast<int>(sparse::max_tiles(seq_, buckets_))) {}
 
-  SortedRows view() const { return {order.data(), bucket.data(), count.data()}; }
+  SortedRows view() const {
+    return {order.data(), bucket.data(), count.data(), first.data(), tiles.data(), tile_count.data(), buckets,
+            max_tiles};
+  }
   SortSide sort_side() {
-    return {row_bucket.data(), seq, heads, order.data(), bucket.data(), count.data()};
+    return {row_bucket.data(), seq,         heads,         order.data(), bucket.data(),
+            count.data(),      first.data(), tiles.data(), tile_count.data(), max_tiles};
   }
 };
 
@@ -896,7 +875,8 @@ void classify_side(SideBuffers& side, const T* x, const Strides& strides, int ba
                                                  side.row_bucket.data());
   } else {
     const long long rows = static_cast<long long>(side.heads) * side.seq;
-    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, 128), 128>>>(x, strides, batch, heads, side.seq, classify,
+    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, kClassifyThreads), kClassifyThreads>>>(x, strides, batch, heads,
+                                                                                         side.seq, classify,
                                                                   side.row_bucket.data());
   }
   ATTN_CUDA_CHECK_LAUNCH();
@@ -918,8 +898,8 @@ struct Prepared {
   DeviceBuffer<int2> spans;
   DeviceBuffer<float> projection;
 
-  explicit Prepared(const AttentionProblem& p)
-      : queries(p.batch * p.q_heads, p.seq_q), keys(p.batch * p.kv_heads, p.seq_k),
+  Prepared(const AttentionProblem& p, int buckets)
+      : queries(p.batch * p.q_heads, p.seq_q, buckets), keys(p.batch * p.kv_heads, p.seq_k, buckets),
         spans(static_cast<std::size_t>(p.lse_elements())) {}
 };
 
@@ -1025,7 +1005,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   const int block_cols = forward_block_cols(p, options);
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared(p);
+  Prepared prepared(p, kept_buckets(settings, lists));
   DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited
   ATTN_CUDA_CHECK(cudaMemsetAsync(statistics.data(), 0, statistics.bytes()));
   params.tiles_visited = statistics.data() + 1;
@@ -1060,7 +1040,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   const Settings settings = validate_gpu_call(p, t, options, lists, true);
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared(p);
+  Prepared prepared(p, kept_buckets(settings, lists));
   DeviceBuffer<float> dq_accum(static_cast<std::size_t>(p.q_elements()));
   DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
@@ -1080,7 +1060,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     using Shape = BackwardShape<D, kBackwardBr, kBackwardBc>;
     auto kernel = backward_kernel<T, D, kBackwardBr, kBackwardBc>;
     ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
-    const dim3 grid(cuda::ceil_div(p.seq_k, kBackwardBc), static_cast<int>(p.kv_heads), static_cast<int>(p.batch));
+    const dim3 grid(params.keys.max_tiles * static_cast<unsigned>(p.kv_heads), static_cast<int>(p.batch));
     kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
     const long long elements = rows * D;
