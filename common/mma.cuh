@@ -208,4 +208,32 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* source, long l
   }
 }
 
+/// The same copies as load_tile_async, as straight-line code where the tile's 16-byte chunks divide evenly among
+/// the threads (Threads a multiple of the chunks per row, Rows a multiple of the rows one pass covers): each thread
+/// copies the same column of rows r, r + Threads / (Cols / 8), ..., at constant offsets from its first, with no
+/// loop and no branch. (load_tile_async's loop starts at threadIdx.x, so its trip count is unknown to the compiler:
+/// it becomes a rolled loop with a remainder, about 100 instructions of branches and address arithmetic for 4
+/// copies.) Other shapes fall back to load_tile_async. Every thread of the block calls it, threadIdx.x < Threads.
+template <int Rows, int Cols, int SmemStride, int Threads, class T>
+__device__ __forceinline__ void load_tile_async_unrolled(T* tile, const T* source, long long row_stride,
+                                                         int valid_rows) {
+  constexpr int kChunksPerRow = Cols / 8;
+  static_assert(Cols % 8 == 0, "rows are copied in 16-byte chunks");
+  if constexpr (Threads % kChunksPerRow != 0 || Rows % (Threads / kChunksPerRow) != 0) {
+    load_tile_async<Rows, Cols, SmemStride, Threads>(tile, source, row_stride, valid_rows);
+  } else {
+    constexpr int kRowsPerPass = Threads / kChunksPerRow;
+    const int row = static_cast<int>(threadIdx.x) / kChunksPerRow;
+    const int col = (static_cast<int>(threadIdx.x) % kChunksPerRow) * 8;
+    T* destination = tile + row * SmemStride + col;
+    const T* first = source + row * row_stride + col;
+#pragma unroll
+    for (int pass = 0; pass < Rows / kRowsPerPass; ++pass) {
+      const bool in_bounds = row + pass * kRowsPerPass < valid_rows;
+      cp_async_16(destination + pass * kRowsPerPass * SmemStride,
+                  in_bounds ? first + pass * kRowsPerPass * row_stride : source, in_bounds);
+    }
+  }
+}
+
 }  // namespace attn::mma

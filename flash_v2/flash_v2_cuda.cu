@@ -361,17 +361,22 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   const int q_blocks_per_head = cuda::ceil_div(p.seq_q, Br) - first_q_block;
   const int steps = q_blocks_per_head > 0 ? p.group_size * q_blocks_per_head : 0;  // (query head, Q block) pairs
 
-  auto head_of = [&](int step) { return kv_head * p.group_size + step / q_blocks_per_head; };
-  auto row0_of = [&](int step) { return (first_q_block + step % q_blocks_per_head) * Br; };
-  auto load_q_block = [&](int step, int stage) {
-    const int head = head_of(step), row0 = row0_of(step);
+  // The steps run over the group's query heads, and inside each over the Q blocks that see these keys; (head, row0)
+  // of the next step by a counter rather than a division (the step's copy is issued with no loop or division).
+  auto next_block = [&](int& head, int& row0) {
+    row0 += Br;
+    if (row0 >= p.seq_q) row0 = first_q_block * Br, ++head;
+  };
+  static_assert(Br <= Shape::kThreads, "one thread copies each row's L_i and D_i");
+  auto load_q_block = [&](int head, int row0, int stage) {
     const long long offset = batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
-    load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tiles + stage * Br * kStride,
-                                                           static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
-    load_tile_async<Br, HeadDim, kStride, Shape::kThreads>(do_tiles + stage * Br * kStride,
-                                                           static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
-    const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
-    for (int i = threadIdx.x; i < Br; i += Shape::kThreads) {
+    mma::load_tile_async_unrolled<Br, HeadDim, kStride, Shape::kThreads>(
+        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
+    mma::load_tile_async_unrolled<Br, HeadDim, kStride, Shape::kThreads>(
+        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
+    const int i = static_cast<int>(threadIdx.x);
+    if (i < Br) {
+      const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
       const bool in_bounds = row0 + i < p.seq_q;
       mma::cp_async_4(lse_tiles + stage * Br + i, p.lse + (in_bounds ? row_offset + i : 0), in_bounds);
       mma::cp_async_4(delta_tiles + stage * Br + i, p.delta + (in_bounds ? row_offset + i : 0), in_bounds);
@@ -379,9 +384,10 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   };
 
   // FA2 Alg. 2 lines 6-7: load K_j, V_j; dK_j = dV_j = 0 in registers.
-  load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
-  load_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
-  if (steps > 0) load_q_block(0, 0);
+  mma::load_tile_async_unrolled<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
+  mma::load_tile_async_unrolled<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
+  int head = kv_head * p.group_size, row0 = first_q_block * Br;  // of step 0
+  if (steps > 0) load_q_block(head, row0, 0);
   mma::cp_async_commit();
   float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
   auto& acc_dv = acc_dv_dk[0];
@@ -393,11 +399,12 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     mma::cp_async_wait<0>();
     // Step's tiles visible to all; every warp is done with step - 1 (the other stage, the P^T and dS^T tiles).
     __syncthreads();
+    int next_head = head, next_row0 = row0;
+    next_block(next_head, next_row0);
     if (step + 1 < steps) {
-      load_q_block(step + 1, stage ^ 1);  // lands while this step computes
+      load_q_block(next_head, next_row0, stage ^ 1);  // lands while this step computes
       mma::cp_async_commit();
     }
-    const int head = head_of(step), row0 = row0_of(step);
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
     const float* lse = lse_tiles + stage * Br;
@@ -466,6 +473,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     }
     // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copy into this
     // step's stage behind every warp's reads.)
+    head = next_head, row0 = next_row0;
   }
 
   // Line 18: write dK_j (times the softmax scale, which S = scale Q K^T puts on every dS) and dV_j.
@@ -711,11 +719,11 @@ int backward_block_cols(const AttentionProblem& p, const StageOptions& options) 
                               " (64, or 128 when head_dim <= 128)");
 }
 
-/// Option "backward_block_rows" (query rows per step of the backward): 64, or 128 where D <= 64 (FlashAttention-2's
-/// own choice there: twice the work per barrier and per step's fixed costs; S^T and dP^T of 32 keys x 64 queries
-/// per warp still fit registers next to dK_j, dV_j).
+/// Option "backward_block_rows" (query rows per step of the backward): 64, or 128 where D <= 64, the default there
+/// (FlashAttention-2's own choice: twice the work per barrier and per step's fixed costs; S^T and dP^T of 32 keys x
+/// 64 queries per warp still fit registers next to dK_j, dV_j; measured 13-15% faster at D = 64, README log step 6).
 int backward_block_rows(const AttentionProblem& p, const StageOptions& options) {
-  const std::int64_t value = options.get("backward_block_rows", 64);
+  const std::int64_t value = options.get("backward_block_rows", p.head_dim <= 64 ? 128 : 64);
   if (value == 64 || (value == 128 && p.head_dim <= 64)) return static_cast<int>(value);
   throw std::invalid_argument("backward_block_rows: " + std::to_string(value) + " is not supported by " + kWho +
                               " (64, or 128 when head_dim <= 64)");
