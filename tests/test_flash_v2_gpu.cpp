@@ -135,11 +135,13 @@ TEST_CASE("flash_v2/gpu is right across many Q and K/V blocks: causal, Nq != Nk 
     bool causal;
   };
   // Lengths that are not multiples of the blocks (Br = 128 or 64, Bc = 64) and many blocks long, so that the
-  // double buffering, the causal block skipping and the diagonal mask all run several times.
+  // double buffering, the causal block skipping and the diagonal mask all run several times; and two GQA shapes
+  // whose N_q is a multiple of every B_r, where the backward's steps pass from one query head's last Q block to
+  // the next head's first exactly at N_q.
   const Case cases[] = {
       {1, 4, 2, 515, 515, 128, true},  {1, 4, 2, 515, 515, 128, false}, {2, 2, 1, 200, 700, 64, true},
       {1, 3, 1, 700, 190, 64, true},   {1, 2, 2, 333, 333, 96, true},   {1, 2, 2, 260, 300, 32, false},
-      {1, 2, 1, 190, 250, 256, true},
+      {1, 2, 1, 190, 250, 256, true},  {2, 4, 2, 256, 300, 64, false},  {1, 6, 2, 384, 384, 128, true},
   };
   std::uint64_t seed = 1900;
   for (const Case& c : cases) {
@@ -247,7 +249,7 @@ TEST_CASE("flash_v2/gpu with deterministic = 1 gives the same dQ bit for bit on 
   p.seq_q = 333;
   p.seq_k = 411;
   p.causal = true;
-  for (std::int64_t head_dim : {128, 256}) {
+  for (std::int64_t head_dim : {64, 128, 256}) {  // D = 64: the backward kernel of 128 query rows per step
     p.head_dim = head_dim;
     for (DType dtype : kDtypes) {
       INFO("D " << head_dim << " dtype " << dtype_name(dtype));
