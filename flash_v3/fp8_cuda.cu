@@ -361,28 +361,43 @@ __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, con
 // Consumers: FA3 Alg. 2 on 64 query rows each.
 // ============================================================================================================
 
+/// A wgmma shared-memory descriptor (smem_descriptor) `bytes` further on: its start-address field (bits 0-13,
+/// address / 16) plus bytes / 16, in 32-bit arithmetic. Shared addresses are below 2^18, so the field never carries
+/// into the next one and the result equals smem_descriptor of the moved address, bit for bit. The consumers build
+/// each operand's descriptor once and advance it by constants, instead of rebuilding all of it per wgmma.
+__device__ __forceinline__ std::uint64_t advanced(std::uint64_t desc, std::uint32_t bytes) {
+  const std::uint32_t low = static_cast<std::uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | low;
+}
+/// The same descriptor, its low word hidden from the compiler (an empty asm), so that a descriptor built from the
+/// thread index (a consumer's Q rows) stays in a register instead of being rebuilt from the index in every block.
+__device__ __forceinline__ std::uint64_t held(std::uint64_t desc) {
+  std::uint32_t low = static_cast<std::uint32_t>(desc);
+  asm volatile("" : "+r"(low));
+  return (desc & 0xFFFFFFFF00000000ull) | low;
+}
+
 /// S (64 x Bc) = Q_i K_j^T in e4m3: HeadDim / 32 wgmmas, both operands K-major (32 bytes of each row per step).
+/// q_desc, k_desc: descriptors of this consumer's Q rows and of the K block (smem_descriptor(.., 16, 1024)).
 template <class Cfg>
-__device__ __forceinline__ void issue_qk(float (&s)[Cfg::Bc / 2], const unsigned char* q_rows, const unsigned char* k_tile) {
+__device__ __forceinline__ void issue_qk(float (&s)[Cfg::Bc / 2], std::uint64_t q_desc, std::uint64_t k_desc) {
 #pragma unroll
   for (int kk = 0; kk < Cfg::HeadDim / 32; ++kk) {
     const int panel = kk / 4, byte_in_row = (kk % 4) * 32;
-    const std::uint64_t a = smem_descriptor(q_rows + panel * Cfg::Br * kPanelRowBytes + byte_in_row, 16, 1024);
-    const std::uint64_t b = smem_descriptor(k_tile + panel * Cfg::Bc * kPanelRowBytes + byte_in_row, 16, 1024);
+    const std::uint64_t a = advanced(q_desc, panel * Cfg::Br * kPanelRowBytes + byte_in_row);
+    const std::uint64_t b = advanced(k_desc, panel * Cfg::Bc * kPanelRowBytes + byte_in_row);
     wgmma_ss<Cfg::Bc, E4M3>(s, a, b, kk > 0);
   }
   wgmma_commit();
 }
 
-/// O (64 x HeadDim) += P (registers, e4m3) V_j: Bc / 32 wgmmas, B = V^T K-major (32 keys = 32 bytes per step).
+/// O (64 x HeadDim) += P (registers, e4m3) V_j: Bc / 32 wgmmas, B = V^T K-major (32 keys = 32 bytes per step);
+/// vt_desc: the descriptor of the V^T block.
 template <class Cfg>
 __device__ __forceinline__ void issue_pv(float (&o)[Cfg::HeadDim / 2], const std::uint32_t (&p)[Cfg::Bc / 32][4],
-                                         const unsigned char* vt_tile) {
+                                         std::uint64_t vt_desc) {
 #pragma unroll
-  for (int kk = 0; kk < Cfg::Bc / 32; ++kk) {
-    const std::uint64_t b = smem_descriptor(vt_tile + kk * 32, 16, 1024);
-    wgmma_rs<Cfg::HeadDim, E4M3>(o, p[kk], b, true);
-  }
+  for (int kk = 0; kk < Cfg::Bc / 32; ++kk) wgmma_rs<Cfg::HeadDim, E4M3>(o, p[kk], advanced(vt_desc, kk * 32), true);
   wgmma_commit();
 }
 
@@ -488,11 +503,8 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const int kv_blocks = cuda::ceil_div(p.seq_k, kBlockCols);  // quantization blocks per KV head
   const float q_factor = fp.q_scales[q_bh * cuda::ceil_div(p.seq_q, Cfg::Br) + tile.q_block] * p.scale_log2;
   auto block_of = [&](int it) { return tile.blocks - 1 - it; };
-  // The K and V scales of block `it`, loaded one block ahead so that the load's latency is hidden behind a GEMM.
   const float* k_scales = fp.k_scales + kv_bh * kv_blocks;  // one per K/V block (Bc = kBlockCols)
   const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
-  auto k_scale_of = [&](int it) { return __ldg(k_scales + block_of(min(it, tile.blocks - 1))); };
-  auto v_scale_of = [&](int it) { return __ldg(v_scales + block_of(min(it, tile.blocks - 1))); };
   // v_ref: the largest V scale of the blocks this tile visits (each warp reduces it on its own). O holds
   // sum P8 V8 in units of v_ref, so it is rescaled only when a row's max grows.
   float v_ref = 0.0f;
@@ -500,14 +512,39 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
 #pragma unroll
   for (int lanes = 16; lanes >= 1; lanes /= 2) v_ref = fmaxf(v_ref, __shfl_xor_sync(0xFFFFFFFFu, v_ref, lanes));
   const int v_ref_exponent = exponent_field(v_ref);
-  auto k_tile = [&](int stage) { return smem + Cfg::kKOffset + stage * Cfg::kTileBytes; };
-  auto vt_tile = [&](int stage) { return smem + Cfg::kVtOffset + stage * Cfg::kVtBytes; };
+  // What the K and V scales do to block `it`'s softmax (to_logits = q_scale k_scale scale log2 e; VBlock), 32 blocks
+  // at a time: lane i holds those of block it = window + i, and a block takes them with three shuffles from lane
+  // it % 32, instead of two global loads and their address arithmetic per block. Every 32nd block loads the next
+  // 32 (taken after the block's wgmmas are issued, so that the loads' latency hides behind them; a window loaded
+  // ahead would cost 3 more registers, which D = 256 does not have). Indices past the tile's last block read block
+  // 0's scales (never used).
+  struct BlockFactors {
+    float to_logits;
+    VBlock v;
+  };
+  auto factors_of = [&](int it) {  // this lane's, for block `it`
+    const int block = block_of(min(it, tile.blocks - 1));
+    return BlockFactors{q_factor * __ldg(k_scales + block), v_block(__ldg(v_scales + block), v_ref_exponent)};
+  };
+  BlockFactors window = factors_of(lane);
+  auto factors_at = [&](int it) {
+    if (it % 32 == 0 && it > 0) window = factors_of(it + lane);  // warp-uniform
+    const int from = it % 32;
+    return BlockFactors{__shfl_sync(0xFFFFFFFFu, window.to_logits, from),
+                        {__shfl_sync(0xFFFFFFFFu, window.v.p_offset, from), __shfl_sync(0xFFFFFFFFu, window.v.l_factor, from)}};
+  };
+  // The wgmma descriptors of Q, of K stage 0 and of V^T stage 0, built once (FA3 Alg. 2 lines 8 and 10 then add
+  // constants: the stage's offset and the step's).
+  const std::uint64_t q_desc = held(smem_descriptor(q_rows, 16, 1024));
+  const std::uint64_t k_desc = smem_descriptor(smem + Cfg::kKOffset, 16, 1024);
+  const std::uint64_t vt_desc = smem_descriptor(smem + Cfg::kVtOffset, 16, 1024);
+  auto k_tile = [&](int stage) { return advanced(k_desc, stage * Cfg::kTileBytes); };
+  auto vt_tile = [&](int stage) { return advanced(vt_desc, stage * Cfg::kVtBytes); };
   RowState rows;
-  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, float k_scale, float v_scale) {
-    const VBlock v = v_block(v_scale, v_ref_exponent);
+  auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, const BlockFactors& f) {
     if (it < tile.masked_blocks)
-      return online_softmax<true, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
-    return online_softmax<false, Bc>(s, rows, rescale, q_factor * k_scale, v, p, query0, block_of(it) * Bc);
+      return online_softmax<true, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, block_of(it) * Bc);
+    return online_softmax<false, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, block_of(it) * Bc);
   };
   auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
   auto pass_turn = [&] { named_barrier_arrive(kPingpongBarrier + (1 - consumer_index), 2 * kWarpgroupThreads); };
@@ -520,21 +557,18 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
 #pragma unroll
   for (int i = 0; i < HeadDim / 2; ++i) o[i] = 0.0f;
 
-  float k_scale = k_scale_of(0), v_scale = v_scale_of(0);
-  float next_k_scale = k_scale_of(1), next_v_scale = v_scale_of(1);
-
   // FA3 Alg. 2 lines 2-5.
   mbarrier_wait(&bars->q_full, 0);
   Slot slot = slot_of<Cfg::kStages>(0);
   mbarrier_wait(&bars->k_full[slot.stage], slot.phase);
   wait_for_turn();
   wgmma_fence();
-  issue_qk<Cfg>(s, q_rows, k_tile(slot.stage));
+  issue_qk<Cfg>(s, q_desc, k_tile(slot.stage));
   pass_turn();
   wgmma_wait<0>();
   fence_registers(s);
   if (releases) mbarrier_arrive(&bars->k_empty[slot.stage]);
-  softmax(s, rescale, 0, k_scale, v_scale);  // O = 0: nothing to rescale
+  softmax(s, rescale, 0, factors_at(0));  // O = 0: nothing to rescale
   to_p_operand<Bc>(p_operand, s);
 
   // FA3 Alg. 2 lines 6-17.
@@ -544,17 +578,16 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     wait_for_vt(v_slot);                                         // line 9 (V^T, transposed by the producer)
     wait_for_turn();
     wgmma_fence();
-    issue_qk<Cfg>(s, q_rows, k_tile(k_slot.stage));              // line 8
+    // At D = 256 Q's 8 descriptors held across the loop would not fit beside O (the loop would spill): rebuilt
+    // from the one held word there (one add each), held whole at D = 128.
+    issue_qk<Cfg>(s, HeadDim == 256 ? held(q_desc) : q_desc, k_tile(k_slot.stage));  // line 8
     issue_pv<Cfg>(o, p_operand, vt_tile(v_slot.stage));          // line 10
     pass_turn();
+    const BlockFactors factors = factors_at(it);
     wgmma_wait<1>();                                             // line 11
     fence_registers(s);
     if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
-    k_scale = next_k_scale;
-    v_scale = next_v_scale;
-    next_k_scale = k_scale_of(it + 1);
-    next_v_scale = v_scale_of(it + 1);
-    const bool grew = softmax(s, rescale, it, k_scale, v_scale);  // line 12
+    const bool grew = softmax(s, rescale, it, factors);           // line 12
     wgmma_wait<0>();                                              // line 13
     fence_registers(o);
     if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})

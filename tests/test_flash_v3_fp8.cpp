@@ -245,6 +245,50 @@ TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an out
   }
 }
 
+TEST_CASE("FP8 forward over 71 K/V blocks whose K and V scales differ block to block; a stale window of them fails",
+          "[fp8]") {
+  // The fixture of the GPU test that checks the consumers' per-block factors past 32 blocks (they hold them 32
+  // blocks at a time, one block per lane, fp8_cuda.cu: factors_at): every block's keys and values times its own
+  // power of two (V: 1/4 .. 4, K: 1/4 .. 1). Here: the emulation passes the bounds on it, and fails them when the
+  // second window's blocks take the first window's scales (the kernel visits blocks last to first: visit order
+  // it = 32 .. 63 is block 38 .. 7, which would then get the scales of blocks 70 .. 39), the mistake of a window
+  // not reloaded.
+  for (int d : {128, 256}) {
+    INFO("d = " << d);
+    const std::int64_t nk = 70 * 128 + 33;
+    const AttentionProblem p = testing::problem_of(1, 1, 1, 130, nk, d, false);
+    ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 29);
+    for (std::int64_t key = 0; key < nk; ++key) {
+      const int block = static_cast<int>(key / 128);
+      const float v_factor = std::ldexp(1.0f, block * 7 % 5 - 2), k_factor = std::ldexp(1.0f, -(block % 3));
+      for (int c = 0; c < d; ++c) {
+        data.v[key * d + c] *= v_factor;
+        data.k[key * d + c] *= k_factor;
+      }
+    }
+    const oracle::Result exact = oracle::attention(data, false);
+    const auto q = fp8::quantize(data.q.span(), 1, p.seq_q, d, fp8::kBlockRows);
+    auto k = fp8::quantize(data.k.span(), 1, nk, d, fp8::kBlockCols);
+    auto v = fp8::quantize(data.v.span(), 1, nk, d, fp8::kBlockCols, false, fp8::ScaleRule::power_of_two);
+    std::vector<float> o(static_cast<std::size_t>(p.q_elements())), lse(static_cast<std::size_t>(p.lse_elements()));
+    fp8::forward_cpu(p, q, k, v, o, lse);
+    const ErrorStats o_error = compare(o, exact.o), lse_error = compare(lse, exact.lse);
+    REQUIRE(k.scales.size() == 71);
+    REQUIRE(v.scales.size() == 71);
+    for (int block = 7; block <= 38; ++block) {
+      k.scales[static_cast<std::size_t>(block)] = k.scales[static_cast<std::size_t>(block + 32)];
+      v.scales[static_cast<std::size_t>(block)] = v.scales[static_cast<std::size_t>(block + 32)];
+    }
+    fp8::forward_cpu(p, q, k, v, o, lse);
+    const ErrorStats stale = compare(o, exact.o);
+    INFO("O vs oracle " << o_error.rel_frobenius << ", LSE " << lse_error.rel_frobenius << "; with a stale window: O "
+                        << stale.rel_frobenius);
+    CHECK(o_error.rel_frobenius < 0.1);  // the bounds of the tests above
+    CHECK(lse_error.rel_frobenius < 0.02);
+    CHECK(stale.rel_frobenius > 0.1);  // measured 0.81 at d = 128 (LSE, set by the row maxima, moves little: 0.001)
+  }
+}
+
 TEST_CASE("FP8 forward with per-tensor scales and incoherent processing also matches the oracle", "[fp8]") {
   const AttentionProblem p = testing::problem_of(1, 4, 2, 200, 333, 128, true);
   ProblemData data = make_problem_data(p, DType::f32, Layout::bhnd, 12);

@@ -41,8 +41,8 @@ std::vector<float> emulate(const ProblemData& data, bool incoherent) {
   return fp8::attention_cpu(data.problem, data.q.span(), data.k.span(), data.v.span(), true, incoherent, 1);
 }
 
-void check_forward(const AttentionProblem& p, bool incoherent) {
-  const ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, 21);
+void check_forward(const ProblemData& data, bool incoherent) {
+  const AttentionProblem& p = data.problem;
   const oracle::Result exact = oracle::attention(data, false);
   const StageRun run = run_fp8(data, incoherent);
   const Errors vs_oracle = compare_with_oracle(run, exact);
@@ -57,6 +57,9 @@ void check_forward(const AttentionProblem& p, bool incoherent) {
   // Always printed: the measured figures (the README quotes them).
   WARN(p.describe() << (incoherent ? " incoherent" : "") << ": O vs oracle " << vs_oracle.o.rel_frobenius
                     << ", vs CPU emulation " << vs_emulation.rel_frobenius);
+}
+void check_forward(const AttentionProblem& p, bool incoherent) {
+  check_forward(make_problem_data(p, DType::bf16, Layout::bhnd, 21), incoherent);
 }
 
 /// The FP8 path's shapes: head dims 128 and 256 only (the validator refuses the others); N not a multiple of
@@ -150,6 +153,27 @@ TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an out
   CHECK(vs_oracle.o.rel_frobenius < kOracleBound);
   CHECK(vs_oracle.lse.rel_frobenius < kLseBound);
   CHECK(vs_emulation.rel_frobenius < kEmulationBound);
+}
+
+TEST_CASE("FP8 forward past 32 K/V blocks: each block's K and V scales, also after the consumers reload them", "[fp8]") {
+  // The consumers hold the per-block factors of the K and V scales 32 blocks at a time, one block per lane, and
+  // reload them every 32nd block (fp8_cuda.cu, factors_at). 71 K/V blocks (three windows, the last partial), and
+  // every block's keys and values multiplied by its own power of two (V: 1/4 .. 4, K: 1/4 .. 1), so that the K and V
+  // scales differ block to block by up to 16x and 4x: a block given another block's factors is off by about that.
+  for (int d : {128, 256}) {
+    const std::int64_t nk = 70 * 128 + 33;
+    ProblemData data = make_problem_data(problem_of(1, 1, 1, 130, nk, d, false), DType::bf16, Layout::bhnd, 29);
+    for (std::int64_t key = 0; key < nk; ++key) {
+      const int block = static_cast<int>(key / 128);
+      const float v_factor = std::ldexp(1.0f, block * 7 % 5 - 2), k_factor = std::ldexp(1.0f, -(block % 3));
+      for (int c = 0; c < d; ++c) {  // exact: powers of two keep bf16 values exact
+        data.v[key * d + c] *= v_factor;
+        data.k[key * d + c] *= k_factor;
+      }
+    }
+    INFO("d = " << d);
+    check_forward(data, false);
+  }
 }
 
 TEST_CASE("FP8 forward matches the fp64 oracle and the CPU emulation on awkward shapes, causal and not, GQA", "[fp8]") {
