@@ -146,7 +146,7 @@ constexpr int kMaxStagedProjection = 48 * 1024 / static_cast<int>(sizeof(float))
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(const Classify c, const ClassifySide queries,
                                                                          const ClassifySide keys) {
-  extern __shared__ float staged_projection[];  // [c.projection_floats] when c.staged
+  extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged
   const int query_blocks = queries.heads * queries.blocks_per_head;
   const bool query_side = static_cast<int>(blockIdx.x) < query_blocks;
   const ClassifySide side = query_side ? queries : keys;
@@ -213,9 +213,13 @@ constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in fl
 /// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
 /// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
 /// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
-/// every bucket. Then the bucket boundaries and the tiles (SortedRows).
-__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets) {
+/// every bucket. Then the bucket boundaries and the tiles (SortedRows). Given `statistics` (the forward's
+/// visible pairs and tiles visited, counted by the kernels after this one), it also zeroes them.
+__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets,
+                                                                    unsigned long long* statistics) {
   extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
+  // The forward's two counters (Params::tiles_visited), zeroed here rather than by a memset of their own.
+  if (statistics != nullptr && blockIdx.x == 0 && threadIdx.x < 2) statistics[threadIdx.x] = 0;
   const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
   const SortSide side = query_side ? queries : keys;
   const long long head = query_side ? blockIdx.x : blockIdx.x - queries.heads;
@@ -934,13 +938,13 @@ ClassifySide classify_side(SideBuffers& side, const void* x, const Strides& stri
   return c;
 }
 
-/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3).
-void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets) {
+/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3); `statistics` (or nullptr) zeroed there.
+void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets, unsigned long long* statistics) {
   const int smem = (kSortWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
   if (smem > 48 * 1024)
     ATTN_CUDA_CHECK(cudaFuncSetAttribute(sort_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   sort_rows_kernel<<<queries.heads + keys.heads, 32 * kSortWarps, smem>>>(queries.sort_side(), keys.sort_side(),
-                                                                          buckets);
+                                                                          buckets, statistics);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -956,10 +960,11 @@ struct Prepared {
 };
 
 /// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the queries' spans (and,
-/// given `pairs`, the visible pairs counted there).
+/// given the forward's `statistics`, both counters zeroed by the sort and the visible pairs counted into
+/// statistics[0] by the spans).
 template <class T, int D>
 void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, const AttentionTensors& t,
-             const Settings& s, const KeepLists* lists, unsigned long long* pairs) {
+             const Settings& s, const KeepLists* lists, unsigned long long* statistics) {
   Classify classify;
   classify.mode = lists != nullptr ? Mode::qk : s.mode;
   classify.buckets = kept_buckets(s, lists);
@@ -985,12 +990,12 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
     classify_rows_kernel<T, D><<<grid, kClassifyThreads, smem>>>(classify, queries, keys);
     ATTN_CUDA_CHECK_LAUNCH();
   }
-  sort_sides(prepared.queries, prepared.keys, classify.buckets);
+  sort_sides(prepared.queries, prepared.keys, classify.buckets, statistics);
   params.queries = prepared.queries.view();
   params.keys = prepared.keys.view();
   params.spans = prepared.spans.data();
   const long long rows = p.lse_elements();
-  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, pairs);
+  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -1063,8 +1068,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
   Prepared prepared(p, kept_buckets(settings, lists));
-  DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited
-  ATTN_CUDA_CHECK(cudaMemsetAsync(statistics.data(), 0, statistics.bytes()));
+  DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited (zeroed by the sort)
   params.tiles_visited = statistics.data() + 1;
   PlanTimer timer;
   dispatch(p, t.dtype, [&](auto element, auto d) {
