@@ -81,15 +81,26 @@ __global__ void projection_kernel(float* projection, std::uint64_t seed, int hea
   if (index < head_dim * half) projection[index] = projection_entry(seed, index / half, index % half);
 }
 
-/// What classify_rows_kernel needs besides the tensor. Kept rows get buckets [0, buckets); a dropped row gets
+/// What classify_rows_kernel needs besides the tensors. Kept rows get buckets [0, buckets); a dropped row gets
 /// bucket `buckets`, so that the sort puts it after every kept row.
 struct Classify {
   Mode mode = Mode::qk;
-  bool queries = true;  // which random stream (sparsity.hpp): query rows or key rows
-  int drop_permille = 0;
   int buckets = 1;      // kept buckets: 1 for QK-sparse, nb for hash-sparse
   std::uint64_t seed = 1;
   const float* projection = nullptr;
+  int projection_floats = 0;  // head_dim x buckets / 2
+  bool staged = false;        // R copied to shared memory by every thread block (kMaxStagedProjection)
+};
+
+/// One side (queries or keys) for classify_rows_kernel: the tensor, its heads and length, and where the rows'
+/// buckets go (row_bucket[(b * heads + h) * seq + i]).
+struct ClassifySide {
+  const void* x = nullptr;
+  Strides strides;
+  int heads = 0, seq = 0, blocks_per_head = 0;
+  bool queries = true;  // which random stream (sparsity.hpp): query rows or key rows
+  int drop_permille = 0;
+  int* row_bucket = nullptr;
 };
 
 /// bucket_of (sparsity.hpp) four projections at a time, where buckets / 2 is a multiple of 4: each dot product is
@@ -116,24 +127,48 @@ __device__ __forceinline__ int bucket_of_by_four(const float (&x)[HeadDim], int 
   return best;
 }
 
-constexpr int kClassifyThreads = 128;
+/// bucket_of of one row (HeadDim floats in registers) with R at `projection` (shared or global memory).
+template <int HeadDim>
+__device__ __forceinline__ int bucket_of_row(const float (&x)[HeadDim], int buckets, const float* projection) {
+  return buckets / 2 % 4 == 0 ? bucket_of_by_four(x, buckets, projection) : bucket_of(x, HeadDim, buckets, projection);
+}
 
-/// The bucket of every row of one side, in original order, one thread per row: QK-sparse's keep_row draw or
-/// hash-sparse's bucket_of (on the row converted to fp32, as the CPU tier sees it).
+constexpr int kClassifyThreads = 128;
+/// The largest R (in floats) every thread block of classify_rows_kernel copies to shared memory (48 KiB, the
+/// default limit); a larger one is read from global memory.
+constexpr int kMaxStagedProjection = 48 * 1024 / static_cast<int>(sizeof(float));
+
+/// The bucket of every row of both sides, in original order, one thread per row, in one launch: the query
+/// side's thread blocks first (blocks_per_head per head), then the key side's; blockIdx.y is the batch.
+/// QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees it),
+/// with R in shared memory, so that the dot products' loads of R are shared-memory broadcasts rather than global
+/// loads queued behind the rows' own.
 template <class T, int HeadDim>
-__global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int heads, int seq, Classify c,
-                                     int* row_bucket) {
-  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= static_cast<long long>(batch) * heads * seq) return;
-  const int i = static_cast<int>(row % seq);
-  const int head = static_cast<int>((row / seq) % heads), b = static_cast<int>(row / seq / heads);
+__global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(const Classify c, const ClassifySide queries,
+                                                                         const ClassifySide keys) {
+  extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged
+  const int query_blocks = queries.heads * queries.blocks_per_head;
+  const bool query_side = static_cast<int>(blockIdx.x) < query_blocks;
+  const ClassifySide side = query_side ? queries : keys;
+  const int block = query_side ? blockIdx.x : blockIdx.x - query_blocks;
+  const int head = block / side.blocks_per_head, b = blockIdx.y;
+  const int i = (block % side.blocks_per_head) * kClassifyThreads + threadIdx.x;
+  const long long row = (static_cast<long long>(b) * side.heads + head) * side.seq + i;
   if (c.mode == Mode::qk) {
-    const std::uint64_t stream = c.queries ? query_stream(batch, heads, b, head) : key_stream(batch, heads, b, head);
-    row_bucket[row] = keep_row(c.seed, stream, i, c.drop_permille) ? 0 : 1;
+    if (i >= side.seq) return;
+    const std::uint64_t stream = side.queries ? query_stream(gridDim.y, side.heads, b, head)
+                                                 : key_stream(gridDim.y, side.heads, b, head);
+    side.row_bucket[row] = keep_row(c.seed, stream, i, side.drop_permille) ? 0 : 1;
     return;
   }
+  if (c.staged) {
+    for (int k = threadIdx.x; k < c.projection_floats; k += kClassifyThreads) staged_projection[k] = c.projection[k];
+    __syncthreads();
+  }
+  if (i >= side.seq) return;
   // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
-  const uint4* source = reinterpret_cast<const uint4*>(x + b * strides.batch + head * strides.head + i * strides.seq);
+  const T* x = static_cast<const T*>(side.x) + b * side.strides.batch + head * side.strides.head + i * side.strides.seq;
+  const uint4* source = reinterpret_cast<const uint4*>(x);
   float values[HeadDim];
 #pragma unroll
   for (int piece = 0; piece < HeadDim / 8; ++piece) {
@@ -142,8 +177,8 @@ __global__ void classify_rows_kernel(const T* x, Strides strides, int batch, int
 #pragma unroll
     for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
   }
-  row_bucket[row] = c.buckets / 2 % 4 == 0 ? bucket_of_by_four(values, c.buckets, c.projection)
-                                            : bucket_of(values, HeadDim, c.buckets, c.projection);
+  side.row_bucket[row] = c.staged ? bucket_of_row(values, c.buckets, staged_projection)
+                                  : bucket_of_row(values, c.buckets, c.projection);
 }
 
 /// The caller's index lists (CSR over heads, validated on the host): one thread block per head marks every
@@ -178,11 +213,15 @@ constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in fl
 /// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
 /// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
 /// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
-/// every bucket. Then the bucket boundaries and the tiles (SortedRows).
-__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets) {
+/// every bucket. Then the bucket boundaries and the tiles (SortedRows). Given `statistics` (the forward's
+/// visible pairs and tiles visited, counted by the kernels after this one), it also zeroes them.
+__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets,
+                                                                    unsigned long long* statistics) {
   extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
+  // The forward's two counters (Params::tiles_visited), zeroed here rather than by a memset of their own.
+  if (statistics != nullptr && blockIdx.x == 0 && threadIdx.x < 2) statistics[threadIdx.x] = 0;
   const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
-  const SortSide& side = query_side ? queries : keys;
+  const SortSide side = query_side ? queries : keys;
   const long long head = query_side ? blockIdx.x : blockIdx.x - queries.heads;
   const int all = buckets + 1, seq = side.seq;
   int* totals = next_position + kSortWarps * all;
@@ -251,32 +290,44 @@ __global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide que
     if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
     __syncwarp();
   });
-  __syncthreads();  // (next_position is free again: thread 0 keeps its list of buckets with tiles left there)
-  if (threadIdx.x != 0) return;
-  side.count[head] = kept;
+  __syncthreads();  // (next_position is free again: it holds each kept bucket's tile count from here on)
+  if (threadIdx.x == 0) side.count[head] = kept;
   int* first = side.first + head * (all + 1);
-  for (int b = 0; b < all; ++b) first[b] = totals[b];
-  first[all] = seq;
+  for (int b = threadIdx.x; b <= all; b += blockDim.x) first[b] = b < all ? totals[b] : seq;
   // The tiles (at most seq / kRowTile + all: SortSide::max_tiles): the kept buckets' by rank, then the dropped
-  // rows'. totals[b + 1] is the end of kept bucket b.
-  int2* tiles = side.tiles + head * side.max_tiles;
-  int count = 0;
-  int* left = next_position;  // the buckets with tiles from this rank on
-  int left_count = 0;
-  for (int b = 0; b < buckets; ++b)
-    if (totals[b] < totals[b + 1]) left[left_count++] = b;
-  for (int rank = 0; left_count > 0; ++rank) {
-    int still = 0;
-    for (int i = 0; i < left_count; ++i) {
-      const int b = left[i], row = totals[b] + rank * kRowTile;
-      tiles[count++] = make_int2(row, min(totals[b + 1], row + kRowTile));
-      if (row + kRowTile < totals[b + 1]) left[still++] = b;
-    }
-    left_count = still;
+  // rows'. totals[b + 1] is the end of kept bucket b. Bucket b has tiles_of[b] tiles; the tile of rank r of
+  // bucket b goes after every tile of lower rank (sum over buckets of min(tiles, r)) and after the rank-r tiles
+  // of the buckets before b: each warp lists whole ranks, from a sum and a ballot over the buckets, 32 at a time.
+  __shared__ int max_rank, kept_tiles;
+  int* tiles_of = next_position;
+  if (threadIdx.x == 0) max_rank = kept_tiles = 0;
+  __syncthreads();
+  for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
+    tiles_of[b] = (totals[b + 1] - totals[b] + kRowTile - 1) / kRowTile;
+    atomicMax(&max_rank, tiles_of[b]);
+    atomicAdd(&kept_tiles, tiles_of[b]);
   }
-  const int kept_tiles = count;
-  for (int row = kept; row < seq; row += kRowTile) tiles[count++] = make_int2(row, min(seq, row + kRowTile));
-  side.tile_count[head] = make_int2(kept_tiles, count);
+  __syncthreads();
+  int2* tiles = side.tiles + head * side.max_tiles;
+  for (int rank = warp; rank < max_rank; rank += kSortWarps) {
+    int position = 0;  // the tiles of lower rank
+    for (int b0 = 0; b0 < buckets; b0 += 32)
+      position += __reduce_add_sync(0xffffffffu, b0 + lane < buckets ? min(tiles_of[b0 + lane], rank) : 0);
+    for (int b0 = 0; b0 < buckets; b0 += 32) {
+      const int b = b0 + lane;
+      const bool has = b < buckets && tiles_of[b] > rank;
+      const unsigned with = __ballot_sync(0xffffffffu, has);
+      if (has) {
+        const int row = totals[b] + rank * kRowTile;
+        tiles[position + __popc(with & lanes_below)] = make_int2(row, min(totals[b + 1], row + kRowTile));
+      }
+      position += __popc(with);
+    }
+  }
+  for (int n = threadIdx.x; kept + n * kRowTile < seq; n += blockDim.x)
+    tiles[kept_tiles + n] = make_int2(kept + n * kRowTile, min(seq, kept + (n + 1) * kRowTile));
+  if (threadIdx.x == 0)
+    side.tile_count[head] = make_int2(kept_tiles, kept_tiles + (seq - kept + kRowTile - 1) / kRowTile);
 }
 
 // ---- Spans: what a query sees, as one run of sorted key positions -------------------------------------------
@@ -857,38 +908,43 @@ struct SideBuffers {
   }
 };
 
-/// The mask or bucket of every row of one side (SCFA Alg. 1 line 1): the caller's lists uploaded and marked,
-/// or classify_rows_kernel.
-template <class T, int D>
-void classify_side(SideBuffers& side, const T* x, const Strides& strides, int batch, const Classify& classify,
-                   const std::vector<std::int64_t>* offsets, const std::vector<std::int32_t>* indices) {
-  const int heads = side.heads / batch;
-  if (offsets != nullptr) {
-    side.list_offsets = DeviceBuffer<std::int64_t>(offsets->size());
-    side.list_indices = DeviceBuffer<std::int32_t>(indices->size());
-    ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_offsets.data(), offsets->data(), side.list_offsets.bytes(),
+/// The caller's lists of one side uploaded and marked (SCFA Alg. 1 line 1 with the caller's masks).
+void mark_listed_side(SideBuffers& side, const std::vector<std::int64_t>& offsets,
+                      const std::vector<std::int32_t>& indices) {
+  side.list_offsets = DeviceBuffer<std::int64_t>(offsets.size());
+  side.list_indices = DeviceBuffer<std::int32_t>(indices.size());
+  ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_offsets.data(), offsets.data(), side.list_offsets.bytes(),
+                                  cudaMemcpyHostToDevice));
+  if (!indices.empty())
+    ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_indices.data(), indices.data(), side.list_indices.bytes(),
                                     cudaMemcpyHostToDevice));
-    if (!indices->empty())
-      ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_indices.data(), indices->data(), side.list_indices.bytes(),
-                                      cudaMemcpyHostToDevice));
-    mark_listed_rows_kernel<<<side.heads, 256>>>(side.list_offsets.data(), side.list_indices.data(), side.seq,
-                                                 side.row_bucket.data());
-  } else {
-    const long long rows = static_cast<long long>(side.heads) * side.seq;
-    classify_rows_kernel<T, D><<<cuda::ceil_div(rows, kClassifyThreads), kClassifyThreads>>>(x, strides, batch, heads,
-                                                                                         side.seq, classify,
-                                                                  side.row_bucket.data());
-  }
+  mark_listed_rows_kernel<<<side.heads, 256>>>(side.list_offsets.data(), side.list_indices.data(), side.seq,
+                                               side.row_bucket.data());
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
-/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3).
-void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets) {
+/// One side's part of classify_rows_kernel's arguments.
+ClassifySide classify_side(SideBuffers& side, const void* x, const Strides& strides, int batch, bool queries,
+                           int drop_permille) {
+  ClassifySide c;
+  c.x = x;
+  c.strides = strides;
+  c.heads = side.heads / batch;
+  c.seq = side.seq;
+  c.blocks_per_head = cuda::ceil_div(side.seq, kClassifyThreads);
+  c.queries = queries;
+  c.drop_permille = drop_permille;
+  c.row_bucket = side.row_bucket.data();
+  return c;
+}
+
+/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3); `statistics` (or nullptr) zeroed there.
+void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets, unsigned long long* statistics) {
   const int smem = (kSortWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
   if (smem > 48 * 1024)
     ATTN_CUDA_CHECK(cudaFuncSetAttribute(sort_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   sort_rows_kernel<<<queries.heads + keys.heads, 32 * kSortWarps, smem>>>(queries.sort_side(), keys.sort_side(),
-                                                                          buckets);
+                                                                          buckets, statistics);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -904,10 +960,11 @@ struct Prepared {
 };
 
 /// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the queries' spans (and,
-/// given `pairs`, the visible pairs counted there).
+/// given the forward's `statistics`, both counters zeroed by the sort and the visible pairs counted into
+/// statistics[0] by the spans).
 template <class T, int D>
 void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, const AttentionTensors& t,
-             const Settings& s, const KeepLists* lists, unsigned long long* pairs) {
+             const Settings& s, const KeepLists* lists, unsigned long long* statistics) {
   Classify classify;
   classify.mode = lists != nullptr ? Mode::qk : s.mode;
   classify.buckets = kept_buckets(s, lists);
@@ -918,22 +975,27 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
     projection_kernel<<<cuda::ceil_div(D * half, 256), 256>>>(prepared.projection.data(), s.seed, D, half);
     ATTN_CUDA_CHECK_LAUNCH();
     classify.projection = prepared.projection.data();
+    classify.projection_floats = D * half;
+    classify.staged = classify.projection_floats <= kMaxStagedProjection;
   }
   const int batch = static_cast<int>(p.batch);
-  classify.queries = true;
-  classify.drop_permille = s.drop_q_permille;
-  classify_side<T, D>(prepared.queries, static_cast<const T*>(t.q), t.q_strides, batch, classify,
-                      lists ? &lists->query_offsets : nullptr, lists ? &lists->query_indices : nullptr);
-  classify.queries = false;
-  classify.drop_permille = s.drop_k_permille;
-  classify_side<T, D>(prepared.keys, static_cast<const T*>(t.k), t.kv_strides, batch, classify,
-                      lists ? &lists->key_offsets : nullptr, lists ? &lists->key_indices : nullptr);
-  sort_sides(prepared.queries, prepared.keys, classify.buckets);
+  if (lists != nullptr) {
+    mark_listed_side(prepared.queries, lists->query_offsets, lists->query_indices);
+    mark_listed_side(prepared.keys, lists->key_offsets, lists->key_indices);
+  } else {  // both sides in one launch
+    const ClassifySide queries = classify_side(prepared.queries, t.q, t.q_strides, batch, true, s.drop_q_permille);
+    const ClassifySide keys = classify_side(prepared.keys, t.k, t.kv_strides, batch, false, s.drop_k_permille);
+    const int smem = classify.staged ? classify.projection_floats * static_cast<int>(sizeof(float)) : 0;
+    const dim3 grid(queries.heads * queries.blocks_per_head + keys.heads * keys.blocks_per_head, batch);
+    classify_rows_kernel<T, D><<<grid, kClassifyThreads, smem>>>(classify, queries, keys);
+    ATTN_CUDA_CHECK_LAUNCH();
+  }
+  sort_sides(prepared.queries, prepared.keys, classify.buckets, statistics);
   params.queries = prepared.queries.view();
   params.keys = prepared.keys.view();
   params.spans = prepared.spans.data();
   const long long rows = p.lse_elements();
-  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, pairs);
+  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -1006,8 +1068,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
   Prepared prepared(p, kept_buckets(settings, lists));
-  DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited
-  ATTN_CUDA_CHECK(cudaMemsetAsync(statistics.data(), 0, statistics.bytes()));
+  DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited (zeroed by the sort)
   params.tiles_visited = statistics.data() + 1;
   PlanTimer timer;
   dispatch(p, t.dtype, [&](auto element, auto d) {

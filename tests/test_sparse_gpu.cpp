@@ -159,6 +159,26 @@ TEST_CASE("sparse/gpu is right across many tiles: causal or not, Nq != Nk both w
     }
 }
 
+TEST_CASE("sparse/gpu with more than 32 buckets, several tiles in some, and an R too large for shared memory",
+          "[sparse][gpu]") {
+  // The sort lists the tiles 32 buckets at a time and rank by rank: 34 and 40 buckets over 4500 rows (about 130
+  // rows a bucket, so many buckets have two tiles and some three), nb / 2 odd (17: bucket_of) and a multiple of 4
+  // (20: bucket_of_by_four). The classification copies R to shared memory up to 48 KiB: with d = 128, 250 and 256
+  // buckets (R of 125 and 128 columns, 62.5 and 64 KiB) it reads R from global memory instead.
+  struct Case {
+    AttentionProblem problem;
+    int buckets;
+  };
+  const Case cases[] = {{problem(1, 2, 1, 4500, 4500, 32, true), 34}, {problem(1, 2, 1, 4500, 4500, 32, true), 40},
+                        {problem(1, 2, 1, 600, 600, 128, true), 250}, {problem(1, 2, 1, 600, 600, 128, false), 256}};
+  std::uint64_t seed = 2800;
+  for (const Case& c : cases) {
+    ++seed;
+    check_against_references(make_problem_data(c.problem, kDtypes[seed % 2], Layout::bhnd, seed),
+                             hash_options(c.buckets, seed), false);
+  }
+}
+
 TEST_CASE("sparse/gpu with nothing dropped, or one bucket, equals dense causal flash_v2/gpu within rounding",
           "[sparse][gpu]") {
   const AttentionProblem problems[] = {problem(2, 4, 2, 700, 700, 64, true), problem(1, 2, 1, 333, 513, 128, true),
