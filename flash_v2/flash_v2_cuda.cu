@@ -420,33 +420,42 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 
     // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, with L_i converted to log2 units here; line 14:
     // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both go to shared
-    // memory for lines 12, 15 and 16.
-    const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
-                            (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+    // memory for lines 12, 15 and 16. Written twice by the compiler, with and without the mask: a block that
+    // needs no mask (most of them) runs straight-line code, with no branch per score to break up its schedule.
     float lse_log2[kSNTiles][2];  // L_i of this thread's query columns
 #pragma unroll
     for (int nt = 0; nt < kSNTiles; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) lse_log2[nt][e] = flash::lse_to_log2(lse[s_query0 + nt * 8 + 2 * t + e]);
+    auto probabilities = [&](auto with_mask) {
 #pragma unroll
-    for (int mt = 0; mt < kSMTiles; ++mt)
+      for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kSNTiles; ++nt) {
-        const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
-        float prob[4], ds[4];
+        for (int nt = 0; nt < kSNTiles; ++nt) {
+          const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+          float prob[4], ds[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
-          prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[nt][e % 2]);
-          if (needs_mask && masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
-          ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+          for (int e = 0; e < 4; ++e) {
+            prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[nt][e % 2]);
+            if constexpr (decltype(with_mask)::value) {
+              const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
+              if (masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
+            }
+            ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+          }
+          const int at = (s_key0 + mt * 16 + group) * kPStride + column;
+          *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
+          *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
+          *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
+          *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
         }
-        const int at = (s_key0 + mt * 16 + group) * kPStride + column;
-        *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
-        *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
-        *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
-        *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
-      }
+    };
+    const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
+                            (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+    if (needs_mask)
+      probabilities(std::true_type{});
+    else
+      probabilities(std::false_type{});
     __syncthreads();  // P^T and dS^T complete
 
     // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
