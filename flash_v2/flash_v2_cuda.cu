@@ -422,12 +422,18 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both go to shared
     // memory for lines 12, 15 and 16. Written twice by the compiler, with and without the mask: a block that
     // needs no mask (most of them) runs straight-line code, with no branch per score to break up its schedule.
-    float lse_log2[kSNTiles][2];  // L_i of this thread's query columns
-#pragma unroll
-    for (int nt = 0; nt < kSNTiles; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) lse_log2[nt][e] = flash::lse_to_log2(lse[s_query0 + nt * 8 + 2 * t + e]);
     auto probabilities = [&](auto with_mask) {
+      constexpr bool kMask = decltype(with_mask)::value;
+      // L_i of this thread's query columns. Without the mask every row of the block sees every key of it, so no
+      // L_i is -inf and one multiply converts it; with the mask a row may see no key (L_i = -inf: lse_to_log2).
+      float lse_log2[kSNTiles][2];
+#pragma unroll
+      for (int nt = 0; nt < kSNTiles; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float lse_i = lse[s_query0 + nt * 8 + 2 * t + e];
+          lse_log2[nt][e] = kMask ? flash::lse_to_log2(lse_i) : lse_i * kLog2e;
+        }
 #pragma unroll
       for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
@@ -437,7 +443,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[nt][e % 2]);
-            if constexpr (decltype(with_mask)::value) {
+            if constexpr (kMask) {
               const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
               if (masked(p, row0 + column + e % 2, key)) prob[e] = 0.0f;
             }
