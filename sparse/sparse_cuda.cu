@@ -384,7 +384,7 @@ __global__ void spans_kernel(const Params p, long long rows, unsigned long long*
   if (statistics == nullptr) return;
   unsigned long long pairs = static_cast<unsigned long long>(span.y - span.x);
   unsigned long long tiles =
-      last_of_tile ? static_cast<unsigned long long>(cuda::ceil_div(span.y - span.x, block_cols)) : 0;
+      last_of_tile ? static_cast<unsigned long long>((span.y - span.x + block_cols - 1) / block_cols) : 0;  // 32-bit
 #pragma unroll
   for (int step = 16; step > 0; step /= 2) {
     pairs += __shfl_xor_sync(0xffffffffu, pairs, step);
