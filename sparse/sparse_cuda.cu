@@ -68,7 +68,6 @@ struct Params : cuda::AttentionParams {
   float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
-  unsigned long long* tiles_visited = nullptr;  // forward: (Q tile, K/V tile) pairs computed, for the counters
 };
 
 // ============================================================================================================
@@ -354,18 +353,25 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
 
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
 /// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search in
-/// the bucket's sorted keys; without causal, the next bucket's first key). Dropped positions get (0, 0). When `pairs` is
-/// given it also sums the spans' lengths: the visible pairs, for the counters.
-__global__ void spans_kernel(const Params p, long long rows, unsigned long long* pairs) {
+/// the bucket's sorted keys; without causal, the next bucket's first key). Dropped positions get (0, 0). When
+/// `statistics` is given (the forward's, with its `block_cols`) it also counts, for the counters, the visible
+/// pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs forward_kernel will compute
+/// into statistics[1]: a Q tile's queries all start at their bucket's first key x, so the tile whose last
+/// query this is visits ceil((y - x) / Bc) K/V tiles (forward_kernel's `tiles`), known before it runs.
+__global__ void spans_kernel(const Params p, long long rows, unsigned long long* statistics, int block_cols) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int kv_heads = p.q_heads / p.group_size;
   int2 span = make_int2(0, 0);
+  bool last_of_tile = false;  // the last query of its Q tile (kRowTile rows from its bucket's first)
   if (row < rows) {
     const long long q_flat = row / p.seq_q;
     const int position = static_cast<int>(row % p.seq_q);
     const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
     if (position < p.queries.count[q_flat]) {
       const int query = p.queries.order[row], bucket = p.queries.bucket[row];
+      const int* query_first = p.queries.first + q_flat * (p.queries.buckets + 2);
+      last_of_tile =
+          position + 1 == query_first[bucket + 1] || (position - query_first[bucket]) % kRowTile == kRowTile - 1;
       const int* key_first = p.keys.first + k_flat * (p.keys.buckets + 2);
       const int* key_order = p.keys.order + k_flat * p.seq_k;
       const int limit = query + (p.seq_k - p.seq_q);  // the last original key index it may see, with causal
@@ -375,11 +381,17 @@ __global__ void spans_kernel(const Params p, long long rows, unsigned long long*
     }
     p.spans[row] = span;
   }
-  if (pairs == nullptr) return;
-  unsigned long long count = static_cast<unsigned long long>(span.y - span.x);
+  if (statistics == nullptr) return;
+  unsigned long long pairs = static_cast<unsigned long long>(span.y - span.x);
+  unsigned long long tiles =
+      last_of_tile ? static_cast<unsigned long long>((span.y - span.x + block_cols - 1) / block_cols) : 0;  // 32-bit
 #pragma unroll
-  for (int step = 16; step > 0; step /= 2) count += __shfl_xor_sync(0xffffffffu, count, step);
-  if (threadIdx.x % 32 == 0 && count > 0) atomicAdd(pairs, count);
+  for (int step = 16; step > 0; step /= 2) {
+    pairs += __shfl_xor_sync(0xffffffffu, pairs, step);
+    tiles += __shfl_xor_sync(0xffffffffu, tiles, step);
+  }
+  if (threadIdx.x % 32 == 0 && pairs > 0) atomicAdd(statistics, pairs);
+  if (threadIdx.x % 32 == 0 && tiles > 0) atomicAdd(statistics + 1, tiles);
 }
 
 /// Copies rows rows[0..valid_rows) of a tensor (row r at source + rows[r] * row_stride) into a shared tile, 16
@@ -583,7 +595,6 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     }
   }
   mma::cp_async_wait<0>();  // (nothing is left in flight; a guard for changes)
-  if (threadIdx.x == 0 && tiles > 0) atomicAdd(p.tiles_visited, static_cast<unsigned long long>(tiles));
 
   // SCFA Alg. 1 lines 13-14 and 16: scattered to the rows' original places; dropped rows and rows that saw no
   // key get O = 0 and LSE = -inf.
@@ -607,11 +618,21 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   }
 }
 
+/// Lets `kernel` take `bytes` of dynamic shared memory (above the default 48 KiB), for the current device.
+/// Called once per kernel through a function-local static (thread-safe); a program that moves between devices
+/// would need it per device.
+template <class Kernel>
+bool allow_shared_memory(Kernel kernel, int bytes) {
+  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  return true;
+}
+
 template <class T, int HeadDim, int Br, int Bc>
 void launch_forward(const Params& p, int batch) {
   using Shape = ForwardShape<HeadDim, Br, Bc>;
   auto kernel = forward_kernel<T, HeadDim, Br, Bc>;
-  ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+  static const bool configured = allow_shared_memory(kernel, Shape::kSmemBytes);  // once per kernel, not per pass
+  (void)configured;
   const dim3 grid(p.queries.max_tiles * p.q_heads, batch);
   kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(p);
   ATTN_CUDA_CHECK_LAUNCH();
@@ -960,11 +981,11 @@ struct Prepared {
 };
 
 /// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the queries' spans (and,
-/// given the forward's `statistics`, both counters zeroed by the sort and the visible pairs counted into
-/// statistics[0] by the spans).
+/// given the forward's `statistics` and its `block_cols`, both counters zeroed by the sort and counted by the
+/// spans: the visible pairs into statistics[0], the tiles the forward will visit into statistics[1]).
 template <class T, int D>
 void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, const AttentionTensors& t,
-             const Settings& s, const KeepLists* lists, unsigned long long* statistics) {
+             const Settings& s, const KeepLists* lists, unsigned long long* statistics, int block_cols = 0) {
   Classify classify;
   classify.mode = lists != nullptr ? Mode::qk : s.mode;
   classify.buckets = kept_buckets(s, lists);
@@ -995,36 +1016,58 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
   params.keys = prepared.keys.view();
   params.spans = prepared.spans.data();
   const long long rows = p.lse_elements();
-  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics);
+  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics, block_cols);
   ATTN_CUDA_CHECK_LAUNCH();
+}
+
+/// What the passes of one host thread reuse instead of creating per pass: the planning's two timing events, and
+/// for the forward's counters an event, a stream of their own (non-blocking: it never waits for the legacy
+/// default stream's work, nor that for it) and two values of pinned host memory for them to be copied into.
+/// Created on the thread's first pass, on the device current then.
+struct PassResources {
+  cudaEvent_t start{}, planned{}, copied{};
+  cudaStream_t copy_stream{};
+  unsigned long long* counted = nullptr;  // pinned: visible pairs, tiles visited
+
+  PassResources() {
+    ATTN_CUDA_CHECK(cudaEventCreate(&start));
+    ATTN_CUDA_CHECK(cudaEventCreate(&planned));
+    ATTN_CUDA_CHECK(cudaEventCreateWithFlags(&copied, cudaEventDisableTiming));
+    ATTN_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
+    ATTN_CUDA_CHECK(cudaMallocHost(&counted, 2 * sizeof(unsigned long long)));
+  }
+  ~PassResources() {  // at thread exit (errors ignored: the runtime may already be unloading)
+    cudaFreeHost(counted);
+    cudaStreamDestroy(copy_stream);
+    cudaEventDestroy(copied);
+    cudaEventDestroy(planned);
+    cudaEventDestroy(start);
+  }
+  PassResources(const PassResources&) = delete;
+  PassResources& operator=(const PassResources&) = delete;
+};
+
+PassResources& pass_resources() {
+  thread_local PassResources resources;
+  return resources;
 }
 
 /// The device time of a pass's planning (masks or buckets, sorts, spans), for the "plan_ms" counter: events
 /// around it, read once the pass has finished.
 class PlanTimer {
  public:
-  PlanTimer() {
-    ATTN_CUDA_CHECK(cudaEventCreate(&start_));
-    ATTN_CUDA_CHECK(cudaEventCreate(&stop_));
-    ATTN_CUDA_CHECK(cudaEventRecord(start_));
-  }
-  ~PlanTimer() {
-    cudaEventDestroy(start_);
-    cudaEventDestroy(stop_);
-  }
-  PlanTimer(const PlanTimer&) = delete;
-  PlanTimer& operator=(const PlanTimer&) = delete;
-  void planned() { ATTN_CUDA_CHECK(cudaEventRecord(stop_)); }
+  PlanTimer() : r_(pass_resources()) { ATTN_CUDA_CHECK(cudaEventRecord(r_.start)); }
+  void planned() { ATTN_CUDA_CHECK(cudaEventRecord(r_.planned)); }
   /// Waits for the planning to finish (not for what was launched after it).
   double milliseconds() {
     float ms = 0;
-    ATTN_CUDA_CHECK(cudaEventSynchronize(stop_));
-    ATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
+    ATTN_CUDA_CHECK(cudaEventSynchronize(r_.planned));
+    ATTN_CUDA_CHECK(cudaEventElapsedTime(&ms, r_.start, r_.planned));
     return ms;
   }
 
  private:
-  cudaEvent_t start_{}, stop_{};
+  PassResources& r_;
 };
 
 /// Calls body(std::integral_constant<int, D>{}) for the supported head dims.
@@ -1069,13 +1112,19 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
   Prepared prepared(p, kept_buckets(settings, lists));
   DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited (zeroed by the sort)
-  params.tiles_visited = statistics.data() + 1;
+  PassResources& resources = pass_resources();
   PlanTimer timer;
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
     constexpr int D = decltype(d)::value;
-    prepare<T, D>(prepared, params, p, t, settings, lists, statistics.data());
+    prepare<T, D>(prepared, params, p, t, settings, lists, statistics.data(), block_cols);
     timer.planned();
+    // The counters are known once the spans are: copied on the side stream while the forward kernel runs, so
+    // that the pass does not end with a blocking copy after it.
+    ATTN_CUDA_CHECK(cudaStreamWaitEvent(resources.copy_stream, resources.planned));
+    ATTN_CUDA_CHECK(cudaMemcpyAsync(resources.counted, statistics.data(), 2 * sizeof(unsigned long long),
+                                    cudaMemcpyDeviceToHost, resources.copy_stream));
+    ATTN_CUDA_CHECK(cudaEventRecord(resources.copied, resources.copy_stream));
     if constexpr (D <= 64) {
       if (block_cols == 128) {
         launch_forward<T, D, 128, 128>(params, static_cast<int>(p.batch));
@@ -1084,8 +1133,8 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
     }
     launch_forward<T, D, 128, 64>(params, static_cast<int>(p.batch));
   });
-  unsigned long long counted[2] = {};
-  ATTN_CUDA_CHECK(cudaMemcpy(counted, statistics.data(), sizeof(counted), cudaMemcpyDeviceToHost));
+  ATTN_CUDA_CHECK(cudaEventSynchronize(resources.copied));  // the planning and the copy, not the forward kernel
+  const unsigned long long counted[2] = {resources.counted[0], resources.counted[1]};
   const double dense_pairs = static_cast<double>(p.batch * p.q_heads) * p.visible_pairs();
   const std::int64_t Bc = block_cols;
   options.counters["Tc"] = static_cast<double>((p.seq_k + Bc - 1) / Bc);
@@ -1120,7 +1169,8 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     ATTN_CUDA_CHECK_LAUNCH();
     using Shape = BackwardShape<D, kBackwardBr, kBackwardBc>;
     auto kernel = backward_kernel<T, D, kBackwardBr, kBackwardBc>;
-    ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes));
+    static const bool configured = allow_shared_memory(kernel, Shape::kSmemBytes);  // once per kernel
+    (void)configured;
     const dim3 grid(params.keys.max_tiles * static_cast<unsigned>(p.kv_heads), static_cast<int>(p.batch));
     kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();

@@ -2,6 +2,7 @@
 // written plainly from sparsity.hpp), against sparse's CPU tier (the same masks and buckets from the same seed),
 // and against dense flash_v2/gpu where sparsity is degenerate (nothing dropped, one bucket); awkward shapes, many
 // tiles, GQA, rows and buckets that see nothing, very uneven buckets, the caller's index lists, the input rules.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <span>
@@ -297,6 +298,49 @@ TEST_CASE("sparse/gpu on the caller's index lists equals the masked oracle and s
   const Errors vs_cpu = compare_runs(gpu, cpu);
   INFO("vs sparse/cpu: " << summary(vs_cpu));
   check_within(vs_cpu, tolerance(data.dtype), true);
+}
+
+// The forward's counters are counted during the planning (spans_kernel), not by the forward kernel: with nothing
+// dropped there is one bucket, the Q tiles are 128 sorted = original rows, and tile t's last query i sees keys
+// [0, y) with y = min(Nk, max(0, i + Nk - Nq + 1)) (causal) or Nk: ceil(y / Bc) K/V tiles. With some queries and
+// keys dropped the visible pairs are sparse/cpu's count of the same mask, exactly. With
+// ATTN_SPARSE_TEST_BAD_FIXTURE=1 the expected tiles are counted with Q tiles of 64 rows and sparse/cpu runs with
+// seed + 1 (wrong fixtures), and the checks must fail.
+TEST_CASE("sparse/gpu counts the visible pairs and the tiles it visits before the forward kernel runs",
+          "[sparse][gpu][small]") {
+  const char* bad = std::getenv("ATTN_SPARSE_TEST_BAD_FIXTURE");
+  const bool bad_fixture = bad != nullptr && std::string(bad) == "1";
+  const std::int64_t query_tile = bad_fixture ? 64 : 128;
+  const AttentionProblem problems[] = {problem(2, 4, 2, 700, 700, 64, true), problem(1, 2, 1, 333, 513, 64, true),
+                                       problem(1, 2, 2, 450, 300, 64, true), problem(1, 2, 2, 450, 300, 64, false)};
+  std::uint64_t seed = 3300;
+  for (const AttentionProblem& p : problems)
+    for (int block_cols : {64, 128}) {
+      const ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, ++seed);
+      StageOptions options = qk_options(0, 0);
+      options.values["block_cols"] = block_cols;
+      INFO(p.describe() << " block_cols=" << block_cols);
+      const StageRun run = run_stage(sparse::describe(), Tier::gpu, data, settings_of(options, false));
+      double tiles = 0;
+      for (std::int64_t row0 = 0; row0 < p.seq_q; row0 += query_tile) {
+        const std::int64_t last = std::min(row0 + query_tile, p.seq_q) - 1;
+        const std::int64_t y = p.causal ? std::clamp<std::int64_t>(last + p.seq_k - p.seq_q + 1, 0, p.seq_k) : p.seq_k;
+        tiles += static_cast<double>((y + block_cols - 1) / block_cols);
+      }
+      const double heads = static_cast<double>(p.batch * p.q_heads);
+      CHECK(run.counters.at("tiles_visited") == heads * tiles);
+      CHECK(run.counters.at("visible_pairs") == heads * p.visible_pairs());
+    }
+  for (const AttentionProblem& p : {problem(2, 4, 2, 700, 700, 64, true), problem(1, 2, 1, 333, 513, 64, false)}) {
+    const ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, ++seed);
+    const StageOptions options = qk_options(300, 500, seed);
+    INFO(p.describe() << " " << describe_options(options));
+    const StageRun gpu = run_stage(sparse::describe(), Tier::gpu, data, settings_of(options, false));
+    const StageRun cpu = run_stage(sparse::describe(), Tier::cpu, data,
+                                   settings_of(bad_fixture ? qk_options(300, 500, seed + 1) : options, false));
+    CHECK(gpu.counters.at("visible_pairs") == cpu.counters.at("visible_pairs"));
+    CHECK(gpu.counters.at("visible_pairs") > 0);
+  }
 }
 
 TEST_CASE("sparse/gpu refuses bad input with a message naming the argument, before any work", "[sparse][gpu]") {
