@@ -10,45 +10,6 @@
 
 namespace attn::flash {
 
-/// acc += A B^T for this warp's 16 rows of A (rows row0 .. row0 + 15 of a_tile) and the Br rows of B, over
-/// HeadDim: acc is the 16 x Br product in the mma C layout, Br / 8 tiles of 16 x 8. (S^T = K_j Q_i^T and
-/// dP^T = V_j dO_i^T.)
-template <class T, int HeadDim, int Br>
-__device__ __forceinline__ void warp_rows_times_transposed(float (&acc)[Br / 8][4], const T* a_tile, const T* b_tile,
-                                                           int stride, int row0) {
-#pragma unroll
-  for (int kk = 0; kk < HeadDim / 16; ++kk) {
-    std::uint32_t a[4];
-    mma::load_a(a, a_tile, stride, row0, kk * 16);
-#pragma unroll
-    for (int np = 0; np < Br / 16; ++np) {
-      std::uint32_t b[4];
-      mma::load_b_pair(b, b_tile, stride, np * 16, kk * 16);
-      mma::mma_m16n8k16<T>(acc[2 * np], a, b[0], b[1]);
-      mma::mma_m16n8k16<T>(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-/// acc += X B for X the warp's 16 x Br product held in accumulators (rounded to T as the A operand) and B the Br x
-/// HeadDim tile b_tile: acc is 16 x HeadDim, HeadDim / 8 tiles. (dV_j += P^T dO_i and dK_j += dS^T Q_i.)
-template <class T, int HeadDim, int Br>
-__device__ __forceinline__ void accumulators_times(float (&acc)[HeadDim / 8][4], const float (&x)[Br / 8][4],
-                                                   const T* b_tile, int stride) {
-#pragma unroll
-  for (int kk = 0; kk < Br / 16; ++kk) {
-    std::uint32_t a[4];
-    mma::a_from_accumulators<T>(a, x[2 * kk], x[2 * kk + 1]);
-#pragma unroll
-    for (int dp = 0; dp < HeadDim / 16; ++dp) {
-      std::uint32_t b[4];
-      mma::load_b_pair_transposed(b, b_tile, stride, kk * 16, dp * 16);
-      mma::mma_m16n8k16<T>(acc[2 * dp], a, b[0], b[1]);
-      mma::mma_m16n8k16<T>(acc[2 * dp + 1], a, b[2], b[3]);
-    }
-  }
-}
-
 /// One Q block's share of dK_j and dV_j for this warp's 16 keys (rows warp_key0 .. warp_key0 + 15 of K_j, V_j),
 /// and the block's dS^T for those keys written to shared memory:
 ///   S^T = K_j Q_i^T;  P^T = exp(scale S^T - L_i), 0 where hidden(query, key_row);  dV_j += P^T dO_i;
@@ -69,7 +30,7 @@ __device__ __forceinline__ void key_block_backward_step(const T* k_tile, const T
   const int group = mma::lane_group(), t = mma::lane_in_group();
   // FA2 Alg. 2 line 10: S^T = K_j Q_i^T (keys in rows, the scale inside the exponential),
   float s[kQTiles][4] = {};
-  warp_rows_times_transposed<T, HeadDim, Br>(s, k_tile, q_tile, stride, warp_key0);
+  mma::warp_rows_times_transposed<T, HeadDim, Br>(s, k_tile, q_tile, stride, warp_key0);
   // line 11: P^T = exp(S^T - L_i), 0 where the caller's mask hides the pair,
 #pragma unroll
   for (int nt = 0; nt < kQTiles; ++nt)
@@ -81,17 +42,17 @@ __device__ __forceinline__ void key_block_backward_step(const T* k_tile, const T
       s[nt][e] = hidden(query, key_row) ? 0.0f : prob;
     }
   // line 12: dV_j += P^T dO_i,
-  accumulators_times<T, HeadDim, Br>(acc_dv, s, do_tile, stride);
+  mma::accumulators_times<T, HeadDim, Br>(acc_dv, s, do_tile, stride);
   // line 13: dP^T = V_j dO_i^T,
   float ds[kQTiles][4] = {};
-  warp_rows_times_transposed<T, HeadDim, Br>(ds, v_tile, do_tile, stride, warp_key0);
+  mma::warp_rows_times_transposed<T, HeadDim, Br>(ds, v_tile, do_tile, stride, warp_key0);
   // line 14: dS^T = P^T * (dP^T - D_i),
 #pragma unroll
   for (int nt = 0; nt < kQTiles; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) ds[nt][e] = s[nt][e] * (ds[nt][e] - delta[nt * 8 + 2 * t + e % 2]);
   // line 16: dK_j += dS^T Q_i.
-  accumulators_times<T, HeadDim, Br>(acc_dk, ds, q_tile, stride);
+  mma::accumulators_times<T, HeadDim, Br>(acc_dk, ds, q_tile, stride);
   // dS^T to shared memory (rounded to T, as the tensor cores take it), for the caller's dQ_i += dS K_j.
 #pragma unroll
   for (int nt = 0; nt < kQTiles; ++nt) {

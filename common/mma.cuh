@@ -143,6 +143,50 @@ __device__ __forceinline__ void load_b_pair_transposed(std::uint32_t (&b)[4], co
   ldmatrix_x4_trans(b, tile + (k0 + lane % 16) * stride + n0 + (lane / 16) * 8);
 }
 
+// ---- One warp's products over 16 rows ---------------------------------------------------------------------------
+// The two shapes every mma.sync kernel here repeats: a product with B^T from shared memory, and a product whose A
+// operand is still in accumulators (P or dS) times a tile from shared memory.
+
+/// acc += A B^T for this warp's 16 rows of A (rows row0 .. row0 + 15 of a_tile) and the Br rows of B, over
+/// HeadDim: acc is the 16 x Br product in the mma C layout, Br / 8 tiles of 16 x 8. (S_ij = Q_i K_j^T; in the
+/// backward S^T = K_j Q_i^T and dP^T = V_j dO_i^T.)
+template <class T, int HeadDim, int Br>
+__device__ __forceinline__ void warp_rows_times_transposed(float (&acc)[Br / 8][4], const T* a_tile, const T* b_tile,
+                                                           int stride, int row0) {
+#pragma unroll
+  for (int kk = 0; kk < HeadDim / 16; ++kk) {
+    std::uint32_t a[4];
+    load_a(a, a_tile, stride, row0, kk * 16);
+#pragma unroll
+    for (int np = 0; np < Br / 16; ++np) {
+      std::uint32_t b[4];
+      load_b_pair(b, b_tile, stride, np * 16, kk * 16);
+      mma_m16n8k16<T>(acc[2 * np], a, b[0], b[1]);
+      mma_m16n8k16<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+/// acc += X B for X the warp's 16 x Br product held in accumulators (rounded to T as the A operand) and B the Br x
+/// HeadDim tile b_tile: acc is 16 x HeadDim, HeadDim / 8 tiles. (O_i += P~_ij V_j, dQ_i += dS_ij K_j, dV_j += P^T dO_i
+/// and dK_j += dS^T Q_i.)
+template <class T, int HeadDim, int Br>
+__device__ __forceinline__ void accumulators_times(float (&acc)[HeadDim / 8][4], const float (&x)[Br / 8][4],
+                                                   const T* b_tile, int stride) {
+#pragma unroll
+  for (int kk = 0; kk < Br / 16; ++kk) {
+    std::uint32_t a[4];
+    a_from_accumulators<T>(a, x[2 * kk], x[2 * kk + 1]);
+#pragma unroll
+    for (int dp = 0; dp < HeadDim / 16; ++dp) {
+      std::uint32_t b[4];
+      load_b_pair_transposed(b, b_tile, stride, kk * 16, dp * 16);
+      mma_m16n8k16<T>(acc[2 * dp], a, b[0], b[1]);
+      mma_m16n8k16<T>(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // ---- Asynchronous copies global -> shared (cp.async, sm_80) -----------------------------------------------------
 
 /// cp.async.cg.shared.global, 16 bytes: starts copying 16 bytes from global `source` to shared `destination`

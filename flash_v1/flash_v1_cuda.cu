@@ -20,11 +20,8 @@
 namespace attn::flash_v1 {
 namespace {
 
-using mma::a_from_accumulators;
 using mma::exp2_fast;
-using mma::load_a;
 using mma::load_a_transposed;
-using mma::load_b_pair;
 using mma::load_b_pair_transposed;
 using mma::load_tile_async;
 using mma::mma_m16n8k16;
@@ -185,18 +182,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
 
     // Line 9: S_ij = Q_i K_j^T (scaled inside the exponentials below).
     float s[kNTiles][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < HeadDim / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a(a, q_tile, kStride, warp * 16, kk * 16);
-#pragma unroll
-      for (int np = 0; np < kNTiles / 2; ++np) {
-        std::uint32_t b[4];
-        load_b_pair(b, k_tile, kStride, np * 16, kk * 16);
-        mma_m16n8k16<T>(s[2 * np], a, b[0], b[1]);
-        mma_m16n8k16<T>(s[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    mma::warp_rows_times_transposed<T, HeadDim, kBc>(s, q_tile, k_tile, kStride, warp * 16);
     if (key0 + kBc > p.seq_k || (p.causal && key0 + kBc - 1 > i * kBr + causal_offset)) {
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt)
@@ -244,18 +230,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
         for (int e = 2 * half; e < 2 * half + 2; ++e) s[nt][e] *= block_weight;
     }
     // ... so that the product P~_ij V_j accumulates straight onto the rescaled O_i.
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, v_tile, kStride, kk * 16, dp * 16);
-        mma_m16n8k16<T>(o_i[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(o_i[2 * dp + 1], a, b[2], b[3]);
-      }
-    }
+    mma::accumulators_times<T, HeadDim, kBc>(o_i, s, v_tile, kStride);
 
     // Line 12: O_i = diag(l_new)^-1 (...), to HBM; line 13: l_i = l_new, m_i = m_new, to HBM. At the last K/V
     // block this Q block sees, O_i goes to the output instead, in its type, with L = m + log(l) (line 16; the

@@ -603,18 +603,7 @@ __global__ void __launch_bounds__(128) dq_kernel(const Params p) {
         s[nt][e] = prob * (dp[nt][e] - row_delta[e / 2]);
       }
     // dQ_i += dS_ij K_j.
-#pragma unroll
-    for (int kk = 0; kk < Bc / 16; ++kk) {
-      std::uint32_t a[4];
-      a_from_accumulators<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp2 = 0; dp2 < kDTiles / 2; ++dp2) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, k_tile, kStride, kk * 16, dp2 * 16);
-        mma_m16n8k16<T>(acc_dq[2 * dp2], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc_dq[2 * dp2 + 1], a, b[2], b[3]);
-      }
-    }
+    mma::accumulators_times<T, HeadDim, Bc>(acc_dq, s, k_tile, kStride);
   }
 
   mma::cp_async_wait<0>();  // (only Q_i and dO_i are in flight when no K/V block is visible)
