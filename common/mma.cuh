@@ -187,6 +187,66 @@ __device__ __forceinline__ void accumulators_times(float (&acc)[HeadDim / 8][4],
   }
 }
 
+/// How a warp_mma operand is stored in shared memory: its rows (A's m, B's n) as the tile's rows, the depth k
+/// along them ([rows][depth], read by ldmatrix as is), or the other way round ([depth][rows], read by ldmatrix
+/// with .trans).
+enum class Stored { by_rows, by_depth };
+
+/// One warp's share of kProducts products of the same shape, acc[n] += A_n B_n^T over kDepth: MTiles x 16 rows of
+/// each A_n from a_row0, NTiles x 8 rows of each B_n (columns of the product) from b_row0, 16-bit tiles in shared
+/// memory. Each A fragment read feeds NTiles mma and each pair of B fragments 2 MTiles. Two products (S and dP,
+/// or dV and dK) go through one loop so that each k-step has twice the independent mma to hide the ldmatrix
+/// and mma latencies behind (flash_v2/README.md's GPU log, step 6: S, then P, then dP as separate phases, with dQ moved
+/// ahead of dV and dK, measured 6-7% slower).
+template <Stored kA, Stored kB, int kDepth, class T, int kProducts, int MTiles, int NTiles>
+__device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles][4], const T* const (&a_tiles)[kProducts],
+                                         int a_stride, int a_row0, const T* const (&b_tiles)[kProducts], int b_stride,
+                                         int b_row0) {
+  static_assert(kDepth % 16 == 0 && NTiles % 2 == 0, "16-deep steps, B fragments read in pairs");
+#pragma unroll
+  for (int kk = 0; kk < kDepth / 16; ++kk) {
+    std::uint32_t a[kProducts][MTiles][4];
+#pragma unroll
+    for (int n = 0; n < kProducts; ++n)
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt) {
+        if constexpr (kA == Stored::by_rows)
+          load_a(a[n][mt], a_tiles[n], a_stride, a_row0 + mt * 16, kk * 16);
+        else
+          load_a_transposed(a[n][mt], a_tiles[n], a_stride, kk * 16, a_row0 + mt * 16);
+      }
+#pragma unroll
+    for (int np = 0; np < NTiles / 2; ++np) {
+      std::uint32_t b[kProducts][4];
+#pragma unroll
+      for (int n = 0; n < kProducts; ++n) {
+        if constexpr (kB == Stored::by_rows)
+          load_b_pair(b[n], b_tiles[n], b_stride, b_row0 + np * 16, kk * 16);
+        else
+          load_b_pair_transposed(b[n], b_tiles[n], b_stride, kk * 16, b_row0 + np * 16);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MTiles; ++mt)
+#pragma unroll
+        for (int n = 0; n < kProducts; ++n) {
+          mma_m16n8k16<T>(acc[n][mt][2 * np], a[n][mt], b[n][0], b[n][1]);
+          mma_m16n8k16<T>(acc[n][mt][2 * np + 1], a[n][mt], b[n][2], b[n][3]);
+        }
+    }
+  }
+}
+
+/// Adds two adjacent fp32 values in global memory atomically (dQ's accumulator): one vector atomic on sm_90
+/// (red.global.add.v2.f32), two scalar ones before it.
+__device__ __forceinline__ void atomic_add_pair(float* address, float low, float high) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(address), make_float2(low, high));
+#else
+  atomicAdd(address, low);
+  atomicAdd(address + 1, high);
+#endif
+}
+
 // ---- Asynchronous copies global -> shared (cp.async, sm_80) -----------------------------------------------------
 
 /// cp.async.cg.shared.global, 16 bytes: starts copying 16 bytes from global `source` to shared `destination`
