@@ -80,26 +80,46 @@ __global__ void projection_kernel(float* projection, std::uint64_t seed, int hea
   if (index < head_dim * half) projection[index] = projection_entry(seed, index / half, index % half);
 }
 
+/// R passed by value as a kernel argument, for Half = buckets / 2 up to kMaxFixedHalf: a kernel's arguments sit in
+/// its constant bank, so each fused multiply-add of the hash takes its entry of R (the same for the whole warp) as
+/// an operand, with no load instruction at all. Half = 0: R is read from memory instead (Classify::projection).
+template <int HeadDim, int Half>
+struct FixedProjection {
+  float r[HeadDim * Half];  // R[d][c] at d * Half + c
+};
+template <int HeadDim>
+struct FixedProjection<HeadDim, 0> {};
+
+/// Up to 16 buckets: R of at most 128 x 8 floats (4 KiB) as an argument.
+constexpr int kMaxFixedHalf = 8;
+
 /// What classify_rows_kernel needs besides the tensors. Kept rows get buckets [0, buckets); a dropped row gets
 /// bucket `buckets`, so that the sort puts it after every kept row.
 struct Classify {
   Mode mode = Mode::qk;
   int buckets = 1;      // kept buckets: 1 for QK-sparse, nb for hash-sparse
   std::uint64_t seed = 1;
-  const float* projection = nullptr;
-  int projection_floats = 0;  // head_dim x buckets / 2
-  bool staged = false;        // R copied to shared memory by every thread block (kMaxStagedProjection)
+  const float* projection = nullptr;  // R in global memory, where it is not an argument
+  int projection_floats = 0;          // head_dim x buckets / 2
+  bool staged = false;                // R copied to shared memory by every thread block (kMaxStagedProjection)
 };
 
-/// One side (queries or keys) for classify_rows_kernel: the tensor, its heads and length, and where the rows'
-/// buckets go (row_bucket[(b * heads + h) * seq + i]).
+/// Rows per thread block of classify_rows_kernel and of place_rows_kernel, one per thread: a "chunk". The sort
+/// counts each chunk's rows per bucket, scans those counts, then places each chunk's rows.
+constexpr int kChunkRows = 128;
+constexpr int kChunkWarps = kChunkRows / 32;
+
+/// One side (queries or keys) for classify_rows_kernel: the tensor, its heads and length, where the rows' buckets
+/// go (row_bucket[(b * heads + h) * seq + i]) and where each chunk's count of rows per bucket goes
+/// (chunk_counts[((b * heads + h) * (buckets + 1) + bucket) * chunks + chunk]).
 struct ClassifySide {
   const void* x = nullptr;
   Strides strides;
-  int heads = 0, seq = 0, blocks_per_head = 0;
+  int heads = 0, seq = 0, chunks = 0;
   bool queries = true;  // which random stream (sparsity.hpp): query rows or key rows
   int drop_permille = 0;
   int* row_bucket = nullptr;
+  int* chunk_counts = nullptr;
 };
 
 /// bucket_of (sparsity.hpp) four projections at a time, where buckets / 2 is a multiple of 4: each dot product is
@@ -132,69 +152,125 @@ __device__ __forceinline__ int bucket_of_row(const float (&x)[HeadDim], int buck
   return buckets / 2 % 4 == 0 ? bucket_of_by_four(x, buckets, projection) : bucket_of(x, HeadDim, buckets, projection);
 }
 
-constexpr int kClassifyThreads = 128;
-/// The largest R (in floats) every thread block of classify_rows_kernel copies to shared memory (48 KiB, the
-/// default limit); a larger one is read from global memory.
-constexpr int kMaxStagedProjection = 48 * 1024 / static_cast<int>(sizeof(float));
+/// bucket_of with R an argument (FixedProjection): the same fused multiply-adds in the same order for each of the
+/// Half dot products (independent of each other, so the compiler interleaves them), and the projections
+/// considered in the same order.
+template <int HeadDim, int Half>
+__device__ __forceinline__ int bucket_of_fixed(const float (&x)[HeadDim], const FixedProjection<HeadDim, Half>& r) {
+  float dot[Half];
+#pragma unroll
+  for (int c = 0; c < Half; ++c) {
+    dot[c] = 0;
+#pragma unroll
+    for (int d = 0; d < HeadDim; ++d) dot[c] = fused_multiply_add(x[d], r.r[d * Half + c], dot[c]);
+  }
+  int best = 0;
+  float best_value = 0;
+#pragma unroll
+  for (int c = 0; c < Half; ++c) consider_projection(c, Half, dot[c], best, best_value);
+  return best;
+}
 
-/// The bucket of every row of both sides, in original order, one thread per row, in one launch: the query
-/// side's thread blocks first (blocks_per_head per head), then the key side's; blockIdx.y is the batch.
-/// QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees it),
-/// with R in shared memory, so that the dot products' loads of R are shared-memory broadcasts rather than global
-/// loads queued behind the rows' own.
-template <class T, int HeadDim>
-__global__ void __launch_bounds__(kClassifyThreads) classify_rows_kernel(const Classify c, const ClassifySide queries,
-                                                                         const ClassifySide keys) {
-  extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged
-  const int query_blocks = queries.heads * queries.blocks_per_head;
+/// One chunk's count of rows per bucket (`all` buckets; bucket -1: no row), written to counts[b * stride]: what the
+/// sort's scan turns into positions. Called by every thread of the block; `histogram` is `all` ints of shared memory.
+__device__ __forceinline__ void count_chunk(int bucket, int all, int* histogram, int* counts, int stride) {
+  for (int b = threadIdx.x; b < all; b += blockDim.x) histogram[b] = 0;
+  __syncthreads();
+  const unsigned same = __match_any_sync(0xffffffffu, bucket);  // the lanes of the warp with this bucket
+  if (bucket >= 0 && (same & ((1u << threadIdx.x % 32) - 1u)) == 0) atomicAdd(&histogram[bucket], __popc(same));
+  __syncthreads();
+  for (int b = threadIdx.x; b < all; b += blockDim.x) counts[b * stride] = histogram[b];
+}
+
+/// The largest R (in floats) every thread block of classify_rows_kernel copies to shared memory (40 KiB: with the
+/// chunk's counts it stays within the default limit of 48 KiB); a larger one is read from global memory.
+constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float));
+
+/// The bucket of every row of both sides, in original order, one thread per row and one thread block per chunk,
+/// in one launch: the query side's thread blocks first (chunks per head), then the key side's; blockIdx.y is the
+/// batch. QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees
+/// it), with R an argument (Half > 0: no loads of R at all), or else in shared memory (shared-memory broadcasts
+/// rather than global loads queued behind the rows' own) or, when too large, global memory. Each chunk's count of
+/// rows per bucket is the first step of the sort (place_rows_kernel).
+template <class T, int HeadDim, int Half>
+__global__ void __launch_bounds__(kChunkRows)
+    classify_rows_kernel(const Classify c, const ClassifySide queries, const ClassifySide keys,
+                         const __grid_constant__ FixedProjection<HeadDim, Half> fixed) {
+  extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged, then counts
+  const int query_blocks = queries.heads * queries.chunks;
   const bool query_side = static_cast<int>(blockIdx.x) < query_blocks;
   const ClassifySide side = query_side ? queries : keys;
   const int block = query_side ? blockIdx.x : blockIdx.x - query_blocks;
-  const int head = block / side.blocks_per_head, b = blockIdx.y;
-  const int i = (block % side.blocks_per_head) * kClassifyThreads + threadIdx.x;
-  const long long row = (static_cast<long long>(b) * side.heads + head) * side.seq + i;
+  const int head = block / side.chunks, chunk = block % side.chunks, b = blockIdx.y;
+  const int i = chunk * kChunkRows + threadIdx.x;
+  const long long flat_head = static_cast<long long>(b) * side.heads + head;
+  int bucket = -1;  // none: past the end of the side
   if (c.mode == Mode::qk) {
-    if (i >= side.seq) return;
     const std::uint64_t stream = side.queries ? query_stream(gridDim.y, side.heads, b, head)
                                                  : key_stream(gridDim.y, side.heads, b, head);
-    side.row_bucket[row] = keep_row(c.seed, stream, i, side.drop_permille) ? 0 : 1;
-    return;
-  }
-  if (c.staged) {
-    for (int k = threadIdx.x; k < c.projection_floats; k += kClassifyThreads) staged_projection[k] = c.projection[k];
-    __syncthreads();
-  }
-  if (i >= side.seq) return;
-  // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
-  const T* x = static_cast<const T*>(side.x) + b * side.strides.batch + head * side.strides.head + i * side.strides.seq;
-  const uint4* source = reinterpret_cast<const uint4*>(x);
-  float values[HeadDim];
+    if (i < side.seq) bucket = keep_row(c.seed, stream, i, side.drop_permille) ? 0 : 1;
+  } else {
+    if (Half == 0 && c.staged) {
+      for (int k = threadIdx.x; k < c.projection_floats; k += kChunkRows) staged_projection[k] = c.projection[k];
+      __syncthreads();
+    }
+    if (i < side.seq) {
+      // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
+      const T* x =
+          static_cast<const T*>(side.x) + b * side.strides.batch + head * side.strides.head + i * side.strides.seq;
+      const uint4* source = reinterpret_cast<const uint4*>(x);
+      float values[HeadDim];
 #pragma unroll
-  for (int piece = 0; piece < HeadDim / 8; ++piece) {
-    const uint4 bits = source[piece];
-    const T* elements = reinterpret_cast<const T*>(&bits);
+      for (int piece = 0; piece < HeadDim / 8; ++piece) {
+        const uint4 bits = source[piece];
+        const T* elements = reinterpret_cast<const T*>(&bits);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
+        for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
+      }
+      if constexpr (Half > 0)
+        bucket = bucket_of_fixed(values, fixed);
+      else
+        bucket = c.staged ? bucket_of_row(values, c.buckets, staged_projection)
+                          : bucket_of_row(values, c.buckets, c.projection);
+    }
   }
-  side.row_bucket[row] = c.staged ? bucket_of_row(values, c.buckets, staged_projection)
-                                  : bucket_of_row(values, c.buckets, c.projection);
+  if (i < side.seq) side.row_bucket[flat_head * side.seq + i] = bucket;
+  const int all = c.buckets + 1;
+  int* histogram = reinterpret_cast<int*>(staged_projection + (Half == 0 && c.staged ? c.projection_floats : 0));
+  count_chunk(bucket, all, histogram, side.chunk_counts + flat_head * all * side.chunks + chunk, side.chunks);
 }
 
 /// The caller's index lists (CSR over heads, validated on the host): one thread block per head marks every
-/// row dropped (bucket 1), then the listed ones kept (bucket 0).
+/// row dropped (bucket 1), then the listed ones kept (bucket 0), then counts each chunk's kept and dropped rows
+/// (ClassifySide::chunk_counts), a warp per chunk.
 __global__ void mark_listed_rows_kernel(const std::int64_t* offsets, const std::int32_t* indices, int seq,
-                                        int* row_bucket) {
+                                        int chunks, int* row_bucket, int* chunk_counts) {
   const long long head = blockIdx.x;
   int* buckets = row_bucket + head * seq;
   for (int i = threadIdx.x; i < seq; i += blockDim.x) buckets[i] = 1;
   __syncthreads();
   for (long long at = offsets[head] + threadIdx.x; at < offsets[head + 1]; at += blockDim.x) buckets[indices[at]] = 0;
+  __syncthreads();
+  int* counts = chunk_counts + head * 2 * chunks;
+  const int warps = static_cast<int>(blockDim.x / 32), lane = threadIdx.x % 32;
+  for (int chunk = threadIdx.x / 32; chunk < chunks; chunk += warps) {
+    const int begin = chunk * kChunkRows, rows = min(seq - begin, kChunkRows);
+    int kept = 0;
+    for (int r = lane; r < kChunkRows; r += 32)
+      kept += __popc(__ballot_sync(0xffffffffu, r < rows && buckets[begin + r] == 0));
+    if (lane == 0) {
+      counts[chunk] = kept;
+      counts[chunks + chunk] = rows - kept;
+    }
+  }
 }
 
-/// One side's arrays for the sort (device pointers; the layout of SortedRows).
+/// One side's arrays for the sort (device pointers; the layout of SortedRows and ClassifySide::chunk_counts;
+/// "head" here is the flattened b * heads + h).
 struct SortSide {
   const int* row_bucket = nullptr;  // [heads * seq], in original order
-  int seq = 0, heads = 0;
+  int* chunk_counts = nullptr;      // [heads][buckets + 1][chunks]: counts, then (scan_chunks_kernel) positions
+  int seq = 0, heads = 0, chunks = 0;
   int* order = nullptr;
   int* bucket = nullptr;
   int* count = nullptr;
@@ -204,129 +280,134 @@ struct SortSide {
   int max_tiles = 0;
 };
 
-constexpr int kSortWarps = 32;
-constexpr int kSortBatch = 8;  // chunks of 32 rows whose loads a warp has in flight at once
+constexpr int kScanThreads = 256;
+constexpr int kScanWarps = kScanThreads / 32;
 
-/// Stable counting sort of one head's rows by bucket, one thread block per head of either side (the query heads
-/// first, then the KV heads); `buckets` kept buckets, plus one for the dropped rows. Each warp owns a contiguous
-/// segment of the rows: it counts its rows per bucket, the counts are scanned in (bucket, warp) order into each
-/// warp's first position per bucket, and each warp walks its segment again in order, placing rows of equal
-/// bucket by their rank among the warp's 32 lanes (__match_any_sync), so that original order is kept inside
-/// every bucket. Then the bucket boundaries and the tiles (SortedRows). Given `statistics` (the forward's
-/// visible pairs and tiles visited, counted by the kernels after this one), it also zeroes them.
-__global__ void __launch_bounds__(32 * kSortWarps) sort_rows_kernel(SortSide queries, SortSide keys, int buckets,
-                                                                    unsigned long long* statistics) {
-  extern __shared__ int next_position[];  // [kSortWarps][buckets + 1], then the totals [buckets + 1]
+/// The sort's middle step, one thread block per head of either side (the query heads first, then the KV heads):
+/// the chunks' counts, taken in (bucket, chunk) order, replaced by their exclusive prefix sums. The count of
+/// bucket b in chunk k becomes the sorted position of the first row of bucket b in chunk k: after every row of a
+/// lower bucket, and after the rows of bucket b in earlier chunks (a stable counting sort; `buckets` kept
+/// buckets, plus one for the dropped rows). Each thread sums a contiguous run of the counts; the runs' sums are
+/// scanned across the block. Then each bucket's first position and the tiles (SortedRows). Given `statistics`
+/// (the forward's visible pairs and tiles visited, counted by spans_kernel), it also zeroes them.
+__global__ void __launch_bounds__(kScanThreads) scan_chunks_kernel(const SortSide queries, const SortSide keys,
+                                                                   int buckets, unsigned long long* statistics) {
+  extern __shared__ int first_of[];  // [buckets + 2]: each bucket's first sorted position, then seq; then [buckets]
+  __shared__ int run_start[kScanWarps];
   // The forward's two counters (Params::tiles_visited), zeroed here rather than by a memset of their own.
   if (statistics != nullptr && blockIdx.x == 0 && threadIdx.x < 2) statistics[threadIdx.x] = 0;
   const bool query_side = blockIdx.x < static_cast<unsigned>(queries.heads);
   const SortSide side = query_side ? queries : keys;
   const long long head = query_side ? blockIdx.x : blockIdx.x - queries.heads;
-  const int all = buckets + 1, seq = side.seq;
-  int* totals = next_position + kSortWarps * all;
+  const int all = buckets + 1, seq = side.seq, chunks = side.chunks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int* rows = side.row_bucket + head * seq;
-  const int segment = (seq + kSortWarps - 1) / kSortWarps;
-  const int begin = min(seq, warp * segment), end = min(seq, begin + segment);
   const unsigned lanes_below = (1u << lane) - 1u;
-  // Calls body(bucket, row) for this warp's rows in order, 32 at a time (bucket -1 past the segment's end).
-  auto for_each_row = [&](auto&& body) {
-    for (int i0 = begin; i0 < end; i0 += 32 * kSortBatch) {
-      int bucket[kSortBatch];
+  int* counts = side.chunk_counts + head * all * chunks;
+  const int n = all * chunks, per_thread = (n + kScanThreads - 1) / kScanThreads;
+  const int begin = min(n, static_cast<int>(threadIdx.x) * per_thread), end = min(n, begin + per_thread);
+  int sum = 0;
+  for (int k = begin; k < end; ++k) sum += counts[k];
+  int inclusive = sum;  // over the warp's runs, then the block's
 #pragma unroll
-      for (int c = 0; c < kSortBatch; ++c) bucket[c] = i0 + 32 * c + lane < end ? rows[i0 + 32 * c + lane] : -1;
+  for (int step = 1; step < 32; step *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, step);
+    if (lane >= step) inclusive += other;
+  }
+  if (lane == 31) run_start[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {  // exclusive scan of the warps' sums
+    const int value = lane < kScanWarps ? run_start[lane] : 0;
+    int warp_inclusive = value;
 #pragma unroll
-      for (int c = 0; c < kSortBatch; ++c) body(bucket[c], i0 + 32 * c + lane);
+    for (int step = 1; step < kScanWarps; step *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, warp_inclusive, step);
+      if (lane >= step) warp_inclusive += other;
     }
-  };
-
-  for (int i = threadIdx.x; i < kSortWarps * all; i += blockDim.x) next_position[i] = 0;
-  __syncthreads();
-  for_each_row([&](int bucket, int) {  // count
-    const unsigned same = __match_any_sync(0xffffffffu, bucket);
-    if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
-    __syncwarp();
-  });
-  __syncthreads();
-  for (int b = threadIdx.x; b < all; b += blockDim.x) {  // per bucket: warps' offsets inside it, and its total
-    int running = 0;
-    for (int w = 0; w < kSortWarps; ++w) {
-      const int c = next_position[w * all + b];
-      next_position[w * all + b] = running;
-      running += c;
-    }
-    totals[b] = running;
+    if (lane < kScanWarps) run_start[lane] = warp_inclusive - value;
   }
   __syncthreads();
-  if (warp == 0) {  // exclusive scan of the totals: the first position of each bucket
-    int carry = 0;
-    for (int b0 = 0; b0 < all; b0 += 32) {
-      const int value = b0 + lane < all ? totals[b0 + lane] : 0;
-      int inclusive = value;
-#pragma unroll
-      for (int step = 1; step < 32; step *= 2) {
-        const int other = __shfl_up_sync(0xffffffffu, inclusive, step);
-        if (lane >= step) inclusive += other;
-      }
-      if (b0 + lane < all) totals[b0 + lane] = carry + inclusive - value;
-      carry += __shfl_sync(0xffffffffu, inclusive, 31);
-    }
+  int position = run_start[warp] + inclusive - sum;
+  for (int k = begin; k < end; ++k) {
+    const int count = counts[k];
+    counts[k] = position;
+    if (k % chunks == 0) first_of[k / chunks] = position;
+    position += count;
   }
+  if (threadIdx.x == 0) first_of[all] = seq;
   __syncthreads();
-  for (int i = threadIdx.x; i < kSortWarps * all; i += blockDim.x) next_position[i] += totals[i % all];
-  const int kept = totals[buckets];  // the dropped rows' bucket starts after every kept row
-  __syncthreads();
-  int* order = side.order + head * seq;
-  int* sorted_bucket = side.bucket + head * seq;
-  for_each_row([&](int bucket, int row) {  // place
-    const unsigned same = __match_any_sync(0xffffffffu, bucket);
-    if (bucket >= 0) {
-      const int position = next_position[warp * all + bucket] + __popc(same & lanes_below);
-      order[position] = row;
-      sorted_bucket[position] = bucket;
-    }
-    __syncwarp();
-    if (bucket >= 0 && (same & lanes_below) == 0) next_position[warp * all + bucket] += __popc(same);
-    __syncwarp();
-  });
-  __syncthreads();  // (next_position is free again: it holds each kept bucket's tile count from here on)
+  const int kept = first_of[buckets];  // the dropped rows' bucket starts after every kept row
   if (threadIdx.x == 0) side.count[head] = kept;
   int* first = side.first + head * (all + 1);
-  for (int b = threadIdx.x; b <= all; b += blockDim.x) first[b] = b < all ? totals[b] : seq;
+  for (int b = threadIdx.x; b <= all; b += blockDim.x) first[b] = first_of[b];
   // The tiles (at most seq / kRowTile + all: SortSide::max_tiles): the kept buckets' by rank, then the dropped
-  // rows'. totals[b + 1] is the end of kept bucket b. Bucket b has tiles_of[b] tiles; the tile of rank r of
+  // rows'. first_of[b + 1] is the end of kept bucket b. Bucket b has tiles_of[b] tiles; the tile of rank r of
   // bucket b goes after every tile of lower rank (sum over buckets of min(tiles, r)) and after the rank-r tiles
   // of the buckets before b: each warp lists whole ranks, from a sum and a ballot over the buckets, 32 at a time.
   __shared__ int max_rank, kept_tiles;
-  int* tiles_of = next_position;
+  int* tiles_of = first_of + all + 1;
   if (threadIdx.x == 0) max_rank = kept_tiles = 0;
   __syncthreads();
   for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
-    tiles_of[b] = (totals[b + 1] - totals[b] + kRowTile - 1) / kRowTile;
+    tiles_of[b] = (first_of[b + 1] - first_of[b] + kRowTile - 1) / kRowTile;
     atomicMax(&max_rank, tiles_of[b]);
     atomicAdd(&kept_tiles, tiles_of[b]);
   }
   __syncthreads();
   int2* tiles = side.tiles + head * side.max_tiles;
-  for (int rank = warp; rank < max_rank; rank += kSortWarps) {
-    int position = 0;  // the tiles of lower rank
+  for (int rank = warp; rank < max_rank; rank += kScanWarps) {
+    int at = 0;  // the tiles of lower rank
     for (int b0 = 0; b0 < buckets; b0 += 32)
-      position += __reduce_add_sync(0xffffffffu, b0 + lane < buckets ? min(tiles_of[b0 + lane], rank) : 0);
+      at += __reduce_add_sync(0xffffffffu, b0 + lane < buckets ? min(tiles_of[b0 + lane], rank) : 0);
     for (int b0 = 0; b0 < buckets; b0 += 32) {
       const int b = b0 + lane;
       const bool has = b < buckets && tiles_of[b] > rank;
       const unsigned with = __ballot_sync(0xffffffffu, has);
       if (has) {
-        const int row = totals[b] + rank * kRowTile;
-        tiles[position + __popc(with & lanes_below)] = make_int2(row, min(totals[b + 1], row + kRowTile));
+        const int row = first_of[b] + rank * kRowTile;
+        tiles[at + __popc(with & lanes_below)] = make_int2(row, min(first_of[b + 1], row + kRowTile));
       }
-      position += __popc(with);
+      at += __popc(with);
     }
   }
-  for (int n = threadIdx.x; kept + n * kRowTile < seq; n += blockDim.x)
-    tiles[kept_tiles + n] = make_int2(kept + n * kRowTile, min(seq, kept + (n + 1) * kRowTile));
+  for (int n_tile = threadIdx.x; kept + n_tile * kRowTile < seq; n_tile += blockDim.x)
+    tiles[kept_tiles + n_tile] = make_int2(kept + n_tile * kRowTile, min(seq, kept + (n_tile + 1) * kRowTile));
   if (threadIdx.x == 0)
     side.tile_count[head] = make_int2(kept_tiles, kept_tiles + (seq - kept + kRowTile - 1) / kRowTile);
+}
+
+/// The sort's last step (SCFA Alg. 1 lines 2-3), one thread per row and one thread block per chunk of either side
+/// (the query side's first): each row goes to its chunk's first position for its bucket (scan_chunks_kernel) plus
+/// the number of rows of its bucket before it in the chunk, counted per warp (__match_any_sync) and across the
+/// chunk's warps; so original order is kept inside every bucket.
+__global__ void __launch_bounds__(kChunkRows) place_rows_kernel(const SortSide queries, const SortSide keys,
+                                                                int buckets) {
+  extern __shared__ int start[];  // [all]: the chunk's first position per bucket; then [kChunkWarps][all]
+  const int query_blocks = queries.heads * queries.chunks;
+  const bool query_side = static_cast<int>(blockIdx.x) < query_blocks;
+  const SortSide side = query_side ? queries : keys;
+  const int block = query_side ? blockIdx.x : blockIdx.x - query_blocks;
+  const long long head = block / side.chunks;
+  const int chunk = block % side.chunks, all = buckets + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int* warp_count = start + all;  // warp_count[w * all + b]: rows of bucket b in warp w of the chunk
+  const int* positions = side.chunk_counts + head * all * side.chunks + chunk;
+  for (int b = threadIdx.x; b < all; b += kChunkRows) {
+    start[b] = positions[b * side.chunks];
+#pragma unroll
+    for (int w = 0; w < kChunkWarps; ++w) warp_count[w * all + b] = 0;
+  }
+  const int i = chunk * kChunkRows + threadIdx.x;
+  const int bucket = i < side.seq ? side.row_bucket[head * side.seq + i] : -1;
+  const unsigned same = __match_any_sync(0xffffffffu, bucket);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  __syncthreads();
+  if (bucket >= 0 && (same & lanes_below) == 0) warp_count[warp * all + bucket] = __popc(same);
+  __syncthreads();
+  if (bucket < 0) return;
+  int position = start[bucket] + __popc(same & lanes_below);
+  for (int w = 0; w < warp; ++w) position += warp_count[w * all + bucket];
+  side.order[head * side.seq + position] = i;
+  side.bucket[head * side.seq + position] = bucket;
 }
 
 // ---- Spans: what a query sees, as one run of sorted key positions -------------------------------------------
@@ -351,6 +432,8 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
   return low;
 }
 
+constexpr int kSpansThreads = 256;
+
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
 /// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search in
 /// the bucket's sorted keys; without causal, the next bucket's first key). Dropped positions get (0, 0). When
@@ -358,7 +441,8 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
 /// pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs forward_kernel will compute
 /// into statistics[1]: a Q tile's queries all start at their bucket's first key x, so the tile whose last
 /// query this is visits ceil((y - x) / Bc) K/V tiles (forward_kernel's `tiles`), known before it runs.
-__global__ void spans_kernel(const Params p, long long rows, unsigned long long* statistics, int block_cols) {
+__global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, long long rows,
+                                                              unsigned long long* statistics, int block_cols) {
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int kv_heads = p.q_heads / p.group_size;
   int2 span = make_int2(0, 0);
@@ -390,8 +474,19 @@ __global__ void spans_kernel(const Params p, long long rows, unsigned long long*
     pairs += __shfl_xor_sync(0xffffffffu, pairs, step);
     tiles += __shfl_xor_sync(0xffffffffu, tiles, step);
   }
-  if (threadIdx.x % 32 == 0 && pairs > 0) atomicAdd(statistics, pairs);
-  if (threadIdx.x % 32 == 0 && tiles > 0) atomicAdd(statistics + 1, tiles);
+  // Then over the block, so that each block adds once: every warp adding to the same two words made them a
+  // queue of some 8000 atomics at N = 16384.
+  __shared__ unsigned long long warp_sums[2][kSpansThreads / 32];
+  if (threadIdx.x % 32 == 0) {
+    warp_sums[0][threadIdx.x / 32] = pairs;
+    warp_sums[1][threadIdx.x / 32] = tiles;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    unsigned long long sum = 0;
+    for (int w = 0; w < kSpansThreads / 32; ++w) sum += warp_sums[threadIdx.x][w];
+    if (sum > 0) atomicAdd(statistics + threadIdx.x, sum);
+  }
 }
 
 /// Copies rows rows[0..valid_rows) of a tensor (row r at source + rows[r] * row_stride) into a shared tile, 16
@@ -881,11 +976,15 @@ int kept_buckets(const Settings& s, const KeepLists* lists) {
 /// (The kernels' grids are max_tiles x heads thread blocks wide: below 2^31 for any tensor that fits in memory.)
 std::int64_t max_tiles(std::int64_t seq, int buckets) { return (seq + kRowTile - 1) / kRowTile + buckets + 1; }
 
-/// One side's sort: per row its bucket, original index and sorted bucket; per head the kept count, the
-/// bucket boundaries (buckets + 2), the tiles (int2 each) and their count.
+/// Chunks of kChunkRows rows per head.
+std::int64_t chunks_of(std::int64_t seq) { return (seq + kChunkRows - 1) / kChunkRows; }
+
+/// One side's sort: per row its bucket, original index and sorted bucket; per head the chunks' counts per bucket
+/// (buckets + 1 each), the kept count, the bucket boundaries (buckets + 2), the tiles (int2 each) and their count.
 std::size_t side_bytes(std::int64_t heads, std::int64_t seq, int buckets) {
   return static_cast<std::size_t>(heads) *
-         ((3 * seq + 1 + (buckets + 2) + 2 * max_tiles(seq, buckets) + 1) * sizeof(int));
+         ((3 * seq + (buckets + 1) * chunks_of(seq) + 1 + (buckets + 2) + 2 * max_tiles(seq, buckets) + 1) *
+          sizeof(int));
 }
 
 /// The device workspace of one pass: both sides' buckets, permutations and counts, the queries' spans (O(N)
@@ -906,17 +1005,18 @@ std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool b
 
 /// One side's workspace, filled by classify_side and sort_sides.
 struct SideBuffers {
-  DeviceBuffer<int> row_bucket, order, bucket, count, first;
+  DeviceBuffer<int> row_bucket, chunk_counts, order, bucket, count, first;
   DeviceBuffer<int2> tiles;
   DeviceBuffer<int2> tile_count;
   DeviceBuffer<std::int64_t> list_offsets;
   DeviceBuffer<std::int32_t> list_indices;
-  int heads = 0, seq = 0, buckets = 1, max_tiles = 0;
+  int heads = 0, seq = 0, chunks = 0, buckets = 1, max_tiles = 0;
 
   SideBuffers(std::int64_t heads_, std::int64_t seq_, int buckets_)
-      : row_bucket(heads_ * seq_), order(heads_ * seq_), bucket(heads_ * seq_), count(heads_),
-        first(heads_ * (buckets_ + 2)), tiles(heads_ * sparse::max_tiles(seq_, buckets_)), tile_count(heads_),
-        heads(static_cast<int>(heads_)), seq(static_cast<int>(seq_)), buckets(buckets_),
+      : row_bucket(heads_ * seq_), chunk_counts(heads_ * (buckets_ + 1) * chunks_of(seq_)), order(heads_ * seq_),
+        bucket(heads_ * seq_), count(heads_), first(heads_ * (buckets_ + 2)),
+        tiles(heads_ * sparse::max_tiles(seq_, buckets_)), tile_count(heads_), heads(static_cast<int>(heads_)),
+        seq(static_cast<int>(seq_)), chunks(static_cast<int>(chunks_of(seq_))), buckets(buckets_),
         max_tiles(static_cast<int>(sparse::max_tiles(seq_, buckets_))) {}
 
   SortedRows view() const {
@@ -924,8 +1024,8 @@ struct SideBuffers {
             max_tiles};
   }
   SortSide sort_side() {
-    return {row_bucket.data(), seq,         heads,         order.data(), bucket.data(),
-            count.data(),      first.data(), tiles.data(), tile_count.data(), max_tiles};
+    return {row_bucket.data(), chunk_counts.data(), seq,          heads,        chunks,           order.data(),
+            bucket.data(),     count.data(),        first.data(), tiles.data(), tile_count.data(), max_tiles};
   }
 };
 
@@ -940,7 +1040,7 @@ void mark_listed_side(SideBuffers& side, const std::vector<std::int64_t>& offset
     ATTN_CUDA_CHECK(cudaMemcpyAsync(side.list_indices.data(), indices.data(), side.list_indices.bytes(),
                                     cudaMemcpyHostToDevice));
   mark_listed_rows_kernel<<<side.heads, 256>>>(side.list_offsets.data(), side.list_indices.data(), side.seq,
-                                               side.row_bucket.data());
+                                               side.chunks, side.row_bucket.data(), side.chunk_counts.data());
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -952,20 +1052,75 @@ ClassifySide classify_side(SideBuffers& side, const void* x, const Strides& stri
   c.strides = strides;
   c.heads = side.heads / batch;
   c.seq = side.seq;
-  c.blocks_per_head = cuda::ceil_div(side.seq, kClassifyThreads);
+  c.chunks = side.chunks;
   c.queries = queries;
   c.drop_permille = drop_permille;
   c.row_bucket = side.row_bucket.data();
+  c.chunk_counts = side.chunk_counts.data();
   return c;
 }
 
-/// Both sides' stable sorts in one launch (SCFA Alg. 1 lines 2-3); `statistics` (or nullptr) zeroed there.
+/// R as classify_rows_kernel's argument (Half = buckets / 2 > 0), computed on the host (projection_entry is exact,
+/// so the same R as projection_kernel's); kept for the thread's next pass with the same seed (R depends on
+/// nothing else).
+template <int D, int Half>
+const FixedProjection<D, Half>& fixed_projection(std::uint64_t seed) {
+  thread_local FixedProjection<D, Half> r{};
+  thread_local std::uint64_t made_for = 0;
+  thread_local bool made = false;
+  if (!made || made_for != seed) {
+    for (int d = 0; d < D; ++d)
+      for (int c = 0; c < Half; ++c) r.r[d * Half + c] = projection_entry(seed, d, c);
+    made_for = seed;
+    made = true;
+  }
+  return r;
+}
+
+/// The Half of classify_rows_kernel's FixedProjection: buckets / 2 where that is 1, 2, 4 or 8 (hash-sparse, up to
+/// kMaxFixedHalf), else 0 (R in memory, `Classify::projection`; QK-sparse and one bucket have none).
+int argument_half(Mode mode, int buckets) {
+  static_assert(kMaxFixedHalf == 8, "the cases below");
+  const int half = buckets / 2;
+  return mode == Mode::hash && (half == 1 || half == 2 || half == 4 || half == 8) ? half : 0;
+}
+
+/// Both sides' classify_rows_kernel, with R an argument or in memory (argument_half).
+template <class T, int D>
+void launch_classify(const Classify& c, const ClassifySide& queries, const ClassifySide& keys, int batch) {
+  const dim3 grid(queries.heads * queries.chunks + keys.heads * keys.chunks, batch);
+  const int counts_bytes = (c.buckets + 1) * static_cast<int>(sizeof(int));
+  auto launch = [&](auto half) {
+    constexpr int Half = decltype(half)::value;
+    if constexpr (Half > 0) {
+      classify_rows_kernel<T, D, Half><<<grid, kChunkRows, counts_bytes>>>(c, queries, keys,
+                                                                            fixed_projection<D, Half>(c.seed));
+    } else {
+      const int smem = (c.staged ? c.projection_floats * static_cast<int>(sizeof(float)) : 0) + counts_bytes;
+      classify_rows_kernel<T, D, 0><<<grid, kChunkRows, smem>>>(c, queries, keys, FixedProjection<D, 0>{});
+    }
+    ATTN_CUDA_CHECK_LAUNCH();
+  };
+  switch (argument_half(c.mode, c.buckets)) {
+    case 1: launch(std::integral_constant<int, 1>{}); return;
+    case 2: launch(std::integral_constant<int, 2>{}); return;
+    case 4: launch(std::integral_constant<int, 4>{}); return;
+    case 8: launch(std::integral_constant<int, 8>{}); return;
+    default: launch(std::integral_constant<int, 0>{}); return;
+  }
+}
+
+/// Both sides' stable sorts (SCFA Alg. 1 lines 2-3), after the chunks' counts (classify_rows_kernel or
+/// mark_listed_rows_kernel): the counts scanned into positions per head, then every chunk's rows placed, each
+/// step one launch for both sides; `statistics` (or nullptr) zeroed by the scan.
 void sort_sides(SideBuffers& queries, SideBuffers& keys, int buckets, unsigned long long* statistics) {
-  const int smem = (kSortWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
-  if (smem > 48 * 1024)
-    ATTN_CUDA_CHECK(cudaFuncSetAttribute(sort_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  sort_rows_kernel<<<queries.heads + keys.heads, 32 * kSortWarps, smem>>>(queries.sort_side(), keys.sort_side(),
-                                                                          buckets, statistics);
+  const int scan_smem = (2 * buckets + 2) * static_cast<int>(sizeof(int));
+  scan_chunks_kernel<<<queries.heads + keys.heads, kScanThreads, scan_smem>>>(queries.sort_side(), keys.sort_side(),
+                                                                             buckets, statistics);
+  ATTN_CUDA_CHECK_LAUNCH();
+  const int place_smem = (kChunkWarps + 1) * (buckets + 1) * static_cast<int>(sizeof(int));
+  place_rows_kernel<<<queries.heads * queries.chunks + keys.heads * keys.chunks, kChunkRows, place_smem>>>(
+      queries.sort_side(), keys.sort_side(), buckets);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
@@ -990,7 +1145,7 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
   classify.mode = lists != nullptr ? Mode::qk : s.mode;
   classify.buckets = kept_buckets(s, lists);
   classify.seed = s.seed;
-  if (classify.mode == Mode::hash && classify.buckets > 1) {
+  if (classify.mode == Mode::hash && classify.buckets > 1 && argument_half(classify.mode, classify.buckets) == 0) {
     const int half = classify.buckets / 2;
     prepared.projection = DeviceBuffer<float>(static_cast<std::size_t>(D) * half);
     projection_kernel<<<cuda::ceil_div(D * half, 256), 256>>>(prepared.projection.data(), s.seed, D, half);
@@ -1006,17 +1161,14 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
   } else {  // both sides in one launch
     const ClassifySide queries = classify_side(prepared.queries, t.q, t.q_strides, batch, true, s.drop_q_permille);
     const ClassifySide keys = classify_side(prepared.keys, t.k, t.kv_strides, batch, false, s.drop_k_permille);
-    const int smem = classify.staged ? classify.projection_floats * static_cast<int>(sizeof(float)) : 0;
-    const dim3 grid(queries.heads * queries.blocks_per_head + keys.heads * keys.blocks_per_head, batch);
-    classify_rows_kernel<T, D><<<grid, kClassifyThreads, smem>>>(classify, queries, keys);
-    ATTN_CUDA_CHECK_LAUNCH();
+    launch_classify<T, D>(classify, queries, keys, batch);
   }
   sort_sides(prepared.queries, prepared.keys, classify.buckets, statistics);
   params.queries = prepared.queries.view();
   params.keys = prepared.keys.view();
   params.spans = prepared.spans.data();
   const long long rows = p.lse_elements();
-  spans_kernel<<<cuda::ceil_div(rows, 256), 256>>>(params, rows, statistics, block_cols);
+  spans_kernel<<<cuda::ceil_div(rows, kSpansThreads), kSpansThreads>>>(params, rows, statistics, block_cols);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 

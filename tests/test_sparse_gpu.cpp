@@ -164,8 +164,9 @@ TEST_CASE("sparse/gpu with more than 32 buckets, several tiles in some, and an R
           "[sparse][gpu]") {
   // The sort lists the tiles 32 buckets at a time and rank by rank: 34 and 40 buckets over 4500 rows (about 130
   // rows a bucket, so many buckets have two tiles and some three), nb / 2 odd (17: bucket_of) and a multiple of 4
-  // (20: bucket_of_by_four). The classification copies R to shared memory up to 48 KiB: with d = 128, 250 and 256
-  // buckets (R of 125 and 128 columns, 62.5 and 64 KiB) it reads R from global memory instead.
+  // (20: bucket_of_by_four), both with R in shared memory (up to 16 buckets R is a kernel argument instead).
+  // The classification copies R to shared memory up to 40 KiB: with d = 128, 250 and 256 buckets (R of 125 and
+  // 128 columns, 62.5 and 64 KiB) it reads R from global memory instead.
   struct Case {
     AttentionProblem problem;
     int buckets;
