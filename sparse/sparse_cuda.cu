@@ -104,10 +104,12 @@ struct Classify {
   bool staged = false;                // R copied to shared memory by every thread block (kMaxStagedProjection)
 };
 
-/// Rows per thread block of classify_rows_kernel and of place_rows_kernel, one per thread: a "chunk". The sort
-/// counts each chunk's rows per bucket, scans those counts, then places each chunk's rows.
-constexpr int kChunkRows = 128;
+/// Rows per thread block of classify_rows_kernel (two per thread) and of place_rows_kernel (one per thread): a
+/// "chunk". The sort counts each chunk's rows per bucket, scans those counts, then places each chunk's rows.
+constexpr int kChunkRows = 256;
 constexpr int kChunkWarps = kChunkRows / 32;
+constexpr int kClassifyRows = 2;  // rows per thread of classify_rows_kernel: rows t and t + kClassifyThreads
+constexpr int kClassifyThreads = kChunkRows / kClassifyRows;
 
 /// One side (queries or keys) for classify_rows_kernel: the tensor, its heads and length, where the rows' buckets
 /// go (row_bucket[(b * heads + h) * seq + i]) and where each chunk's count of rows per bucket goes
@@ -152,32 +154,71 @@ __device__ __forceinline__ int bucket_of_row(const float (&x)[HeadDim], int buck
   return buckets / 2 % 4 == 0 ? bucket_of_by_four(x, buckets, projection) : bucket_of(x, HeadDim, buckets, projection);
 }
 
-/// bucket_of with R an argument (FixedProjection): the same fused multiply-adds in the same order for each of the
-/// Half dot products (independent of each other, so the compiler interleaves them), and the projections
-/// considered in the same order.
-template <int HeadDim, int Half>
-__device__ __forceinline__ int bucket_of_fixed(const float (&x)[HeadDim], const FixedProjection<HeadDim, Half>& r) {
-  float dot[Half];
+/// bucket_of of kClassifyRows rows at once (row k at rows[k], 16-byte aligned; nullptr: none, bucket left as is),
+/// with R an argument (FixedProjection): for each row the same fused multiply-adds in the same order for each of
+/// the Half dot products (independent of each other, so the compiler interleaves them), and the projections
+/// considered in the same order. The rows are read 16 bytes (8 elements) at a time, and each entry of R, loaded
+/// once into a uniform register, serves every row.
+template <class T, int HeadDim, int Half>
+__device__ __forceinline__ void buckets_of_fixed(const T* const (&rows)[kClassifyRows],
+                                                 const FixedProjection<HeadDim, Half>& r, int (&bucket)[kClassifyRows]) {
+  float dot[kClassifyRows][Half] = {};
 #pragma unroll
-  for (int c = 0; c < Half; ++c) {
-    dot[c] = 0;
+  for (int piece = 0; piece < HeadDim / 8; ++piece) {
+    uint4 bits[kClassifyRows];
 #pragma unroll
-    for (int d = 0; d < HeadDim; ++d) dot[c] = fused_multiply_add(x[d], r.r[d * Half + c], dot[c]);
+    for (int k = 0; k < kClassifyRows; ++k)
+      bits[k] = rows[k] != nullptr ? reinterpret_cast<const uint4*>(rows[k])[piece] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int d = piece * 8 + e;
+#pragma unroll
+      for (int c = 0; c < Half; ++c) {
+        const float entry = r.r[d * Half + c];
+#pragma unroll
+        for (int k = 0; k < kClassifyRows; ++k) {
+          const float x = cuda::to_float(reinterpret_cast<const T*>(&bits[k])[e]);
+          dot[k][c] = fused_multiply_add(x, entry, dot[k][c]);
+        }
+      }
+    }
   }
-  int best = 0;
-  float best_value = 0;
 #pragma unroll
-  for (int c = 0; c < Half; ++c) consider_projection(c, Half, dot[c], best, best_value);
-  return best;
+  for (int k = 0; k < kClassifyRows; ++k) {
+    if (rows[k] == nullptr) continue;
+    float best_value = 0;
+    bucket[k] = 0;
+#pragma unroll
+    for (int c = 0; c < Half; ++c) consider_projection(c, Half, dot[k][c], bucket[k], best_value);
+  }
+}
+
+/// One row (HeadDim elements from `x`, 16-byte aligned) converted to fp32, 16 bytes per load.
+template <class T, int HeadDim>
+__device__ __forceinline__ void load_row(const T* x, float (&values)[HeadDim]) {
+  const uint4* source = reinterpret_cast<const uint4*>(x);
+#pragma unroll
+  for (int piece = 0; piece < HeadDim / 8; ++piece) {
+    const uint4 bits = source[piece];
+    const T* elements = reinterpret_cast<const T*>(&bits);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
+  }
 }
 
 /// One chunk's count of rows per bucket (`all` buckets; bucket -1: no row), written to counts[b * stride]: what the
-/// sort's scan turns into positions. Called by every thread of the block; `histogram` is `all` ints of shared memory.
-__device__ __forceinline__ void count_chunk(int bucket, int all, int* histogram, int* counts, int stride) {
+/// sort's scan turns into positions. Called by every thread of the block with its rows' buckets; `histogram` is
+/// `all` ints of shared memory.
+__device__ __forceinline__ void count_chunk(const int (&bucket)[kClassifyRows], int all, int* histogram, int* counts,
+                                            int stride) {
   for (int b = threadIdx.x; b < all; b += blockDim.x) histogram[b] = 0;
   __syncthreads();
-  const unsigned same = __match_any_sync(0xffffffffu, bucket);  // the lanes of the warp with this bucket
-  if (bucket >= 0 && (same & ((1u << threadIdx.x % 32) - 1u)) == 0) atomicAdd(&histogram[bucket], __popc(same));
+#pragma unroll
+  for (int k = 0; k < kClassifyRows; ++k) {
+    const unsigned same = __match_any_sync(0xffffffffu, bucket[k]);  // the lanes of the warp with this bucket
+    if (bucket[k] >= 0 && (same & ((1u << threadIdx.x % 32) - 1u)) == 0)
+      atomicAdd(&histogram[bucket[k]], __popc(same));
+  }
   __syncthreads();
   for (int b = threadIdx.x; b < all; b += blockDim.x) counts[b * stride] = histogram[b];
 }
@@ -186,14 +227,14 @@ __device__ __forceinline__ void count_chunk(int bucket, int all, int* histogram,
 /// chunk's counts it stays within the default limit of 48 KiB); a larger one is read from global memory.
 constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float));
 
-/// The bucket of every row of both sides, in original order, one thread per row and one thread block per chunk,
+/// The bucket of every row of both sides, in original order, two rows per thread and one thread block per chunk,
 /// in one launch: the query side's thread blocks first (chunks per head), then the key side's; blockIdx.y is the
 /// batch. QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees
-/// it), with R an argument (Half > 0: no loads of R at all), or else in shared memory (shared-memory broadcasts
-/// rather than global loads queued behind the rows' own) or, when too large, global memory. Each chunk's count of
-/// rows per bucket is the first step of the sort (place_rows_kernel).
+/// it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows), or else in shared
+/// memory (shared-memory broadcasts rather than global loads queued behind the rows' own) or, when too large,
+/// global memory. Each chunk's count of rows per bucket is the first step of the sort (place_rows_kernel).
 template <class T, int HeadDim, int Half>
-__global__ void __launch_bounds__(kChunkRows)
+__global__ void __launch_bounds__(kClassifyThreads)
     classify_rows_kernel(const Classify c, const ClassifySide queries, const ClassifySide keys,
                          const __grid_constant__ FixedProjection<HeadDim, Half> fixed) {
   extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged, then counts
@@ -202,39 +243,47 @@ __global__ void __launch_bounds__(kChunkRows)
   const ClassifySide side = query_side ? queries : keys;
   const int block = query_side ? blockIdx.x : blockIdx.x - query_blocks;
   const int head = block / side.chunks, chunk = block % side.chunks, b = blockIdx.y;
-  const int i = chunk * kChunkRows + threadIdx.x;
   const long long flat_head = static_cast<long long>(b) * side.heads + head;
-  int bucket = -1;  // none: past the end of the side
+  auto row_pointer = [&](int i) {  // row i of this (batch, head)
+    return static_cast<const T*>(side.x) + b * side.strides.batch + head * side.strides.head + i * side.strides.seq;
+  };
+  int row[kClassifyRows], bucket[kClassifyRows];
+#pragma unroll
+  for (int k = 0; k < kClassifyRows; ++k) {
+    row[k] = chunk * kChunkRows + k * kClassifyThreads + threadIdx.x;
+    bucket[k] = -1;  // none: past the end of the side
+  }
   if (c.mode == Mode::qk) {
     const std::uint64_t stream = side.queries ? query_stream(gridDim.y, side.heads, b, head)
                                                  : key_stream(gridDim.y, side.heads, b, head);
-    if (i < side.seq) bucket = keep_row(c.seed, stream, i, side.drop_permille) ? 0 : 1;
+#pragma unroll
+    for (int k = 0; k < kClassifyRows; ++k)
+      if (row[k] < side.seq) bucket[k] = keep_row(c.seed, stream, row[k], side.drop_permille) ? 0 : 1;
+  } else if constexpr (Half > 0) {
+    const T* rows[kClassifyRows];
+#pragma unroll
+    for (int k = 0; k < kClassifyRows; ++k) rows[k] = row[k] < side.seq ? row_pointer(row[k]) : nullptr;
+    buckets_of_fixed(rows, fixed, bucket);
   } else {
-    if (Half == 0 && c.staged) {
-      for (int k = threadIdx.x; k < c.projection_floats; k += kChunkRows) staged_projection[k] = c.projection[k];
+    if (c.staged) {
+      for (int k = threadIdx.x; k < c.projection_floats; k += kClassifyThreads) staged_projection[k] = c.projection[k];
       __syncthreads();
     }
-    if (i < side.seq) {
-      // The row in 16-byte pieces (rows start 16-byte aligned: gpu_caps' stride and pointer rules).
-      const T* x =
-          static_cast<const T*>(side.x) + b * side.strides.batch + head * side.strides.head + i * side.strides.seq;
-      const uint4* source = reinterpret_cast<const uint4*>(x);
+    for (int k = 0; k < kClassifyRows; ++k) {  // one row after the other (the registers of one)
+      const int i = chunk * kChunkRows + k * kClassifyThreads + threadIdx.x;
+      if (i >= side.seq) continue;
       float values[HeadDim];
+      load_row(row_pointer(i), values);
+      const int hashed = c.staged ? bucket_of_row(values, c.buckets, staged_projection)
+                                  : bucket_of_row(values, c.buckets, c.projection);
 #pragma unroll
-      for (int piece = 0; piece < HeadDim / 8; ++piece) {
-        const uint4 bits = source[piece];
-        const T* elements = reinterpret_cast<const T*>(&bits);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) values[piece * 8 + e] = cuda::to_float(elements[e]);
-      }
-      if constexpr (Half > 0)
-        bucket = bucket_of_fixed(values, fixed);
-      else
-        bucket = c.staged ? bucket_of_row(values, c.buckets, staged_projection)
-                          : bucket_of_row(values, c.buckets, c.projection);
+      for (int j = 0; j < kClassifyRows; ++j)  // (bucket[k] would put the array in local memory)
+        if (j == k) bucket[j] = hashed;
     }
   }
-  if (i < side.seq) side.row_bucket[flat_head * side.seq + i] = bucket;
+#pragma unroll
+  for (int k = 0; k < kClassifyRows; ++k)
+    if (row[k] < side.seq) side.row_bucket[flat_head * side.seq + row[k]] = bucket[k];
   const int all = c.buckets + 1;
   int* histogram = reinterpret_cast<int*>(staged_projection + (Half == 0 && c.staged ? c.projection_floats : 0));
   count_chunk(bucket, all, histogram, side.chunk_counts + flat_head * all * side.chunks + chunk, side.chunks);
@@ -1093,11 +1142,11 @@ void launch_classify(const Classify& c, const ClassifySide& queries, const Class
   auto launch = [&](auto half) {
     constexpr int Half = decltype(half)::value;
     if constexpr (Half > 0) {
-      classify_rows_kernel<T, D, Half><<<grid, kChunkRows, counts_bytes>>>(c, queries, keys,
-                                                                            fixed_projection<D, Half>(c.seed));
+      classify_rows_kernel<T, D, Half><<<grid, kClassifyThreads, counts_bytes>>>(c, queries, keys,
+                                                                                  fixed_projection<D, Half>(c.seed));
     } else {
       const int smem = (c.staged ? c.projection_floats * static_cast<int>(sizeof(float)) : 0) + counts_bytes;
-      classify_rows_kernel<T, D, 0><<<grid, kChunkRows, smem>>>(c, queries, keys, FixedProjection<D, 0>{});
+      classify_rows_kernel<T, D, 0><<<grid, kClassifyThreads, smem>>>(c, queries, keys, FixedProjection<D, 0>{});
     }
     ATTN_CUDA_CHECK_LAUNCH();
   };
