@@ -490,23 +490,25 @@ constexpr int kSpansThreads = 256;
 /// pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs forward_kernel will compute
 /// into statistics[1]: a Q tile's queries all start at their bucket's first key x, so the tile whose last
 /// query this is visits ceil((y - x) / Bc) K/V tiles (forward_kernel's `tiles`), known before it runs.
-__global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, long long rows,
+/// One thread block per kSpansThreads positions of one (batch, query head), `blocks_per_head` of them per head:
+/// the head and position from 32-bit arithmetic on blockIdx.x, not a 64-bit division per thread.
+__global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, int blocks_per_head,
                                                               unsigned long long* statistics, int block_cols) {
-  const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int q_flat = blockIdx.x / blocks_per_head;  // b * q_heads + h
+  const int position = (blockIdx.x % blocks_per_head) * kSpansThreads + threadIdx.x;
+  const long long row = static_cast<long long>(q_flat) * p.seq_q + position;
   const int kv_heads = p.q_heads / p.group_size;
   int2 span = make_int2(0, 0);
   bool last_of_tile = false;  // the last query of its Q tile (kRowTile rows from its bucket's first)
-  if (row < rows) {
-    const long long q_flat = row / p.seq_q;
-    const int position = static_cast<int>(row % p.seq_q);
-    const long long k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
+  if (position < p.seq_q) {
+    const int k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
     if (position < p.queries.count[q_flat]) {
       const int query = p.queries.order[row], bucket = p.queries.bucket[row];
-      const int* query_first = p.queries.first + q_flat * (p.queries.buckets + 2);
+      const int* query_first = p.queries.first + static_cast<long long>(q_flat) * (p.queries.buckets + 2);
       last_of_tile =
           position + 1 == query_first[bucket + 1] || (position - query_first[bucket]) % kRowTile == kRowTile - 1;
-      const int* key_first = p.keys.first + k_flat * (p.keys.buckets + 2);
-      const int* key_order = p.keys.order + k_flat * p.seq_k;
+      const int* key_first = p.keys.first + static_cast<long long>(k_flat) * (p.keys.buckets + 2);
+      const int* key_order = p.keys.order + static_cast<long long>(k_flat) * p.seq_k;
       const int limit = query + (p.seq_k - p.seq_q);  // the last original key index it may see, with causal
       span.x = key_first[bucket];
       span.y = p.causal ? lower_bound(span.x, key_first[bucket + 1], [&](int c) { return key_order[c] <= limit; })
@@ -1216,8 +1218,9 @@ void prepare(Prepared& prepared, Params& params, const AttentionProblem& p, cons
   params.queries = prepared.queries.view();
   params.keys = prepared.keys.view();
   params.spans = prepared.spans.data();
-  const long long rows = p.lse_elements();
-  spans_kernel<<<cuda::ceil_div(rows, kSpansThreads), kSpansThreads>>>(params, rows, statistics, block_cols);
+  const int blocks_per_head = cuda::ceil_div(static_cast<int>(p.seq_q), kSpansThreads);
+  spans_kernel<<<static_cast<unsigned>(p.batch * p.q_heads * blocks_per_head), kSpansThreads>>>(
+      params, blocks_per_head, statistics, block_cols);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 
