@@ -502,8 +502,9 @@ __global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, in
   bool last_of_tile = false;  // the last query of its Q tile (kRowTile rows from its bucket's first)
   if (position < p.seq_q) {
     const int k_flat = (q_flat / p.q_heads) * kv_heads + (q_flat % p.q_heads) / p.group_size;
-    if (position < p.queries.count[q_flat]) {
-      const int query = p.queries.order[row], bucket = p.queries.bucket[row];
+    // The three loads at once (a dropped position's order and bucket are there too, unused): one wait, not two.
+    const int kept = p.queries.count[q_flat], query = p.queries.order[row], bucket = p.queries.bucket[row];
+    if (position < kept) {
       const int* query_first = p.queries.first + static_cast<long long>(q_flat) * (p.queries.buckets + 2);
       last_of_tile =
           position + 1 == query_first[bucket + 1] || (position - query_first[bucket]) % kRowTile == kRowTile - 1;
