@@ -223,6 +223,13 @@ __device__ __forceinline__ void count_chunk(const int (&bucket)[kClassifyRows], 
   for (int b = threadIdx.x; b < all; b += blockDim.x) counts[b * stride] = histogram[b];
 }
 
+/// The shared memory of classify_rows_kernel before the chunk's counts: with R an argument (Half > 0), the chunk's
+/// rows (padded, as flash_v2's tiles); else nothing, or R when staged (Classify::staged).
+template <class T, int HeadDim, int Half>
+constexpr int classify_rows_bytes() {
+  return Half > 0 ? kChunkRows * padded(HeadDim) * static_cast<int>(sizeof(T)) : 0;
+}
+
 /// The largest R (in floats) every thread block of classify_rows_kernel copies to shared memory (40 KiB: with the
 /// chunk's counts it stays within the default limit of 48 KiB); a larger one is read from global memory.
 constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float));
@@ -230,14 +237,16 @@ constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float))
 /// The bucket of every row of both sides, in original order, two rows per thread and one thread block per chunk,
 /// in one launch: the query side's thread blocks first (chunks per head), then the key side's; blockIdx.y is the
 /// batch. QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees
-/// it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows), or else in shared
-/// memory (shared-memory broadcasts rather than global loads queued behind the rows' own) or, when too large,
-/// global memory. Each chunk's count of rows per bucket is the first step of the sort (place_rows_kernel).
+/// it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows; the chunk's rows first
+/// copied to shared memory with coalesced loads), or else in shared memory (shared-memory broadcasts rather than
+/// global loads queued behind the rows' own) or, when too large, global memory. Each chunk's count of rows per
+/// bucket is the first step of the sort (place_rows_kernel).
 template <class T, int HeadDim, int Half>
 __global__ void __launch_bounds__(kClassifyThreads)
     classify_rows_kernel(const Classify c, const ClassifySide queries, const ClassifySide keys,
                          const __grid_constant__ FixedProjection<HeadDim, Half> fixed) {
-  extern __shared__ __align__(16) float staged_projection[];  // [c.projection_floats] when c.staged, then counts
+  // The chunk's rows (Half > 0) or R (when c.staged), then the chunk's counts.
+  extern __shared__ __align__(16) unsigned char classify_shared[];
   const int query_blocks = queries.heads * queries.chunks;
   const bool query_side = static_cast<int>(blockIdx.x) < query_blocks;
   const ClassifySide side = query_side ? queries : keys;
@@ -260,11 +269,24 @@ __global__ void __launch_bounds__(kClassifyThreads)
     for (int k = 0; k < kClassifyRows; ++k)
       if (row[k] < side.seq) bucket[k] = keep_row(c.seed, stream, row[k], side.drop_permille) ? 0 : 1;
   } else if constexpr (Half > 0) {
+    // The chunk's rows copied to shared memory, consecutive threads on consecutive 16 bytes of a row: a warp's
+    // copy covers 512 bytes of 4 rows (8 of d = 32), where each thread loading its own row from global memory
+    // would touch 32 rows (32 cache lines) per warp-wide load.
+    constexpr int kStride = padded(HeadDim);
+    T* tile = reinterpret_cast<T*>(classify_shared);
+    const int first = chunk * kChunkRows;
+    mma::load_tile_async_unrolled<kChunkRows, HeadDim, kStride, kClassifyThreads>(tile, row_pointer(first),
+                                                                                  side.strides.seq, side.seq - first);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
     const T* rows[kClassifyRows];
 #pragma unroll
-    for (int k = 0; k < kClassifyRows; ++k) rows[k] = row[k] < side.seq ? row_pointer(row[k]) : nullptr;
+    for (int k = 0; k < kClassifyRows; ++k)
+      rows[k] = row[k] < side.seq ? tile + (k * kClassifyThreads + threadIdx.x) * kStride : nullptr;
     buckets_of_fixed(rows, fixed, bucket);
   } else {
+    float* staged_projection = reinterpret_cast<float*>(classify_shared);
     if (c.staged) {
       for (int k = threadIdx.x; k < c.projection_floats; k += kClassifyThreads) staged_projection[k] = c.projection[k];
       __syncthreads();
@@ -285,7 +307,9 @@ __global__ void __launch_bounds__(kClassifyThreads)
   for (int k = 0; k < kClassifyRows; ++k)
     if (row[k] < side.seq) side.row_bucket[flat_head * side.seq + row[k]] = bucket[k];
   const int all = c.buckets + 1;
-  int* histogram = reinterpret_cast<int*>(staged_projection + (Half == 0 && c.staged ? c.projection_floats : 0));
+  const int before_counts = Half == 0 && c.staged ? c.projection_floats * static_cast<int>(sizeof(float))
+                                                  : classify_rows_bytes<T, HeadDim, Half>();
+  int* histogram = reinterpret_cast<int*>(classify_shared + before_counts);
   count_chunk(bucket, all, histogram, side.chunk_counts + flat_head * all * side.chunks + chunk, side.chunks);
 }
 
@@ -1145,8 +1169,11 @@ void launch_classify(const Classify& c, const ClassifySide& queries, const Class
   auto launch = [&](auto half) {
     constexpr int Half = decltype(half)::value;
     if constexpr (Half > 0) {
-      classify_rows_kernel<T, D, Half><<<grid, kClassifyThreads, counts_bytes>>>(c, queries, keys,
-                                                                                  fixed_projection<D, Half>(c.seed));
+      auto kernel = classify_rows_kernel<T, D, Half>;
+      const int smem = classify_rows_bytes<T, D, Half>() + counts_bytes;  // the same on every pass
+      static const bool configured = allow_shared_memory(kernel, smem);  // once per kernel (above 48 KiB at d >= 96)
+      (void)configured;
+      kernel<<<grid, kClassifyThreads, smem>>>(c, queries, keys, fixed_projection<D, Half>(c.seed));
     } else {
       const int smem = (c.staged ? c.projection_floats * static_cast<int>(sizeof(float)) : 0) + counts_bytes;
       classify_rows_kernel<T, D, 0><<<grid, kClassifyThreads, smem>>>(c, queries, keys, FixedProjection<D, 0>{});
