@@ -81,8 +81,9 @@ __global__ void projection_kernel(float* projection, std::uint64_t seed, int hea
 }
 
 /// R passed by value as a kernel argument, for Half = buckets / 2 up to kMaxFixedHalf: a kernel's arguments sit in
-/// its constant bank, so each fused multiply-add of the hash takes its entry of R (the same for the whole warp) as
-/// an operand, with no load instruction at all. Half = 0: R is read from memory instead (Classify::projection).
+/// its constant bank, so each entry of R (the same for the whole warp) goes from there into a uniform register,
+/// one load per warp, not one per thread through shared or global memory. Half = 0: R is read from memory
+/// instead (Classify::projection).
 template <int HeadDim, int Half>
 struct FixedProjection {
   float r[HeadDim * Half];  // R[d][c] at d * Half + c
