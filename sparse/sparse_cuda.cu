@@ -49,6 +49,9 @@ constexpr int kRowTile = 128;
 ///                            dropped rows'. A forward Q block of rank r sees about r + 1 K/V tiles of its bucket
 ///                            and a backward K block of rank r about (the bucket's tiles - r) Q blocks: taken in
 ///                            this order (backward) or its reverse (forward), the longest blocks start first.
+///   chunk_first[(head * (buckets + 1) + b) * chunks + k]: the first sorted position of the rows of bucket b among
+///                            original rows [k * kChunkRows, (k + 1) * kChunkRows) (the sort's scan), so that a
+///                            search for an original index needs to look at one chunk's rows of a bucket only.
 struct SortedRows {
   const int* order = nullptr;
   const int* bucket = nullptr;
@@ -58,6 +61,8 @@ struct SortedRows {
   const int2* tile_count = nullptr;
   int buckets = 1;  // kept buckets
   int max_tiles = 0;
+  const int* chunk_first = nullptr;
+  int chunks = 0;
 };
 
 struct Params : cuda::AttentionParams {
@@ -510,8 +515,8 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
 constexpr int kSpansThreads = 256;
 
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
-/// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search in
-/// the bucket's sorted keys; without causal, the next bucket's first key). Dropped positions get (0, 0). When
+/// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search among
+/// the bucket's keys of the limit's chunk, SortedRows::chunk_first; without causal, the next bucket's first key). Dropped positions get (0, 0). When
 /// `statistics` is given (the forward's, with its `block_cols`) it also counts, for the counters, the visible
 /// pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs forward_kernel will compute
 /// into statistics[1]: a Q tile's queries all start at their bucket's first key x, so the tile whose last
@@ -538,8 +543,18 @@ __global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, in
       const int* key_order = p.keys.order + static_cast<long long>(k_flat) * p.seq_k;
       const int limit = query + (p.seq_k - p.seq_q);  // the last original key index it may see, with causal
       span.x = key_first[bucket];
-      span.y = p.causal ? lower_bound(span.x, key_first[bucket + 1], [&](int c) { return key_order[c] <= limit; })
-                        : key_first[bucket + 1];
+      span.y = key_first[bucket + 1];
+      if (p.causal && limit < 0) {
+        span.y = span.x;
+      } else if (p.causal && limit < p.seq_k - 1) {
+        // The bucket's keys with original index <= limit: all those of the chunks before limit's, then a binary
+        // search among the bucket's keys of limit's chunk only (at most kChunkRows, not the whole bucket).
+        const int chunk = limit / kChunkRows;
+        const int* starts = p.keys.chunk_first + (static_cast<long long>(k_flat) * (p.keys.buckets + 1) + bucket) *
+                                                     p.keys.chunks;  // of the bucket's keys, chunk by chunk
+        const int high = chunk + 1 < p.keys.chunks ? starts[chunk + 1] : span.y;
+        span.y = lower_bound(starts[chunk], high, [&](int c) { return key_order[c] <= limit; });
+      }
     }
     p.spans[row] = span;
   }
@@ -1098,8 +1113,8 @@ struct SideBuffers {
         max_tiles(static_cast<int>(sparse::max_tiles(seq_, buckets_))) {}
 
   SortedRows view() const {
-    return {order.data(), bucket.data(), count.data(), first.data(), tiles.data(), tile_count.data(), buckets,
-            max_tiles};
+    return {order.data(), bucket.data(), count.data(),     first.data(),        tiles.data(),
+            tile_count.data(), buckets,   max_tiles, chunk_counts.data(), chunks};
   }
   SortSide sort_side() {
     return {row_bucket.data(), chunk_counts.data(), seq,          heads,        chunks,           order.data(),
