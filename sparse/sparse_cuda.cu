@@ -87,14 +87,18 @@ __global__ void projection_kernel(float* projection, std::uint64_t seed, int hea
 
 /// R passed by value as a kernel argument, for Half = buckets / 2 up to kMaxFixedHalf: a kernel's arguments sit in
 /// its constant bank, so each entry of R (the same for the whole warp) goes from there into a uniform register,
-/// one load per warp, not one per thread through shared or global memory. Half = 0: R is read from memory
-/// instead (Classify::projection).
-template <int HeadDim, int Half>
+/// one load per warp, not one per thread through shared or global memory. Half = 0: hash-sparse with R read from
+/// memory instead (Classify::projection); Half = kKeepDraws: QK-sparse, no R (classify_rows_kernel's variants).
+template <int HeadDim, int Half, bool Argument = (Half > 0)>
 struct FixedProjection {
   float r[HeadDim * Half];  // R[d][c] at d * Half + c
 };
-template <int HeadDim>
-struct FixedProjection<HeadDim, 0> {};
+template <int HeadDim, int Half>
+struct FixedProjection<HeadDim, Half, false> {};
+
+/// classify_rows_kernel's Half for QK-sparse: the rows' keep draws only (a kernel of its own, without the hash's
+/// code and registers).
+constexpr int kKeepDraws = -1;
 
 /// Up to 16 buckets: R of at most 128 x 8 floats (4 KiB) as an argument.
 constexpr int kMaxFixedHalf = 8;
@@ -243,11 +247,11 @@ constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float))
 
 /// The bucket of every row of both sides, in original order, two rows per thread and one thread block per chunk,
 /// in one launch: the query side's thread blocks first (chunks per head), then the key side's; blockIdx.y is the
-/// batch. QK-sparse: keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as the CPU tier sees
-/// it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows; the chunk's rows first
-/// copied to shared memory with coalesced loads), or else in shared memory (shared-memory broadcasts rather than
-/// global loads queued behind the rows' own) or, when too large, global memory. Each chunk's count of rows per
-/// bucket is the first step of the sort (place_rows_kernel).
+/// batch. QK-sparse (Half = kKeepDraws): keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as
+/// the CPU tier sees it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows; the
+/// chunk's rows first copied to shared memory with coalesced loads), or else in shared memory (shared-memory
+/// broadcasts rather than global loads queued behind the rows' own) or, when too large, global memory. Each
+/// chunk's count of rows per bucket is the first step of the sort (place_rows_kernel).
 template <class T, int HeadDim, int Half>
 __global__ void __launch_bounds__(kClassifyThreads)
     classify_rows_kernel(const Classify c, const ClassifySide queries, const ClassifySide keys,
@@ -269,7 +273,7 @@ __global__ void __launch_bounds__(kClassifyThreads)
     row[k] = chunk * kChunkRows + k * kClassifyThreads + threadIdx.x;
     bucket[k] = -1;  // none: past the end of the side
   }
-  if (c.mode == Mode::qk) {
+  if constexpr (Half == kKeepDraws) {
     const std::uint64_t stream = side.queries ? query_stream(gridDim.y, side.heads, b, head)
                                                  : key_stream(gridDim.y, side.heads, b, head);
 #pragma unroll
@@ -516,11 +520,12 @@ constexpr int kSpansThreads = 256;
 
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
 /// call): its bucket's first key, and the first key of its bucket after its causal limit (a binary search among
-/// the bucket's keys of the limit's chunk, SortedRows::chunk_first; without causal, the next bucket's first key). Dropped positions get (0, 0). When
-/// `statistics` is given (the forward's, with its `block_cols`) it also counts, for the counters, the visible
-/// pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs forward_kernel will compute
-/// into statistics[1]: a Q tile's queries all start at their bucket's first key x, so the tile whose last
-/// query this is visits ceil((y - x) / Bc) K/V tiles (forward_kernel's `tiles`), known before it runs.
+/// the bucket's keys of the limit's chunk, SortedRows::chunk_first; without causal, the next bucket's first key).
+/// Dropped positions get (0, 0). When `statistics` is given (the forward's, with its `block_cols`) it also counts,
+/// for the counters, the visible pairs (the spans' lengths) into statistics[0] and the (Q tile, K/V tile) pairs
+/// forward_kernel will compute into statistics[1]: a Q tile's queries all start at their bucket's first key x, so
+/// the tile whose last query this is visits ceil((y - x) / Bc) K/V tiles (forward_kernel's `tiles`), known before
+/// it runs.
 /// One thread block per kSpansThreads positions of one (batch, query head), `blocks_per_head` of them per head:
 /// the head and position from 32-bit arithmetic on blockIdx.x, not a 64-bit division per thread.
 __global__ void __launch_bounds__(kSpansThreads) spans_kernel(const Params p, int blocks_per_head,
@@ -1170,12 +1175,13 @@ const FixedProjection<D, Half>& fixed_projection(std::uint64_t seed) {
   return r;
 }
 
-/// The Half of classify_rows_kernel's FixedProjection: buckets / 2 where that is 1, 2, 4 or 8 (hash-sparse, up to
-/// kMaxFixedHalf), else 0 (R in memory, `Classify::projection`; QK-sparse and one bucket have none).
+/// The Half of classify_rows_kernel's FixedProjection: kKeepDraws for QK-sparse; for hash-sparse buckets / 2 where
+/// that is 1, 2, 4 or 8 (up to kMaxFixedHalf), else 0 (R in memory, `Classify::projection`; none for one bucket).
 int argument_half(Mode mode, int buckets) {
   static_assert(kMaxFixedHalf == 8, "the cases below");
+  if (mode == Mode::qk) return kKeepDraws;
   const int half = buckets / 2;
-  return mode == Mode::hash && (half == 1 || half == 2 || half == 4 || half == 8) ? half : 0;
+  return half == 1 || half == 2 || half == 4 || half == 8 ? half : 0;
 }
 
 /// Both sides' classify_rows_kernel, with R an argument or in memory (argument_half).
@@ -1193,7 +1199,7 @@ void launch_classify(const Classify& c, const ClassifySide& queries, const Class
       kernel<<<grid, kClassifyThreads, smem>>>(c, queries, keys, fixed_projection<D, Half>(c.seed));
     } else {
       const int smem = (c.staged ? c.projection_floats * static_cast<int>(sizeof(float)) : 0) + counts_bytes;
-      classify_rows_kernel<T, D, 0><<<grid, kClassifyThreads, smem>>>(c, queries, keys, FixedProjection<D, 0>{});
+      classify_rows_kernel<T, D, Half><<<grid, kClassifyThreads, smem>>>(c, queries, keys, FixedProjection<D, Half>{});
     }
     ATTN_CUDA_CHECK_LAUNCH();
   };
@@ -1202,6 +1208,7 @@ void launch_classify(const Classify& c, const ClassifySide& queries, const Class
     case 2: launch(std::integral_constant<int, 2>{}); return;
     case 4: launch(std::integral_constant<int, 4>{}); return;
     case 8: launch(std::integral_constant<int, 8>{}); return;
+    case kKeepDraws: launch(std::integral_constant<int, kKeepDraws>{}); return;
     default: launch(std::integral_constant<int, 0>{}); return;
   }
 }
