@@ -1210,8 +1210,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     prepare<T, D>(prepared, params, p, t, settings, lists, nullptr);
     timer.planned();
     const long long rows = p.lse_elements();
-    flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
-    ATTN_CUDA_CHECK_LAUNCH();
+    flash::launch_backward_prepare<T, D>(params, rows);
     using Shape = BackwardShape<D, kBackwardBr<D>, kBackwardBc>;
     auto kernel = backward_kernel<T, D, kBackwardBr<D>, kBackwardBc>;
     static const bool configured = allow_shared_memory(kernel, Shape::kSmemBytes);  // once per kernel
@@ -1219,9 +1218,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     const dim3 grid(params.keys.max_tiles * static_cast<unsigned>(p.kv_heads), static_cast<int>(p.batch));
     kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
-    const long long elements = rows * D;
-    flash::store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
-    ATTN_CUDA_CHECK_LAUNCH();
+    flash::launch_store_dq<T, D>(params, rows);
   });
   options.counters["plan_ms"] = timer.milliseconds();
 }
