@@ -7,6 +7,7 @@
 
 #include "common/attention_params.cuh"
 #include "common/cuda_device.cuh"
+#include "common/cuda_utils.hpp"
 #include "common/mma.cuh"
 
 namespace attn::flash {
@@ -63,42 +64,103 @@ __device__ __forceinline__ void online_softmax(float (&s)[MTiles][NTiles][4], fl
 /// there rather than inf. The backward kernels convert L_i this way as they load it (one multiply per row).
 __device__ __forceinline__ float lse_to_log2(float lse) { return lse == -kInf ? kInf : lse * kLog2e; }
 
+// The two element-wise kernels around the backward move memory and do almost no arithmetic, so they are written for
+// the memory system: each query row is handled by a quad (4 adjacent lanes; a warp takes 8 rows) in 16-byte
+// pieces, lane q of the quad taking pieces q, q + 4, q + 8, ... of its row, so that every load instruction reads
+// whole 32-byte sectors; a row's place in Q's [batch, head, seq] layout (two 64-bit divisions) is worked out once
+// per row, not once per element. launch_backward_prepare and launch_store_dq launch one quad per row; a larger
+// 1-D grid of whole warps also works (its extra lanes do nothing).
+inline constexpr int kLanesPerRow = 4;
+inline constexpr int kRowThreads = 256;  // threads per thread block of the two kernels
+
+/// The elements that one load or store of `Bytes` bytes moves (16: 8 bf16 / fp16 or 4 floats).
+template <class T, int Bytes = 16>
+struct alignas(Bytes) Piece {
+  T values[Bytes / sizeof(T)];
+};
+
+/// Where query row `row` (counted over batch, q_heads, seq_q in that order) starts in Q, O, dO and dQ, in elements.
+__device__ __forceinline__ long long query_row_offset(const cuda::AttentionParams& p, long long row) {
+  const long long i = row % p.seq_q, batch_head = row / p.seq_q;
+  return batch_head / p.q_heads * p.q_batch + batch_head % p.q_heads * p.q_head + i * p.q_seq;
+}
+
 // Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i) for every row in its original place; dq_accum is cleared
 // separately, by cudaMemsetAsync. Params: cuda::AttentionParams plus float* delta; a stage whose Params also
-// carry float* lse_log2 gets L_i in log2 units there too (lse_to_log2).
+// carry float* lse_log2 gets L_i in log2 units there too (lse_to_log2). Rows start 16-byte aligned.
 template <class T, int HeadDim, class Params>
 __global__ void backward_prepare_kernel(const Params p, long long rows) {
-  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32;
-  const int i = static_cast<int>(row % p.seq_q);
-  const long long bh = row / p.seq_q;
-  const int head = static_cast<int>(bh % p.q_heads), batch = static_cast<int>(bh / p.q_heads);
-  const long long offset = batch * p.q_batch + head * p.q_head + i * p.q_seq;
-  const T* o = static_cast<const T*>(p.o) + offset;
-  const T* d_o = static_cast<const T*>(p.d_o) + offset;
+  using Row = Piece<T>;
+  constexpr int kPerPiece = sizeof(Row) / sizeof(T);
+  constexpr int kPieces = HeadDim / kPerPiece / kLanesPerRow;  // 16-byte pieces per lane
+  static_assert(kPieces * kLanesPerRow * kPerPiece == HeadDim, "a row is whole pieces for each lane");
+  const int lane = threadIdx.x % 32, quad_lane = lane % kLanesPerRow;
+  const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if ((thread - lane) / kLanesPerRow >= rows) return;  // the whole warp: the others reach the shuffles together
+  const long long row = thread / kLanesPerRow;
   float sum = 0.0f;
-  for (int d = lane; d < HeadDim; d += 32) sum += cuda::to_float(o[d]) * cuda::to_float(d_o[d]);
+  if (row < rows) {
+    const long long offset = query_row_offset(p, row);
+    const Row* o = reinterpret_cast<const Row*>(static_cast<const T*>(p.o) + offset) + quad_lane;
+    const Row* d_o = reinterpret_cast<const Row*>(static_cast<const T*>(p.d_o) + offset) + quad_lane;
+    Row o_pieces[kPieces], d_o_pieces[kPieces];
 #pragma unroll
-  for (int step = 16; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (lane == 0) {
+    for (int k = 0; k < kPieces; ++k) {  // every load issued before the first use
+      o_pieces[k] = o[k * kLanesPerRow];
+      d_o_pieces[k] = d_o[k * kLanesPerRow];
+    }
+#pragma unroll
+    for (int k = 0; k < kPieces; ++k)
+#pragma unroll
+      for (int e = 0; e < kPerPiece; ++e)
+        sum += cuda::to_float(o_pieces[k].values[e]) * cuda::to_float(d_o_pieces[k].values[e]);
+  }
+#pragma unroll
+  for (int step = kLanesPerRow / 2; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
+  if (row < rows && quad_lane == 0) {
     p.delta[row] = sum;
     if constexpr (requires { p.lse_log2; }) p.lse_log2[row] = lse_to_log2(p.lse[row]);
   }
 }
 
 /// dQ = scale * dq_accum, rounded to T, in dQ's layout. Params: cuda::AttentionParams plus float* dq_accum
-/// ([batch, q_heads, seq_q, head_dim], contiguous).
+/// ([batch, q_heads, seq_q, head_dim], contiguous); `elements` = rows x HeadDim. Each piece is 16 bytes of
+/// dq_accum (4 floats) read and the 8 bytes they round to written.
 template <class T, int HeadDim, class Params>
 __global__ void store_dq_kernel(const Params p, long long elements) {
-  const long long index = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (index >= elements) return;
-  const int d = static_cast<int>(index % HeadDim);
-  const long long row = index / HeadDim;
-  const long long i = row % p.seq_q, bh = row / p.seq_q;
-  const long long head = bh % p.q_heads, batch = bh / p.q_heads;
-  static_cast<T*>(p.dq)[batch * p.q_batch + head * p.q_head + i * p.q_seq + d] =
-      cuda::from_float<T>(p.dq_accum[index] * p.scale);
+  using Accumulators = Piece<float>;
+  using Rounded = Piece<T, 4 * sizeof(T)>;
+  constexpr int kPieces = HeadDim / 4 / kLanesPerRow;  // pieces per lane
+  static_assert(kPieces * kLanesPerRow * 4 == HeadDim, "a row is whole pieces for each lane");
+  const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerRow;
+  if (row >= elements / HeadDim) return;
+  const int quad_lane = threadIdx.x % kLanesPerRow;
+  const Accumulators* accum = reinterpret_cast<const Accumulators*>(p.dq_accum + row * HeadDim) + quad_lane;
+  Rounded* dq = reinterpret_cast<Rounded*>(static_cast<T*>(p.dq) + query_row_offset(p, row)) + quad_lane;
+  Accumulators pieces[kPieces];
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) pieces[k] = accum[k * kLanesPerRow];  // every load issued before the stores
+#pragma unroll
+  for (int k = 0; k < kPieces; ++k) {
+    Rounded out;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out.values[e] = cuda::from_float<T>(pieces[k].values[e] * p.scale);
+    dq[k * kLanesPerRow] = out;
+  }
+}
+
+/// backward_prepare_kernel on the default stream, one quad of lanes per row.
+template <class T, int HeadDim, class Params>
+void launch_backward_prepare(const Params& p, long long rows) {
+  backward_prepare_kernel<T, HeadDim><<<cuda::ceil_div(rows * kLanesPerRow, kRowThreads), kRowThreads>>>(p, rows);
+  ATTN_CUDA_CHECK_LAUNCH();
+}
+
+/// store_dq_kernel on the default stream, one quad of lanes per row.
+template <class T, int HeadDim, class Params>
+void launch_store_dq(const Params& p, long long rows) {
+  store_dq_kernel<T, HeadDim><<<cuda::ceil_div(rows * kLanesPerRow, kRowThreads), kRowThreads>>>(p, rows * HeadDim);
+  ATTN_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace attn::flash

@@ -1,7 +1,7 @@
-// The step of FlashAttention's backward that the kernels keeping dK_j, dV_j in registers share (flash_v1,
-// sparse): one (K/V block, Q block) pair, each warp owning 16 keys of the K/V block. FA2 Alg. 2 lines 10-14 and
-// 16 (FA1 Alg. 4 lines 11-13, 16-17, 20 and 22, without dropout); dQ (line 15) is left to the caller, whose
-// warp layout for it differs, through dS^T in shared memory.
+// flash_v1's step of FlashAttention's backward for a kernel keeping dK_j, dV_j in registers (flash_v2 and sparse
+// run a three-layout step instead): one (K/V block, Q block) pair, each warp owning 16 keys of the K/V block.
+// FA2 Alg. 2 lines 10-14 and 16 (FA1 Alg. 4 lines 11-13, 16-17, 20 and 22, without dropout); dQ (line 15) is
+// left to the caller, whose warp layout for it differs, through dS^T in shared memory.
 #pragma once
 
 #include <cstdint>

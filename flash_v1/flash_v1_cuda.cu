@@ -464,8 +464,7 @@ void backward_typed(const Params& params, int batch, int kv_heads) {
   const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
   // D_i = rowsum(dO_i * O_i) (Algorithm 4 forms it inside the loop, line 19; once beforehand is the same
   // number) and L_i in log2 units, +inf where a row sees no key so that exp2(s - L) = 0 there.
-  flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
-  ATTN_CUDA_CHECK_LAUNCH();
+  flash::launch_backward_prepare<T, D>(params, rows);
   auto kernel = backward_kernel<T, D>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, backward_smem_bytes<D>()));
   kernel<<<dim3(kv_heads, batch), kBackwardThreads, backward_smem_bytes<D>()>>>(params);

@@ -33,10 +33,10 @@ using mma::warp_mma;
 
 using cuda::kLog2e;
 using cuda::masked;
-using flash::backward_prepare_kernel;
+using flash::launch_backward_prepare;
+using flash::launch_store_dq;
 using flash::online_softmax;
 using flash::padded;
-using flash::store_dq_kernel;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // Everything a kernel needs about the problem, strides in elements.
@@ -621,8 +621,7 @@ constexpr int kDqPassBc = 64;  // keys per step of that pass
 template <class T, int D, int Br, int Bc>
 void backward_typed(const Params& params, int batch, int kv_heads, bool deterministic) {
   const long long rows = static_cast<long long>(batch) * params.q_heads * params.seq_q;
-  backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
-  ATTN_CUDA_CHECK_LAUNCH();
+  launch_backward_prepare<T, D>(params, rows);
 
   using Shape = BackwardShape<D, Br, Bc>;
   auto kernel = backward_kernel<T, D, Br, Bc>;
@@ -639,9 +638,7 @@ void backward_typed(const Params& params, int batch, int kv_heads, bool determin
     pass<<<dq_grid, 128, kSmem>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
   } else {
-    const long long elements = rows * D;
-    store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
-    ATTN_CUDA_CHECK_LAUNCH();
+    launch_store_dq<T, D>(params, rows);
   }
 }
 

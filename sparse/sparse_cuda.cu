@@ -9,10 +9,10 @@
 #include <type_traits>
 
 #include "common/attention_params.cuh"
+#include "common/backward_layouts.cuh"
 #include "common/cuda_device.cuh"
 #include "common/cuda_utils.hpp"
 #include "common/flash_blocks.cuh"
-#include "common/key_block_backward.cuh"
 #include "common/mma.cuh"
 #include "common/validate.hpp"
 #include "sparse/sparse.hpp"
@@ -835,19 +835,14 @@ void launch_forward(const Params& p, int batch) {
 // Backward: SCFA Algorithm 2, FA2 Algorithm 2 over the sorted rows.
 // ============================================================================================================
 
+// flash_v2's three warp layouts (common/backward_layouts.cuh): S^T and dP^T 4 warps along the keys x 2 along the
+// queries, dV and dK 4 along the keys x 2 along d, dQ warps along the queries x warps along d; P^T and dS^T cross
+// between them through shared memory.
 template <int HeadDim, int Br, int Bc>
-struct BackwardShape {
-  static constexpr int kWarps = Bc / 16;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kDTiles = HeadDim / 8;
-  static constexpr int kStride = padded(HeadDim);
-  static constexpr int kDsStride = padded(Br);
-  static constexpr int kDqRowTiles = Br / 16;
-  static constexpr int kDqSplits = kWarps / kDqRowTiles;
-  static constexpr int kDqDTiles = kDTiles / kDqSplits;
-  // K_j, V_j; two stages of (Q_i, dO_i); dS_ij^T; two stages of (L_i, D_i, spans); three slots of original indices.
-  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + Bc * kDsStride * 2 + 8 * Br * 4 + 3 * Br * 4;
-  static_assert(kWarps % kDqRowTiles == 0 && kDTiles % (2 * kDqSplits) == 0, "dQ partition");
+struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
+  // The 16-bit tiles, then two stages of (L_i, D_i, spans) and three slots of original indices.
+  static constexpr int kSmemBytes = flash::BackwardLayouts<HeadDim, Br, Bc>::kTileBytes + 8 * Br * 4 + 3 * Br * 4;
+  static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
 /// One thread block per (batch, KV head, tile of sorted keys), SCFA Alg. 2 lines 4-14: dK_j, dV_j in registers
@@ -858,18 +853,21 @@ template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) backward_kernel(const Params p) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
   static_assert(Bc == kRowTile, "a K block is one tile of sorted keys");
-  constexpr int kStride = Shape::kStride, kDsStride = Shape::kDsStride;
-  constexpr int kDTiles = Shape::kDTiles;
+  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride;
+  constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
+  constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
+  constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_tile = reinterpret_cast<T*>(shared_bytes);
-  T* v_tile = k_tile + Bc * kStride;
-  T* q_tiles = v_tile + Bc * kStride;
-  T* do_tiles = q_tiles + 2 * Br * kStride;
-  T* ds_tile = do_tiles + 2 * Br * kStride;
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kDsStride);
-  float* delta_tiles = lse_tiles + 2 * Br;
-  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);
-  int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);  // 3 slots of Br original indices
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
+  T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
+  T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
+  T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
+  T* p_tile = do_tiles + 2 * Br * kStride;         // P_ij^T: Bc x Br
+  T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i in log2 units: 2 stages of Br
+  float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
+  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);      // spans: 2 stages of Br
+  int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);         // 3 slots of Br original indices
 
   // Thread blocks go out in the order of blockIdx.x: the n-th tile of every KV head, then the (n + 1)-th; the
   // kept tiles in their order (the most Q blocks to visit first), then the dropped ones (zeros to write).
@@ -880,7 +878,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   const int2 keys = p.keys.tiles[k_flat * p.keys.max_tiles + n];
   const int key0 = keys.x, key_end = keys.y;  // this block's sorted key positions
   const int warp = threadIdx.x / 32, group = mma::lane_group(), t = mma::lane_in_group();
-  const int warp_key0 = warp * 16;
+  // This warp's share in each layout (see BackwardShape).
+  const int s_key0 = (warp % 4) * Shape::kSKeys, s_query0 = (warp / 4) * Shape::kSQueries;
+  const int kv_key0 = (warp % 4) * Shape::kKvKeys, kv_column0 = (warp / 4) * Shape::kKvColumns;
+  const int dq_row0 = (warp % Shape::kDqRowWarps) * Shape::kDqRows;
+  const int dq_column0 = (warp / Shape::kDqRowWarps) * Shape::kDqColumns;
   const int k_count = p.keys.count[k_flat];
   const int valid_keys = key0 < k_count ? key_end - key0 : 0;  // a tile is all kept or all dropped
   const int* k_order = p.keys.order + k_flat * p.seq_k;
@@ -894,8 +896,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   // some key of K_j are one run of sorted positions: from the first whose span ends after key0 to the last
   // whose span starts before key_end (the spans never decrease); the steps are that run cut into Br rows.
   struct Step {
-    int head_in_group, block, blocks, first, q_count;
-    __device__ int row0() const { return first + block * Br; }
+    int head_in_group, row0, end, q_count;  // this Q block: sorted rows row0 .. row0 + Br - 1 of the run .. end
   };
   auto first_step_from = [&](int head_in_group) {  // of this head, or the next head with any
     for (; head_in_group < p.group_size; ++head_in_group) {
@@ -904,17 +905,18 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
       const int2* spans = p.spans + q_flat * p.seq_q;
       const int first = lower_bound(0, q_count, [&](int i) { return spans[i].y <= key0; });
       const int end = lower_bound(first, q_count, [&](int i) { return spans[i].x < key_end; });
-      if (first < end) return Step{head_in_group, 0, cuda::ceil_div(end - first, Br), first, q_count};
+      if (first < end) return Step{head_in_group, first, end, q_count};
     }
-    return Step{p.group_size, 0, 0, 0, 0};
+    return Step{p.group_size, 0, 0, 0};
   };
   auto next_step = [&](Step step) {
     if (step.head_in_group >= p.group_size) return step;
-    if (++step.block < step.blocks) return step;
+    step.row0 += Br;
+    if (step.row0 < step.end) return step;
     return first_step_from(step.head_in_group + 1);
   };
   auto load_query_rows = [&](const Step& at, int slot) {
-    const int row0 = at.row0();
+    const int row0 = at.row0;
     copy_words_async<Br, Shape::kThreads>(query_rows + slot * Br,
                                           p.queries.order + flat_of(at.head_in_group) * p.seq_q + row0,
                                           at.q_count - row0);
@@ -922,7 +924,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   // Q_i, dO_i, L_i, D_i through the permutation, rows[] their original indices (global or shared memory).
   auto load_q_block = [&](const Step& at, int stage, const int* rows) {
     const long long q_flat = flat_of(at.head_in_group);
-    const int row0 = at.row0(), valid = at.q_count - row0;
+    const int row0 = at.row0, valid = at.q_count - row0;
     const long long offset = batch * p.q_batch + (kv_head * p.group_size + at.head_in_group) * p.q_head;
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
         q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, rows, valid);
@@ -941,23 +943,27 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first step's Q block: both through indices
   // in global memory; every later Q block through indices copied to shared memory one step ahead, so that no
   // gather waits on a global load.
-  Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0, 0};
+  Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
   Step next = next_step(step);
   gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, valid_keys);
   gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, valid_keys);
   if (step.head_in_group < p.group_size) {
-    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0());
+    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0);
     load_query_rows(step, 0);  // for the scatter of dQ
   }
   if (next.head_in_group < p.group_size) load_query_rows(next, 1);
   mma::cp_async_commit();
-  float acc_dk[kDTiles][4] = {}, acc_dv[kDTiles][4] = {};
+  float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
+  auto& acc_dv = acc_dv_dk[0];
+  auto& acc_dk = acc_dv_dk[1];
 
   // SCFA Alg. 2 lines 6-7: the visible Q blocks of each query head of the group. Step number n lives in stage
   // n % 2 and its original indices in slot n % 3 (read by the gather one step ahead and by dQ's scatter).
   for (int stage = 0, slot = 0; step.head_in_group < p.group_size; stage ^= 1, slot = slot == 2 ? 0 : slot + 1) {
     mma::cp_async_wait<0>();
-    __syncthreads();  // this step's tiles and the next one's indices have landed; every warp is done with the last
+    // This step's tiles and the next one's indices have landed; every warp is done with the last step (the other
+    // stage, the P^T and dS^T tiles, the indices' slot the next copy overwrites).
+    __syncthreads();
     const int next_slot = slot == 2 ? 0 : slot + 1;
     const Step after = next_step(next);
     if (next.head_in_group < p.group_size) {
@@ -965,78 +971,112 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
       if (after.head_in_group < p.group_size) load_query_rows(after, next_slot == 2 ? 0 : next_slot + 1);
       mma::cp_async_commit();
     }
-    const long long q_flat = flat_of(step.head_in_group);
-    const int row0 = step.row0();
+    const T* q_tile = q_tiles + stage * Br * kStride;
+    const T* do_tile = do_tiles + stage * Br * kStride;
+    const float* lse_log2 = lse_tiles + stage * Br;
+    const float* delta = delta_tiles + stage * Br;
     const int2* spans = span_tiles + stage * Br;
     const int* q_index = query_rows + slot * Br;
+    const int row0 = step.row0;
 
-    // SCFA Alg. 2 lines 8-9 and 11 (FA2 Alg. 2 lines 10-14 and 16), with Alg. 1 line 10's mask: key position
-    // c is visible from a query with span [x, y) iff x <= c < y, and only the keys of this tile count (the
-    // zeros past key_end, and other tiles' keys, are another block's). No mask where every query of Q_i sees
-    // all of K_j.
+    // SCFA Alg. 2 lines 8-9 (FA2 Alg. 2 lines 10 and 13 together): S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T,
+    // this warp's keys by its queries (the transpose keeps keys in rows, the A operand of dV_j and dK_j).
+    float s_dp[2][kSMTiles][kSNTiles][4] = {};
+    auto& s = s_dp[0];
+    auto& dp = s_dp[1];
+    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0,
+                                                                       {q_tile, do_tile}, kStride, s_query0);
+
+    // FA2 Alg. 2 line 11 with SCFA Alg. 1 line 10's mask: P_ij^T = exp(scale S_ij^T - L_i), 0 where key
+    // position c is outside the query's span [x, y) or past this tile (the zeros past key_end, and other tiles'
+    // keys, are another block's; the spans are (0, 0) past the kept queries, and L_i = +inf for a query that
+    // sees no key). Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i). Both to shared memory for lines 12, 15 and 16.
+    // Written twice by the compiler, with and without the mask: where every query of Q_i sees all of K_j (most
+    // blocks with nothing dropped) the code is straight-line, with no comparison per score.
+    auto probabilities = [&](auto with_mask) {
+      constexpr bool kMask = decltype(with_mask)::value;
+#pragma unroll
+      for (int mt = 0; mt < kSMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kSNTiles; ++nt) {
+          const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+          float prob[4], ds[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
+            if constexpr (kMask) {
+              const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
+              const int2 span = spans[column + e % 2];
+              if (key < span.x || key >= span.y || key >= key_end) prob[e] = 0.0f;
+            }
+            ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+          }
+          const int at = (s_key0 + mt * 16 + group) * kPStride + column;
+          *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
+          *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
+          *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
+          *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
+        }
+    };
+    // No mask where every query of Q_i sees all of K_j: the spans never decrease, so the last query's x and the
+    // first query's y bound them all.
     const bool needs_mask = step.q_count - row0 < Br || spans[Br - 1].x > key0 || spans[0].y < key0 + Bc ||
                             key_end < key0 + Bc;
-    flash::key_block_backward_step<T, HeadDim, Br>(
-        k_tile, v_tile, q_tiles + stage * Br * kStride, do_tiles + stage * Br * kStride, kStride,
-        lse_tiles + stage * Br, delta_tiles + stage * Br, p.scale_log2, warp_key0,
-        [&](int query, int key_row) {
-          const int key = key0 + key_row;  // (spans are (0, 0) past the kept queries)
-          return needs_mask && (key < spans[query].x || key >= spans[query].y || key >= key_end);
-        },
-        acc_dk, acc_dv, ds_tile, kDsStride);
-    // SCFA Alg. 2 lines 10 and 15: dQ_i += dS_ij K_j by fp32 atomics, straight at each query's original row.
-    __syncthreads();
-    const int row_tile = warp % Shape::kDqRowTiles;
-    const int column0 = (warp / Shape::kDqRowTiles) * Shape::kDqDTiles * 8;
-    float dq[Shape::kDqDTiles][4] = {};
+    if (needs_mask)
+      probabilities(std::true_type{});
+    else
+      probabilities(std::false_type{});
+    __syncthreads();  // P^T and dS^T complete
+
+    // SCFA Alg. 2 line 11 (FA2 Alg. 2 lines 12 and 16): dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, this warp's
+    // keys by its columns.
+    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride,
+                                                                   kv_key0, {do_tile, q_tile}, kStride, kv_column0);
+
+    // SCFA Alg. 2 lines 10 and 15 (FA2 Alg. 2 line 15): dQ_i += dS_ij K_j, this warp's queries by its columns, by
+    // fp32 atomics straight at each query's original row.
+    float dq[1][kDqMTiles][kDqDTiles][4] = {};
+    mma::warp_mma<mma::Stored::by_depth, mma::Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile},
+                                                                    kStride, dq_column0);
+    float* dq_rows = p.dq_accum + flat_of(step.head_in_group) * p.seq_q * HeadDim;
 #pragma unroll
-    for (int kk = 0; kk < Bc / 16; ++kk) {
-      std::uint32_t a[4];
-      load_a_transposed(a, ds_tile, kDsStride, kk * 16, row_tile * 16);
+    for (int mt = 0; mt < kDqMTiles; ++mt)
 #pragma unroll
-      for (int dp = 0; dp < Shape::kDqDTiles / 2; ++dp) {
-        std::uint32_t b[4];
-        load_b_pair_transposed(b, k_tile, kStride, kk * 16, column0 + dp * 16);
-        mma_m16n8k16<T>(dq[2 * dp], a, b[0], b[1]);
-        mma_m16n8k16<T>(dq[2 * dp + 1], a, b[2], b[3]);
+      for (int half = 0; half < 2; ++half) {
+        const int local = dq_row0 + mt * 16 + group + 8 * half;
+        if (row0 + local >= step.q_count) continue;  // past the kept queries
+        float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim + dq_column0 + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < kDqDTiles; ++dt)
+          mma::atomic_add_pair(out + dt * 8, dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1]);
       }
-    }
-    float* dq_rows = p.dq_accum + q_flat * p.seq_q * HeadDim;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int local = row_tile * 16 + group + 8 * half;
-      if (row0 + local >= step.q_count) continue;
-      float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim + column0 + 2 * t;
-#pragma unroll
-      for (int dt = 0; dt < Shape::kDqDTiles; ++dt) {
-        atomicAdd(out + dt * 8, dq[dt][2 * half]);
-        atomicAdd(out + dt * 8 + 1, dq[dt][2 * half + 1]);
-      }
-    }
+    // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copies into this
+    // step's stage and slots behind every warp's reads.)
     step = next;
     next = after;
   }
   mma::cp_async_wait<0>();  // (K_j, V_j are still in flight when no Q tile was visible)
 
-
   // SCFA Alg. 2 lines 13 and 15: dK_j (times tau) and dV_j at the keys' original rows; dropped keys get zeros.
   T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
   T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
+  const float keep = valid_keys > 0 ? 1.0f : 0.0f;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int local = warp_key0 + group + 8 * half;
-    if (local >= key_end - key0) continue;  // another tile's key
-    const int position = key0 + local;
-    const float keep = valid_keys > 0 ? 1.0f : 0.0f;
+  for (int mt = 0; mt < kKvMTiles; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      const long long at = static_cast<long long>(k_order[position]) * p.kv_seq + dt * 8 + 2 * t;
-      *reinterpret_cast<std::uint32_t*>(dk + at) =
-          mma::pack2<T>(keep * acc_dk[dt][2 * half] * p.scale, keep * acc_dk[dt][2 * half + 1] * p.scale);
-      *reinterpret_cast<std::uint32_t*>(dv + at) =
-          mma::pack2<T>(keep * acc_dv[dt][2 * half], keep * acc_dv[dt][2 * half + 1]);
+    for (int half = 0; half < 2; ++half) {
+      const int local = kv_key0 + mt * 16 + group + 8 * half;
+      if (local >= key_end - key0) continue;  // another tile's key
+      const long long row = static_cast<long long>(k_order[key0 + local]) * p.kv_seq;
+#pragma unroll
+      for (int dt = 0; dt < kKvDTiles; ++dt) {
+        const long long at = row + kv_column0 + dt * 8 + 2 * t;
+        *reinterpret_cast<std::uint32_t*>(dk + at) =
+            mma::pack2<T>(keep * acc_dk[mt][dt][2 * half] * p.scale, keep * acc_dk[mt][dt][2 * half + 1] * p.scale);
+        *reinterpret_cast<std::uint32_t*>(dv + at) =
+            mma::pack2<T>(keep * acc_dv[mt][dt][2 * half], keep * acc_dv[mt][dt][2 * half + 1]);
+      }
     }
-  }
 }
 
 
@@ -1045,7 +1085,12 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 // ============================================================================================================
 
 const char* const kWho = "sparse/gpu";
-constexpr int kBackwardBr = 64, kBackwardBc = 128;
+/// The backward's blocks: K blocks of kRowTile sorted keys; Q blocks of 128 sorted queries where D <= 64 (S^T and
+/// dP^T of 32 keys x 64 queries per warp still fit the registers next to dK_j and dV_j: twice the work per barrier
+/// and per step's fixed costs, flash_v2's choice there), 64 above.
+constexpr int kBackwardBc = kRowTile;
+template <int D>
+constexpr int kBackwardBr = D <= 64 ? 128 : 64;
 
 int forward_block_cols(const AttentionProblem& p, const StageOptions& options) {
   const std::int64_t value = options.get("block_cols", p.head_dim <= 64 ? 128 : 64);
@@ -1421,18 +1466,15 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
     prepare<T, D>(prepared, params, p, t, settings, lists, nullptr);
     timer.planned();
     const long long rows = p.lse_elements();
-    flash::backward_prepare_kernel<T, D><<<cuda::ceil_div(rows, 8), 256>>>(params, rows);
-    ATTN_CUDA_CHECK_LAUNCH();
-    using Shape = BackwardShape<D, kBackwardBr, kBackwardBc>;
-    auto kernel = backward_kernel<T, D, kBackwardBr, kBackwardBc>;
+    flash::launch_backward_prepare<T, D>(params, rows);
+    using Shape = BackwardShape<D, kBackwardBr<D>, kBackwardBc>;
+    auto kernel = backward_kernel<T, D, kBackwardBr<D>, kBackwardBc>;
     static const bool configured = allow_shared_memory(kernel, Shape::kSmemBytes);  // once per kernel
     (void)configured;
     const dim3 grid(params.keys.max_tiles * static_cast<unsigned>(p.kv_heads), static_cast<int>(p.batch));
     kernel<<<grid, Shape::kThreads, Shape::kSmemBytes>>>(params);
     ATTN_CUDA_CHECK_LAUNCH();
-    const long long elements = rows * D;
-    flash::store_dq_kernel<T, D><<<cuda::ceil_div(elements, 256), 256>>>(params, elements);
-    ATTN_CUDA_CHECK_LAUNCH();
+    flash::launch_store_dq<T, D>(params, rows);
   });
   options.counters["plan_ms"] = timer.milliseconds();
 }

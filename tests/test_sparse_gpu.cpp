@@ -141,7 +141,7 @@ TEST_CASE("sparse/gpu matches the masked oracle and sparse/cpu on awkward shapes
 TEST_CASE("sparse/gpu is right across many tiles: causal or not, Nq != Nk both ways, GQA, MQA, drop rates from 0 "
           "to 0.95, 2 to 16 buckets",
           "[sparse][gpu]") {
-  // Lengths that are no multiple of the tiles (Br = 128 forward, 64 backward; Bc = 64 or 128), many tiles long,
+  // Lengths that are no multiple of the tiles (Br = 128 forward, 128 or 64 backward; Bc = 64 or 128), many tiles long,
   // so that the tile skipping, the partial masks and the scattered writes all run many times.
   const AttentionProblem problems[] = {
       problem(1, 4, 2, 1030, 1030, 64, true), problem(1, 4, 2, 777, 777, 128, false),
