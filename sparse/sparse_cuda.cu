@@ -593,21 +593,22 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
     }
 
     // SCFA Alg. 1 line 10: a key at sorted position c is visible from a query with span [x, y) iff x <= c < y.
-    // The spans never decrease, so every query sees the whole tile iff the last one starts and the first one
-    // ends no later than the tile does: then no mask.
+    // Every query of Q_i starts at x = key_first (its bucket's first key), at or before each tile's first key,
+    // so only c < y is left to test (rows past the tile, spans (0, 0), fail it everywhere). The spans never
+    // decrease, so every query sees the whole tile iff the first one ends no earlier than the tile: then no mask.
     const int key0 = key_first + n * Bc;
-    if (spans[valid - 1].x > key0 || spans[0].y < key0 + Bc) {
+    if (spans[0].y < key0 + Bc) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int2 span = spans[warp_row0 + mt * 16 + group + 8 * half];  // (0, 0) past the tile's rows
+          const int end = spans[warp_row0 + mt * 16 + group + 8 * half].y;  // 0 past the tile's rows
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
               const int key = key0 + nt * 8 + 2 * t + e % 2;
-              if (key < span.x || key >= span.y) s[mt][nt][e] = -kInf;
+              if (key >= end) s[mt][nt][e] = -kInf;
             }
         }
     }
