@@ -606,6 +606,43 @@ __device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long
   }
 }
 
+/// gather_tile_async for two tensors read through the same permutation with the same row stride (K_j and V_j),
+/// in the main loop: each row's place is computed once for both copies (a row index from shared memory and a
+/// 64-bit multiply), and where the chunks divide evenly among the threads (as load_tile_async_unrolled) each
+/// thread copies one column of rows r, r + Threads / (Cols / 8), ..., at constant offsets from its first, so
+/// that the only per-row arithmetic left is that multiply. Other shapes (d = 96) are two gather_tile_async.
+/// WholeRows: rows[] holds all Rows entries (a shared slot, zeros past valid_rows), so they are read without a
+/// test; otherwise (global memory, the first tile) only the valid ones are.
+template <int Rows, int Cols, int SmemStride, int Threads, bool WholeRows, class T>
+__device__ __forceinline__ void gather_tile_pair_async(T* tile_a, const T* source_a, T* tile_b, const T* source_b,
+                                                       long long row_stride, const int* rows, int valid_rows) {
+  constexpr int kChunksPerRow = Cols / 8;
+  static_assert(Rows * kChunksPerRow % Threads == 0, "every thread copies the same number of chunks");
+  if constexpr (Threads % kChunksPerRow != 0 || Rows % (Threads / kChunksPerRow) != 0) {
+    gather_tile_async<Rows, Cols, SmemStride, Threads>(tile_a, source_a, row_stride, rows, valid_rows);
+    gather_tile_async<Rows, Cols, SmemStride, Threads>(tile_b, source_b, row_stride, rows, valid_rows);
+  } else {
+    constexpr int kRowsPerPass = Threads / kChunksPerRow;
+    const int row = static_cast<int>(threadIdx.x) / kChunksPerRow;
+    const int col = (static_cast<int>(threadIdx.x) % kChunksPerRow) * 8;
+    const int left = valid_rows - row;  // this thread's rows r + pass * kRowsPerPass < valid_rows: pass * ... < left
+    rows += row;
+    tile_a += row * SmemStride + col, tile_b += row * SmemStride + col;
+    source_a += col, source_b += col;
+#pragma unroll
+    for (int pass = 0; pass < Rows / kRowsPerPass; ++pass) {
+      const bool in_bounds = pass * kRowsPerPass < left;
+      // An original index is never negative: zero-extended, a 32 x 64-bit multiply (two instructions) rather
+      // than a sign-extended 64 x 64-bit one.
+      const int index = WholeRows || in_bounds ? rows[pass * kRowsPerPass] : 0;
+      const long long offset = static_cast<long long>(static_cast<unsigned>(index) *
+                                                      static_cast<unsigned long long>(row_stride));
+      mma::cp_async_16(tile_a + pass * kRowsPerPass * SmemStride, source_a + offset, in_bounds);
+      mma::cp_async_16(tile_b + pass * kRowsPerPass * SmemStride, source_b + offset, in_bounds);
+    }
+  }
+}
+
 /// Copies Count 32-bit words from[0..valid) into shared `to` (zeros past valid), by cp.async.
 template <int Count, int Threads, class Word>
 __device__ __forceinline__ void copy_words_async(Word* to, const Word* from, int valid) {
@@ -679,12 +716,10 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   // K/V tile n holds the sorted keys [key_first + n Bc, key_first + (n + 1) Bc); rows[] their original indices
   // (global or shared memory). Keys past the kept ones read as zeros (and are masked: no span reaches them).
   int key_first = 0, tiles = 0;
-  auto load_kv_block = [&](int n, int stage, const int* rows) {
-    const int valid_keys = k_count - (key_first + n * Bc);
-    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tiles + stage * Bc * kStride, k, p.kv_seq, rows,
-                                                             valid_keys);
-    gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tiles + stage * Bc * kStride, v, p.kv_seq, rows,
-                                                             valid_keys);
+  auto load_kv_block = [&](int n, int stage, const int* rows, auto whole_rows) {
+    gather_tile_pair_async<Bc, HeadDim, kStride, Shape::kThreads, decltype(whole_rows)::value>(
+        k_tiles + stage * Bc * kStride, k, v_tiles + stage * Bc * kStride, v, p.kv_seq, rows,
+        k_count - (key_first + n * Bc));
   };
   auto load_key_rows = [&](int n, int slot) {
     const int key0 = key_first + n * Bc;
@@ -693,20 +728,19 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
 
   // SCFA Alg. 1 line 5: Q_i through the permutation (rows past the tile read as zeros), and its spans.
   if (valid > 0) {
+    // SCFA Alg. 1 line 8: the keys some query of Q_i sees are [spans[0].x, spans[valid - 1].y) (one bucket's,
+    // and the spans never decrease); each K/V tile there is seen by the last query at least. Read straight from
+    // global memory, so that the first K/V tile is on its way with Q_i rather than after it.
+    const int2* tile_spans = p.spans + q_flat * p.seq_q + row0;
+    key_first = tile_spans[0].x;
+    tiles = cuda::ceil_div(max(0, tile_spans[valid - 1].y - key_first), Bc);
     gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(q_tile, q, p.q_seq, q_order + row0, valid);
     copy_words_async<2 * Br, Shape::kThreads>(reinterpret_cast<int*>(spans),
-                                               reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0),
-                                               2 * valid);
-    mma::cp_async_commit();
-    mma::cp_async_wait<0>();
-    __syncthreads();
-    // SCFA Alg. 1 line 8: the keys some query of Q_i sees are [spans[0].x, spans[valid - 1].y) (one bucket's,
-    // and the spans never decrease); each K/V tile there is seen by the last query at least.
-    key_first = spans[0].x;
-    tiles = cuda::ceil_div(max(0, spans[valid - 1].y - key_first), Bc);
+                                               reinterpret_cast<const int*>(tile_spans), 2 * valid);
     // The first K/V tile reads its original indices from global memory; every later one from the slot its
-    // indices were copied to one tile ahead, so that no gather waits on a global load.
-    if (tiles > 0) load_kv_block(0, 0, k_order + key_first);
+    // indices were copied to one tile ahead, so that no gather waits on a global load. The loop's first wait
+    // is the one for all of these (and the mask reads the spans only after it).
+    if (tiles > 0) load_kv_block(0, 0, k_order + key_first, std::false_type{});
     if (tiles > 1) load_key_rows(1, 1);
     mma::cp_async_commit();
   }
@@ -721,11 +755,6 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
   for (int n = 0, stage = 0; n < tiles; ++n, stage ^= 1) {
     mma::cp_async_wait<0>();
     __syncthreads();  // K_j, V_j and the next tile's indices have landed; every warp is done with the last tile
-    if (n + 1 < tiles) {
-      load_kv_block(n + 1, stage ^ 1, key_rows + (stage ^ 1) * Bc);
-      if (n + 2 < tiles) load_key_rows(n + 2, stage);  // slot `stage` was read one tile ago
-      mma::cp_async_commit();
-    }
     const T* k_tile = k_tiles + stage * Bc * kStride;
     const T* v_tile = v_tiles + stage * Bc * kStride;
 
@@ -747,23 +776,32 @@ __global__ void __launch_bounds__(128) forward_kernel(const Params p) {
         }
       }
     }
+    // The next tile's copies are issued once S_ij's products are on the tensor cores: their address arithmetic
+    // (a row index from shared memory and a 64-bit multiply per row) then runs under the products instead of
+    // before them.
+    if (n + 1 < tiles) {
+      load_kv_block(n + 1, stage ^ 1, key_rows + (stage ^ 1) * Bc, std::true_type{});
+      if (n + 2 < tiles) load_key_rows(n + 2, stage);  // slot `stage` was read one tile ago
+      mma::cp_async_commit();
+    }
 
     // SCFA Alg. 1 line 10: a key at sorted position c is visible from a query with span [x, y) iff x <= c < y.
-    // The spans never decrease, so every query sees the whole tile iff the last one starts and the first one
-    // ends no later than the tile does: then no mask.
+    // Every query of Q_i starts at x = key_first (its bucket's first key), at or before each tile's first key,
+    // so only c < y is left to test (rows past the tile, spans (0, 0), fail it everywhere). The spans never
+    // decrease, so every query sees the whole tile iff the first one ends no earlier than the tile: then no mask.
     const int key0 = key_first + n * Bc;
-    if (spans[valid - 1].x > key0 || spans[0].y < key0 + Bc) {
+    if (spans[0].y < key0 + Bc) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int2 span = spans[warp_row0 + mt * 16 + group + 8 * half];  // (0, 0) past the tile's rows
+          const int end = spans[warp_row0 + mt * 16 + group + 8 * half].y;  // 0 past the tile's rows
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
             for (int e = 2 * half; e < 2 * half + 2; ++e) {
               const int key = key0 + nt * 8 + 2 * t + e % 2;
-              if (key < span.x || key >= span.y) s[mt][nt][e] = -kInf;
+              if (key >= end) s[mt][nt][e] = -kInf;
             }
         }
     }
