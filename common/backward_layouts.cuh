@@ -1,7 +1,6 @@
 // The warp layouts of FlashAttention-2's backward step for one (K/V block, Q block) pair, for a kernel that keeps
-// dK_j, dV_j in registers over 8 warps with one layout per kind of product (sparse's backward; flash_v2's backward
-// has the same layouts in its own BackwardShape): each chosen so that a fragment read from shared memory feeds
-// several mma tiles (common/mma.cuh's warp_mma).
+// dK_j, dV_j in registers over 8 warps with one layout per kind of product (flash_v2's and sparse's backward):
+// each chosen so that a fragment read from shared memory feeds several mma tiles (common/mma.cuh's warp_mma).
 //   S_ij^T, dP_ij^T (Bc keys x Br queries): 4 warps along the keys x 2 along the queries;
 //   dV_j, dK_j     (Bc keys x D):          4 warps along the keys x 2 along d;
 //   dQ_i           (Br queries x D):       kDqRowWarps along the queries x kDqDWarps along d.

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "common/attention_params.cuh"
+#include "common/backward_layouts.cuh"
 #include "common/cuda_device.cuh"
 #include "common/cuda_utils.hpp"
 #include "common/flash_blocks.cuh"
@@ -225,34 +226,14 @@ void launch_forward(const Params& p, int batch) {
 // Backward: FA2 Algorithm 2.
 // ============================================================================================================
 
-// Three warp layouts, one per kind of product, each chosen so that a fragment read from shared memory feeds
-// several mma tiles (FlashAttention-2's own kernel does the same):
-//   S_ij^T, dP_ij^T (Bc keys x Br queries): 4 warps along the keys x 2 along the queries;
-//   dV_j, dK_j     (Bc keys x D):          4 warps along the keys x 2 along d;
-//   dQ_i           (Br queries x D):       kDqRowWarps along the queries x kDqDWarps along d.
-// P_ij^T and dS_ij^T cross from the first layout to the other two through shared memory (bf16 / fp16, as the
-// tensor cores take them).
+// Three warp layouts, one per kind of product (common/backward_layouts.cuh, FlashAttention-2's own choice): S_ij^T
+// and dP_ij^T as 4 warps along the keys x 2 along the queries, dV_j and dK_j as 4 along the keys x 2 along d, dQ_i
+// as warps along the queries x warps along d, each chosen so that a fragment read from shared memory feeds
+// several mma tiles. P_ij^T and dS_ij^T cross from the first layout to the other two through shared memory.
 template <int HeadDim, int Br, int Bc>
-struct BackwardShape {
-  static constexpr int kWarps = 8;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kStride = padded(HeadDim);
-  static constexpr int kPStride = padded(Br);  // the P^T and dS^T tiles: [key][query]
-  // S^T and dP^T: each warp kSKeys keys by kSQueries queries.
-  static constexpr int kSKeys = Bc / 4, kSQueries = Br / 2;
-  static constexpr int kSMTiles = kSKeys / 16, kSNTiles = kSQueries / 8;
-  // dV and dK: each warp kKvKeys keys (the same keys as in S^T) by kKvColumns columns.
-  static constexpr int kKvKeys = Bc / 4, kKvColumns = HeadDim / 2;
-  static constexpr int kKvMTiles = kKvKeys / 16, kKvDTiles = kKvColumns / 8;
-  // dQ: each warp kDqRows queries by kDqColumns columns.
-  static constexpr int kDqDWarps = HeadDim >= 128 ? 4 : 2, kDqRowWarps = kWarps / kDqDWarps;
-  static constexpr int kDqRows = Br / kDqRowWarps, kDqColumns = HeadDim / kDqDWarps;
-  static constexpr int kDqMTiles = kDqRows / 16, kDqDTiles = kDqColumns / 8;
-  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T; two stages of (L_i, D_i).
-  static constexpr int kSmemBytes = (2 * Bc + 4 * Br) * kStride * 2 + 2 * Bc * kPStride * 2 + 4 * Br * 4;
-  static_assert(kSKeys % 16 == 0 && kSQueries % 16 == 0 && kKvColumns % 16 == 0 && kDqRows % 16 == 0 &&
-                    kDqColumns % 16 == 0,
-                "every warp's share is made of 16 x 16 blocks");
+struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
+  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T (the layouts' 16-bit tiles); two stages of (L_i, D_i).
+  static constexpr int kSmemBytes = flash::BackwardLayouts<HeadDim, Br, Bc>::kTileBytes + 4 * Br * 4;
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
