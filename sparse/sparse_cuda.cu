@@ -1121,13 +1121,23 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
   T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
   const float keep = valid_keys > 0 ? 1.0f : 0.0f;
+  // This thread's keys' original indices, all loaded before the first store (a store through a 32-bit pointer
+  // could alias k_order, so loads among the stores would each wait for the last).
+  int key_rows[kKvMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kKvMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int local = kv_key0 + mt * 16 + group + 8 * half;
+      key_rows[mt][half] = local < key_end - key0 ? k_order[key0 + local] : 0;
+    }
 #pragma unroll
   for (int mt = 0; mt < kKvMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int local = kv_key0 + mt * 16 + group + 8 * half;
       if (local >= key_end - key0) continue;  // another tile's key
-      const long long row = static_cast<long long>(k_order[key0 + local]) * p.kv_seq;
+      const long long row = static_cast<long long>(key_rows[mt][half]) * p.kv_seq;
 #pragma unroll
       for (int dt = 0; dt < kKvDTiles; ++dt) {
         const long long at = row + kv_column0 + dt * 8 + 2 * t;
