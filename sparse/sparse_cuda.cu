@@ -1000,11 +1000,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 
   // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first step's Q block: both through indices
   // in global memory; every later Q block through indices copied to shared memory one step ahead, so that no
-  // gather waits on a global load.
-  Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
-  Step next = next_step(step);
+  // gather waits on a global load. K_j and V_j go first: they need no search, and are on their way during it.
   gather_tile_pair_async<Bc, HeadDim, kStride, Shape::kThreads, false>(k_tile, k, v_tile, v, p.kv_seq,
                                                                       k_order + key0, valid_keys);
+  Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
+  Step next = next_step(step);
   if (step.head_in_group < p.group_size) {
     load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0, std::false_type{});
     load_query_rows(step, 0);  // for the scatter of dQ
