@@ -516,6 +516,23 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
   return low;
 }
 
+/// lower_bound by a whole thread block of Threads threads: each round every thread tests one of Threads evenly
+/// spaced positions and a barrier counts the ones where `before` holds (a prefix of them), which leaves a range
+/// Threads times narrower. 16384 positions take two rounds (two dependent loads) instead of 14. Every thread
+/// must call it with the same arguments, and gets the same answer.
+template <int Threads, class Before>
+__device__ __forceinline__ int block_lower_bound(int low, int high, Before&& before) {
+  while (low < high) {
+    const int step = cuda::ceil_div(high - low, Threads);
+    const int at = low + static_cast<int>(threadIdx.x) * step;
+    const int before_count = __syncthreads_count(at < high && before(at));
+    if (before_count == 0) return low;
+    high = min(high, low + before_count * step);  // the first tested position where `before` is false, or high
+    low += (before_count - 1) * step + 1;         // past the last one where it holds
+  }
+  return low;
+}
+
 constexpr int kSpansThreads = 256;
 
 /// The span of every sorted query position, one thread each (SCFA Alg. 1 lines 8 and 10 prepared once per
@@ -606,8 +623,8 @@ __device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long
   }
 }
 
-/// gather_tile_async for two tensors read through the same permutation with the same row stride (K_j and V_j),
-/// in the main loop: each row's place is computed once for both copies (a row index from shared memory and a
+/// gather_tile_async for two tensors read through the same permutation with the same row stride (K_j and V_j;
+/// the backward's Q_i and dO_i): each row's place is computed once for both copies (a row index from shared memory and a
 /// 64-bit multiply), and where the chunks divide evenly among the threads (as load_tile_async_unrolled) each
 /// thread copies one column of rows r, r + Threads / (Cols / 8), ..., at constant offsets from its first, so
 /// that the only per-row arithmetic left is that multiply. Other shapes (d = 96) are two gather_tile_async.
@@ -936,13 +953,16 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   struct Step {
     int head_in_group, row0, end, q_count;  // this Q block: sorted rows row0 .. row0 + Br - 1 of the run .. end
   };
+  // Searched by the whole block (every thread calls these with the same step): a binary search by one thread
+  // was 28 dependent global loads at N = 16384 before the block's first copy.
   auto first_step_from = [&](int head_in_group) {  // of this head, or the next head with any
     for (; head_in_group < p.group_size; ++head_in_group) {
       const long long q_flat = flat_of(head_in_group);
       const int q_count = p.queries.count[q_flat];
       const int2* spans = p.spans + q_flat * p.seq_q;
-      const int first = lower_bound(0, q_count, [&](int i) { return spans[i].y <= key0; });
-      const int end = lower_bound(first, q_count, [&](int i) { return spans[i].x < key_end; });
+      const int first = block_lower_bound<Shape::kThreads>(0, q_count, [&](int i) { return spans[i].y <= key0; });
+      const int end =
+          block_lower_bound<Shape::kThreads>(first, q_count, [&](int i) { return spans[i].x < key_end; });
       if (first < end) return Step{head_in_group, first, end, q_count};
     }
     return Step{p.group_size, 0, 0, 0};
@@ -959,15 +979,15 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
                                           p.queries.order + flat_of(at.head_in_group) * p.seq_q + row0,
                                           at.q_count - row0);
   };
-  // Q_i, dO_i, L_i, D_i through the permutation, rows[] their original indices (global or shared memory).
-  auto load_q_block = [&](const Step& at, int stage, const int* rows) {
+  // Q_i, dO_i, L_i, D_i through the permutation, rows[] their original indices (global memory, or a shared slot
+  // with zeros past the kept queries: whole_rows). Q_i and dO_i by one gather: each row's place computed once.
+  auto load_q_block = [&](const Step& at, int stage, const int* rows, auto whole_rows) {
     const long long q_flat = flat_of(at.head_in_group);
     const int row0 = at.row0, valid = at.q_count - row0;
     const long long offset = batch * p.q_batch + (kv_head * p.group_size + at.head_in_group) * p.q_head;
-    gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
-        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, rows, valid);
-    gather_tile_async<Br, HeadDim, kStride, Shape::kThreads>(
-        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, rows, valid);
+    gather_tile_pair_async<Br, HeadDim, kStride, Shape::kThreads, decltype(whole_rows)::value>(
+        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, do_tiles + stage * Br * kStride,
+        static_cast<const T*>(p.d_o) + offset, p.q_seq, rows, valid);
     copy_words_async<2 * Br, Shape::kThreads>(reinterpret_cast<int*>(span_tiles + stage * Br),
                                                reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0),
                                                2 * valid);
@@ -980,13 +1000,13 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 
   // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first step's Q block: both through indices
   // in global memory; every later Q block through indices copied to shared memory one step ahead, so that no
-  // gather waits on a global load.
+  // gather waits on a global load. K_j and V_j go first: they need no search, and are on their way during it.
+  gather_tile_pair_async<Bc, HeadDim, kStride, Shape::kThreads, false>(k_tile, k, v_tile, v, p.kv_seq,
+                                                                      k_order + key0, valid_keys);
   Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
   Step next = next_step(step);
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, k_order + key0, valid_keys);
-  gather_tile_async<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, k_order + key0, valid_keys);
   if (step.head_in_group < p.group_size) {
-    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0);
+    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0, std::false_type{});
     load_query_rows(step, 0);  // for the scatter of dQ
   }
   if (next.head_in_group < p.group_size) load_query_rows(next, 1);
@@ -1003,12 +1023,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     // stage, the P^T and dS^T tiles, the indices' slot the next copy overwrites).
     __syncthreads();
     const int next_slot = slot == 2 ? 0 : slot + 1;
-    const Step after = next_step(next);
-    if (next.head_in_group < p.group_size) {
-      load_q_block(next, stage ^ 1, query_rows + next_slot * Br);
-      if (after.head_in_group < p.group_size) load_query_rows(after, next_slot == 2 ? 0 : next_slot + 1);
-      mma::cp_async_commit();
-    }
+    const Step after = next_step(next);  // (its search, where it has one, is the whole block's)
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
     const float* lse_log2 = lse_tiles + stage * Br;
@@ -1024,6 +1039,13 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     auto& dp = s_dp[1];
     mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0,
                                                                        {q_tile, do_tile}, kStride, s_query0);
+    // The next step's copies are issued once these products are on the tensor cores (its stage and slots are
+    // free since the barrier above), so that their address arithmetic runs under the products.
+    if (next.head_in_group < p.group_size) {
+      load_q_block(next, stage ^ 1, query_rows + next_slot * Br, std::true_type{});
+      if (after.head_in_group < p.group_size) load_query_rows(after, next_slot == 2 ? 0 : next_slot + 1);
+      mma::cp_async_commit();
+    }
 
     // FA2 Alg. 2 line 11 with SCFA Alg. 1 line 10's mask: P_ij^T = exp(scale S_ij^T - L_i), 0 where key
     // position c is outside the query's span [x, y) or past this tile (the zeros past key_end, and other tiles'
@@ -1099,13 +1121,23 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   T* dk = static_cast<T*>(p.dk) + batch * p.kv_batch + kv_head * p.kv_head;
   T* dv = static_cast<T*>(p.dv) + batch * p.kv_batch + kv_head * p.kv_head;
   const float keep = valid_keys > 0 ? 1.0f : 0.0f;
+  // This thread's keys' original indices, all loaded before the first store (a store through a 32-bit pointer
+  // could alias k_order, so loads among the stores would each wait for the last).
+  int key_rows[kKvMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kKvMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int local = kv_key0 + mt * 16 + group + 8 * half;
+      key_rows[mt][half] = local < key_end - key0 ? k_order[key0 + local] : 0;
+    }
 #pragma unroll
   for (int mt = 0; mt < kKvMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int local = kv_key0 + mt * 16 + group + 8 * half;
       if (local >= key_end - key0) continue;  // another tile's key
-      const long long row = static_cast<long long>(k_order[key0 + local]) * p.kv_seq;
+      const long long row = static_cast<long long>(key_rows[mt][half]) * p.kv_seq;
 #pragma unroll
       for (int dt = 0; dt < kKvDTiles; ++dt) {
         const long long at = row + kv_column0 + dt * 8 + 2 * t;
