@@ -92,6 +92,15 @@ __device__ __forceinline__ std::uint32_t pack2<__half>(float low, float high) {
   return *reinterpret_cast<const std::uint32_t*>(&pair);
 }
 
+/// This thread's four values of a 16 x 8 accumulator tile (rows group and group + 8, columns 2t and 2t + 1: the C
+/// layout above), rounded to T, into a row-major 16-bit tile in shared memory: `at` is the element of row group,
+/// column 2t, and `stride` the elements per row. (P^T and dS^T, written for the products that read them back.)
+template <class T>
+__device__ __forceinline__ void store_accumulator_rows(T* tile, int at, int stride, const float (&x)[4]) {
+  *reinterpret_cast<std::uint32_t*>(tile + at) = pack2<T>(x[0], x[1]);
+  *reinterpret_cast<std::uint32_t*>(tile + at + 8 * stride) = pack2<T>(x[2], x[3]);
+}
+
 /// The A registers of a 16 x 16 slice [rows 0..15, columns 16 kk .. 16 kk + 15] of a matrix held as fp32
 /// accumulators, given the two 16 x 8 accumulator tiles `left` (columns 16 kk .. +7) and `right` (+8 .. +15).
 /// An accumulator's (group, 2t) layout is the A layout's, so no data moves between lanes: P = softmax(S) goes

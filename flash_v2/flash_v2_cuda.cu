@@ -374,10 +374,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
             ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
           }
           const int at = (s_key0 + mt * 16 + group) * kPStride + column;
-          *reinterpret_cast<std::uint32_t*>(p_tile + at) = mma::pack2<T>(prob[0], prob[1]);
-          *reinterpret_cast<std::uint32_t*>(p_tile + at + 8 * kPStride) = mma::pack2<T>(prob[2], prob[3]);
-          *reinterpret_cast<std::uint32_t*>(ds_tile + at) = mma::pack2<T>(ds[0], ds[1]);
-          *reinterpret_cast<std::uint32_t*>(ds_tile + at + 8 * kPStride) = mma::pack2<T>(ds[2], ds[3]);
+          mma::store_accumulator_rows<T>(p_tile, at, kPStride, prob);
+          mma::store_accumulator_rows<T>(ds_tile, at, kPStride, ds);
         }
     };
     const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
