@@ -348,8 +348,9 @@ TEST_CASE("sparse/gpu counts the visible pairs and the tiles it visits before th
 // keep_plan = 1), against the backward that plans again: the plan is the same, so O, dK and dV are the same bits and
 // dQ differs only in the order of its fp32 atomic additions (within rounding, far below what another mask gives).
 // A plan made for another call is refused, naming what differs. With ATTN_SPARSE_TEST_BAD_FIXTURE=1 the backward
-// that plans again draws its mask with seed + 1, and the "other" options and problem are the plan's own (wrong
-// fixtures): the comparisons and the refusals' checks must then fail.
+// that plans again draws its mask with seed + 1, and each refusal's fixture is wrong (the plan's own options and
+// problem, no lists, another problem, a filled plan for the empty one): the comparisons and every refusal's check
+// must then fail.
 TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients of one that plans again; a plan "
           "made for another call is refused",
           "[sparse][gpu][small]") {
@@ -383,7 +384,7 @@ TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients
       const Errors e = compare_runs(*run, replanned);
       INFO((run == &saved ? "SavedPlan" : "keep_plan = 1") << " vs planned again: " << summary(e));
       CHECK(e.o.rel_frobenius < 1e-6);
-      CHECK(e.dq.rel_frobenius < 1e-4);
+      CHECK(e.dq.rel_frobenius < 1e-3);  // a few elements one bf16 step apart (about 4e-3 each) at most
       CHECK(e.dk.rel_frobenius < 1e-6);
       CHECK(e.dv.rel_frobenius < 1e-6);
     }
@@ -393,7 +394,8 @@ TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients
                                 const sparse::KeepLists* lists, const sparse::SavedPlan& given) {
       return invalid_argument_message([&] { sparse::backward_gpu(q, t, o, lists, &given); });
     };
-    const AttentionProblem longer = bad_fixture ? p : problem(1, 2, 1, 301, 300, 64, true);
+    const AttentionProblem longer_than_plan = problem(1, 2, 1, 301, 300, 64, true);
+    const AttentionProblem longer = bad_fixture ? p : longer_than_plan;
     const std::string other_problem = backward_message(longer, fake_tensors(longer, DType::bf16), options, nullptr, plan);
     CHECK(other_problem.find("plan: made for another problem") != std::string::npos);
     StageOptions other_seed = options;
@@ -401,12 +403,15 @@ TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients
     const std::string other_options = backward_message(p, fake_tensors(p, DType::bf16), other_seed, nullptr, plan);
     CHECK(other_options.find("plan: made with other options") != std::string::npos);
     const sparse::KeepLists lists{{0, 1, 2}, {0, 1}, {0, 1}, {0}};
-    const std::string other_lists = backward_message(p, fake_tensors(p, DType::bf16), options, &lists, plan);
+    const std::string other_lists =
+        backward_message(p, fake_tensors(p, DType::bf16), options, bad_fixture ? nullptr : &lists, plan);
     CHECK(other_lists.find("plan: made with other index lists") != std::string::npos);
-    const std::string other_tensors = backward_message(p, fake_tensors(p, DType::bf16), options, nullptr, plan);
+    const AttentionProblem& same = bad_fixture ? longer_than_plan : p;
+    const std::string other_tensors = backward_message(same, fake_tensors(same, DType::bf16), options, nullptr, plan);
     CHECK(other_tensors.find("plan: made from other Q or K tensors") != std::string::npos);
+    const sparse::SavedPlan none;
     const std::string empty =
-        backward_message(p, fake_tensors(p, DType::bf16), options, nullptr, sparse::SavedPlan());
+        backward_message(p, fake_tensors(p, DType::bf16), options, nullptr, bad_fixture ? plan : none);
     CHECK(empty.find("plan: empty") != std::string::npos);
     // Through the registry: a forward keeps its plan, and a backward with other options is refused.
     const Stage registry_stage = sparse::describe();
