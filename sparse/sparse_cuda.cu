@@ -250,9 +250,9 @@ constexpr int kMaxStagedProjection = 40 * 1024 / static_cast<int>(sizeof(float))
 /// in one launch: the query side's thread blocks first (chunks per head), then the key side's; blockIdx.y is the
 /// batch. QK-sparse (Half = kKeepDraws): keep_row's draw; hash-sparse: bucket_of on the row converted to fp32 (as
 /// the CPU tier sees it), with R an argument (Half > 0: no loads of R at all, each entry serving both rows; the
-/// chunk's rows first copied to shared memory with coalesced loads, each warp its own rows), or else in shared
-/// memory (shared-memory broadcasts rather than global loads queued behind the rows' own) or, when too large,
-/// global memory. Each chunk's count of rows per bucket is the first step of the sort (place_rows_kernel).
+/// chunk's rows first copied to shared memory with coalesced loads), or else in shared memory (shared-memory
+/// broadcasts rather than global loads queued behind the rows' own) or, when too large, global memory. Each
+/// chunk's count of rows per bucket is the first step of the sort (place_rows_kernel).
 template <class T, int HeadDim, int Half>
 __global__ void __launch_bounds__(kClassifyThreads)
     classify_rows_kernel(const Classify c, const ClassifySide queries, const ClassifySide keys,
@@ -281,34 +281,17 @@ __global__ void __launch_bounds__(kClassifyThreads)
     for (int k = 0; k < kClassifyRows; ++k)
       if (row[k] < side.seq) bucket[k] = keep_row(c.seed, stream, row[k], side.drop_permille) ? 0 : 1;
   } else if constexpr (Half > 0) {
-    // The chunk's rows copied to shared memory, consecutive lanes on consecutive 16 bytes of a row: a warp's
+    // The chunk's rows copied to shared memory, consecutive threads on consecutive 16 bytes of a row: a warp's
     // copy covers 512 bytes of 4 rows (8 of d = 32), where each thread loading its own row from global memory
-    // would touch 32 rows (32 cache lines) per warp-wide load. Each warp copies exactly the rows its own lanes
-    // hash (row[k]: rows k * kClassifyThreads + warp_row + lane) and waits for those only, with no barrier across
-    // the block: a warp whose rows have landed hashes them while the other warps' rows are still arriving, so
-    // that the SM's arithmetic runs under the reading of Q and K rather than after it.
+    // would touch 32 rows (32 cache lines) per warp-wide load.
     constexpr int kStride = padded(HeadDim);
-    constexpr int kPieces = HeadDim / 8;  // 16-byte pieces per row; a lane copies kPieces of each 32 rows' pieces
     T* tile = reinterpret_cast<T*>(classify_shared);
     const int first = chunk * kChunkRows;
-    const unsigned lane = threadIdx.x % 32u;
-    const int warp_row = static_cast<int>(threadIdx.x - lane);
-    const T* chunk_rows = row_pointer(first);
-    const int valid = side.seq - first;  // rows of the chunk inside the side
-#pragma unroll
-    for (int k = 0; k < kClassifyRows; ++k)
-#pragma unroll
-      for (int j = 0; j < kPieces; ++j) {
-        const unsigned piece = lane + 32u * j;  // of the warp's 32 rows of group k
-        const int r = k * kClassifyThreads + warp_row + static_cast<int>(piece / kPieces);  // chunk-relative
-        const int col = static_cast<int>(piece % kPieces) * 8;
-        const bool in_bounds = r < valid;
-        mma::cp_async_16(tile + r * kStride + col, in_bounds ? chunk_rows + r * side.strides.seq + col : chunk_rows,
-                         in_bounds);
-      }
+    mma::load_tile_async_unrolled<kChunkRows, HeadDim, kStride, kClassifyThreads>(tile, row_pointer(first),
+                                                                                  side.strides.seq, side.seq - first);
     mma::cp_async_commit();
     mma::cp_async_wait<0>();
-    __syncwarp();  // the warp's copies, made by all its lanes, seen by each
+    __syncthreads();
     const T* rows[kClassifyRows];
 #pragma unroll
     for (int k = 0; k < kClassifyRows; ++k)
