@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -63,11 +64,39 @@ void backward_cpu(const AttentionProblem& problem, const AttentionTensors& tenso
                   const KeepLists* lists = nullptr);
 TierCaps cpu_caps();
 
+/// The GPU tier's plan of one forward call, kept for the backward of the same call: both sides' sorted rows and
+/// the queries' spans, on the device. SCFA Alg. 2 line 1 repeats Alg. 1 lines 1-3, whose result depends only on
+/// the problem, the settings (or the index lists) and Q and K; handed over, the backward does not plan again.
+/// forward_gpu fills one when given it (dropping what it held first); backward_gpu, given a filled one, checks
+/// that it was made for the same problem, settings, index lists, dtype and Q and K tensors (pointers and
+/// strides) and refuses it otherwise (std::invalid_argument naming "plan"). Q and K must not change between the
+/// two calls: the forward's O and LSE would not match them either. Move-only; holds device memory until reset
+/// or destroyed.
+class SavedPlan {
+ public:
+  struct State;  ///< defined by the GPU tier
+  SavedPlan();
+  ~SavedPlan();
+  SavedPlan(SavedPlan&&) noexcept;
+  SavedPlan& operator=(SavedPlan&&) noexcept;
+  bool empty() const { return state_ == nullptr; }
+  void reset();
+  const State* state() const { return state_.get(); }
+  void set(std::unique_ptr<State> state);
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
 /// GPU tier (mma.sync tensor cores, as flash_v2's). Masks, hashing, sorting and compaction run on the device.
+/// `keep`: the forward's plan is kept there for the backward (SavedPlan); `plan`: the backward uses that plan
+/// instead of planning again. Through the registry the same hand-over is the option "keep_plan" = 1: the forward
+/// keeps its plan for the host thread's next sparse/gpu backward, which takes it (checked as above) when it is
+/// also given keep_plan = 1; otherwise, or when no forward kept one, the backward plans itself.
 void forward_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
-                 const KeepLists* lists = nullptr);
+                 const KeepLists* lists = nullptr, SavedPlan* keep = nullptr);
 void backward_gpu(const AttentionProblem& problem, const AttentionTensors& tensors, StageOptions& options,
-                  const KeepLists* lists = nullptr);
+                  const KeepLists* lists = nullptr, const SavedPlan* plan = nullptr);
 TierCaps gpu_caps();
 /// The GPU tier's registry entry (defined in sparse_cuda.cu; only in builds with CUDA).
 TierEntry gpu_tier();

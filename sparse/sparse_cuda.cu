@@ -4,6 +4,7 @@
 // over the sorted rows, gathering them through the permutation, skipping the tiles that cannot meet and
 // scattering the results back to the rows' original places.
 #include <cmath>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -1351,6 +1352,77 @@ struct Prepared {
         spans(static_cast<std::size_t>(p.lse_elements())) {}
 };
 
+}  // namespace
+
+/// What a plan was made for, and its buffers (a Prepared): a SavedPlan's content.
+struct SavedPlan::State {
+  AttentionProblem problem;
+  Settings settings;
+  bool with_lists = false;
+  KeepLists lists;  // a copy, when with_lists
+  DType dtype = DType::bf16;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  Strides q_strides, kv_strides;
+  std::shared_ptr<void> buffers;
+};
+
+SavedPlan::SavedPlan() = default;
+SavedPlan::~SavedPlan() = default;
+SavedPlan::SavedPlan(SavedPlan&&) noexcept = default;
+SavedPlan& SavedPlan::operator=(SavedPlan&&) noexcept = default;
+void SavedPlan::reset() { state_.reset(); }
+void SavedPlan::set(std::unique_ptr<State> state) { state_ = std::move(state); }
+
+namespace {
+
+std::unique_ptr<SavedPlan::State> saved_plan_state(const AttentionProblem& p, const AttentionTensors& t,
+                                                   const Settings& settings, const KeepLists* lists,
+                                                   std::shared_ptr<Prepared> prepared) {
+  auto state = std::make_unique<SavedPlan::State>();
+  state->problem = p;
+  state->settings = settings;
+  state->with_lists = lists != nullptr;
+  if (lists != nullptr) state->lists = *lists;
+  state->dtype = t.dtype;
+  state->q = t.q;
+  state->k = t.k;
+  state->q_strides = t.q_strides;
+  state->kv_strides = t.kv_strides;
+  state->buffers = std::move(prepared);
+  return state;
+}
+
+bool same_strides(const Strides& a, const Strides& b) { return a.batch == b.batch && a.head == b.head && a.seq == b.seq; }
+
+/// Refuses (std::invalid_argument naming "plan") a plan the backward cannot use: empty, or made for another
+/// problem, other settings or index lists, or other Q and K tensors than the backward's.
+void check_saved_plan(const SavedPlan& plan, const AttentionProblem& p, const AttentionTensors& t,
+                      const Settings& s, const KeepLists* lists) {
+  auto refuse = [](const std::string& why) {
+    throw std::invalid_argument(std::string("plan: ") + why + " (" + kWho +
+                                "'s backward takes only the plan of the forward of the same call)");
+  };
+  if (plan.empty()) refuse("empty: no forward filled it");
+  const SavedPlan::State& made = *plan.state();
+  const AttentionProblem& q = made.problem;
+  if (q.batch != p.batch || q.q_heads != p.q_heads || q.kv_heads != p.kv_heads || q.seq_q != p.seq_q ||
+      q.seq_k != p.seq_k || q.head_dim != p.head_dim || q.causal != p.causal || q.scale != p.scale)
+    refuse("made for another problem, " + q.describe() + ", not " + p.describe());
+  const Settings& m = made.settings;
+  if (m.mode != s.mode || m.drop_q_permille != s.drop_q_permille || m.drop_k_permille != s.drop_k_permille ||
+      m.buckets != s.buckets || m.seed != s.seed)
+    refuse("made with other options (mode, drop_q_permille, drop_k_permille, buckets or seed)");
+  if (made.with_lists != (lists != nullptr) ||
+      (lists != nullptr &&
+       (made.lists.query_offsets != lists->query_offsets || made.lists.query_indices != lists->query_indices ||
+        made.lists.key_offsets != lists->key_offsets || made.lists.key_indices != lists->key_indices)))
+    refuse("made with other index lists");
+  if (made.dtype != t.dtype || made.q != t.q || made.k != t.k || !same_strides(made.q_strides, t.q_strides) ||
+      !same_strides(made.kv_strides, t.kv_strides))
+    refuse("made from other Q or K tensors (dtype, pointers or strides)");
+}
+
 /// SCFA Alg. 1 lines 1-3 (Alg. 2 line 1) on the device: masks or buckets, the sorts, the queries' spans (and,
 /// given the forward's `statistics` and its `block_cols`, both counters zeroed by the sort and counted by the
 /// spans: the visible pairs into statistics[0], the tiles the forward will visit into statistics[1]).
@@ -1439,6 +1511,22 @@ class PlanTimer {
   PassResources& r_;
 };
 
+/// The registry's hand-over of a plan (option "keep_plan" = 1): the host thread's last forward's, until its next
+/// backward takes it or its next forward replaces or drops it.
+SavedPlan& registry_plan() {
+  thread_local SavedPlan plan;
+  return plan;
+}
+
+/// The option "keep_plan": 0 (default: the backward plans itself) or 1 (SavedPlan through registry_plan).
+bool keep_plan(const StageOptions& options) {
+  const std::int64_t value = options.get("keep_plan", 0);
+  if (value != 0 && value != 1)
+    throw std::invalid_argument("keep_plan: must be 0 or 1 (hand the forward's plan to the backward), got " +
+                                std::to_string(value));
+  return value == 1;
+}
+
 /// Calls body(std::integral_constant<int, D>{}) for the supported head dims.
 template <class Body>
 void dispatch_head_dim(std::int64_t head_dim, Body&& body) {
@@ -1474,12 +1562,15 @@ TierCaps gpu_caps() {
   return caps;
 }
 
-void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists) {
+void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists,
+                 SavedPlan* keep) {
   const Settings settings = validate_gpu_call(p, t, options, lists, false);
   const int block_cols = forward_block_cols(p, options);
+  if (keep != nullptr) keep->reset();  // its buffers back before this pass's are taken
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared(p, kept_buckets(settings, lists));
+  const auto prepared_buffers = std::make_shared<Prepared>(p, kept_buckets(settings, lists));
+  Prepared& prepared = *prepared_buffers;
   DeviceBuffer<unsigned long long> statistics(2);  // visible pairs, tiles visited (zeroed by the sort)
   PassResources& resources = pass_resources();
   PlanTimer timer;
@@ -1513,13 +1604,20 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   options.counters["tiles_total"] =
       static_cast<double>(p.batch * p.q_heads * ((p.seq_q + 127) / 128) * ((p.seq_k + Bc - 1) / Bc));
   options.counters["plan_ms"] = timer.milliseconds();
+  if (keep != nullptr) keep->set(saved_plan_state(p, t, settings, lists, prepared_buffers));
 }
 
-void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists) {
+void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOptions& options, const KeepLists* lists,
+                  const SavedPlan* plan) {
   const Settings settings = validate_gpu_call(p, t, options, lists, true);
+  if (plan != nullptr) check_saved_plan(*plan, p, t, settings, lists);
   Params params;
   static_cast<cuda::AttentionParams&>(params) = cuda::make_attention_params(p, t);
-  Prepared prepared(p, kept_buckets(settings, lists));
+  // SCFA Alg. 2 line 1: the forward's plan when handed over, else planned again below.
+  std::shared_ptr<Prepared> prepared_buffers =
+      plan != nullptr ? std::static_pointer_cast<Prepared>(plan->state()->buffers)
+                      : std::make_shared<Prepared>(p, kept_buckets(settings, lists));
+  Prepared& prepared = *prepared_buffers;
   DeviceBuffer<float> dq_accum(static_cast<std::size_t>(p.q_elements()));
   DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
@@ -1531,7 +1629,13 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
     constexpr int D = decltype(d)::value;
-    prepare<T, D>(prepared, params, p, t, settings, lists, nullptr);
+    if (plan == nullptr) {
+      prepare<T, D>(prepared, params, p, t, settings, lists, nullptr);
+    } else {
+      params.queries = prepared.queries.view();
+      params.keys = prepared.keys.view();
+      params.spans = prepared.spans.data();
+    }
     timer.planned();
     const long long rows = p.lse_elements();
     flash::launch_backward_prepare<T, D>(params, rows);
@@ -1552,15 +1656,22 @@ TierEntry gpu_tier() {
   gpu.tier = Tier::gpu;
   gpu.caps = gpu_caps();
   gpu.forward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
-    forward_gpu(p, t, options);
+    SavedPlan& kept = registry_plan();
+    if (keep_plan(options)) {
+      forward_gpu(p, t, options, nullptr, &kept);
+    } else {
+      kept.reset();  // a plan from an earlier pass is not this one's
+      forward_gpu(p, t, options);
+    }
   };
   gpu.backward = [](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
-    backward_gpu(p, t, options);
+    SavedPlan plan = keep_plan(options) ? std::move(registry_plan()) : SavedPlan();  // taken: one backward per plan
+    backward_gpu(p, t, options, nullptr, plan.empty() ? nullptr : &plan);
   };
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool backward, const StageOptions& options) {
     return workspace_bytes(p, read_settings(options), backward);
   };
-  gpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_cols"};
+  gpu.option_names = {"mode", "drop_q_permille", "drop_k_permille", "buckets", "seed", "block_cols", "keep_plan"};
   gpu.ladder_options = ladder_sparsity();
   gpu.target = "sm_90a";
   return gpu;

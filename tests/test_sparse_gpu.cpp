@@ -344,6 +344,86 @@ TEST_CASE("sparse/gpu counts the visible pairs and the tiles it visits before th
   }
 }
 
+// The backward on the forward's plan, handed over (SavedPlan through the functions, or the registry's option
+// keep_plan = 1), against the backward that plans again: the plan is the same, so O, dK and dV are the same bits and
+// dQ differs only in the order of its fp32 atomic additions (within rounding, far below what another mask gives).
+// A plan made for another call is refused, naming what differs. With ATTN_SPARSE_TEST_BAD_FIXTURE=1 the backward
+// that plans again draws its mask with seed + 1, and each refusal's fixture is wrong (the plan's own options and
+// problem, no lists, another problem, a filled plan for the empty one): the comparisons and every refusal's check
+// must then fail.
+TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients of one that plans again; a plan "
+          "made for another call is refused",
+          "[sparse][gpu][small]") {
+  const char* bad = std::getenv("ATTN_SPARSE_TEST_BAD_FIXTURE");
+  const bool bad_fixture = bad != nullptr && std::string(bad) == "1";
+  const AttentionProblem p = problem(1, 2, 1, 300, 300, 64, true);
+  std::uint64_t seed = 5100;
+  for (const StageOptions& options : {qk_options(400, 300, seed), hash_options(4, seed)}) {
+    const ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, ++seed);
+    INFO(describe_options(options));
+    sparse::SavedPlan plan;
+    Stage stage = sparse::describe();
+    for (TierEntry& entry : stage.tiers) {
+      if (entry.tier != Tier::gpu) continue;
+      entry.forward = [&plan](const AttentionProblem& q, const AttentionTensors& t, StageOptions& o) {
+        sparse::forward_gpu(q, t, o, nullptr, &plan);
+      };
+      entry.backward = [&plan](const AttentionProblem& q, const AttentionTensors& t, StageOptions& o) {
+        sparse::backward_gpu(q, t, o, nullptr, &plan);
+      };
+    }
+    const StageRun saved = run_stage(stage, Tier::gpu, data, settings_of(options, true));
+    CHECK(!plan.empty());
+    StageOptions keep = options;
+    keep.values["keep_plan"] = 1;
+    const StageRun registry = run_stage(sparse::describe(), Tier::gpu, data, settings_of(keep, true));
+    StageOptions again = options;
+    if (bad_fixture) again.values["seed"] += 1;
+    const StageRun replanned = run_stage(sparse::describe(), Tier::gpu, data, settings_of(again, true));
+    for (const StageRun* run : {&saved, &registry}) {
+      const Errors e = compare_runs(*run, replanned);
+      INFO((run == &saved ? "SavedPlan" : "keep_plan = 1") << " vs planned again: " << summary(e));
+      CHECK(e.o.rel_frobenius < 1e-6);
+      CHECK(e.dq.rel_frobenius < 1e-3);  // a few elements one bf16 step apart (about 4e-3 each) at most
+      CHECK(e.dk.rel_frobenius < 1e-6);
+      CHECK(e.dv.rel_frobenius < 1e-6);
+    }
+
+    // Refusals, before any work (the tensors are fakes): the plan is still the last forward's, of `p`.
+    auto backward_message = [&](const AttentionProblem& q, const AttentionTensors& t, StageOptions o,
+                                const sparse::KeepLists* lists, const sparse::SavedPlan& given) {
+      return invalid_argument_message([&] { sparse::backward_gpu(q, t, o, lists, &given); });
+    };
+    const AttentionProblem longer_than_plan = problem(1, 2, 1, 301, 300, 64, true);
+    const AttentionProblem longer = bad_fixture ? p : longer_than_plan;
+    const std::string other_problem = backward_message(longer, fake_tensors(longer, DType::bf16), options, nullptr, plan);
+    CHECK(other_problem.find("plan: made for another problem") != std::string::npos);
+    StageOptions other_seed = options;
+    if (!bad_fixture) other_seed.values["seed"] += 1;
+    const std::string other_options = backward_message(p, fake_tensors(p, DType::bf16), other_seed, nullptr, plan);
+    CHECK(other_options.find("plan: made with other options") != std::string::npos);
+    const sparse::KeepLists lists{{0, 1, 2}, {0, 1}, {0, 1}, {0}};
+    const std::string other_lists =
+        backward_message(p, fake_tensors(p, DType::bf16), options, bad_fixture ? nullptr : &lists, plan);
+    CHECK(other_lists.find("plan: made with other index lists") != std::string::npos);
+    const AttentionProblem& same = bad_fixture ? longer_than_plan : p;
+    const std::string other_tensors = backward_message(same, fake_tensors(same, DType::bf16), options, nullptr, plan);
+    CHECK(other_tensors.find("plan: made from other Q or K tensors") != std::string::npos);
+    const sparse::SavedPlan none;
+    const std::string empty =
+        backward_message(p, fake_tensors(p, DType::bf16), options, nullptr, bad_fixture ? plan : none);
+    CHECK(empty.find("plan: empty") != std::string::npos);
+    // Through the registry: a forward keeps its plan, and a backward with other options is refused.
+    const Stage registry_stage = sparse::describe();
+    PreparedRun run(registry_stage, Tier::gpu, data, true, keep);
+    StageOptions forward_options = keep, backward_options = keep;
+    if (!bad_fixture) backward_options.values["seed"] += 1;
+    run.forward(forward_options);
+    const std::string registry_message = invalid_argument_message([&] { run.backward(backward_options); });
+    CHECK(registry_message.find("plan: made with other options") != std::string::npos);
+  }
+}
+
 TEST_CASE("sparse/gpu refuses bad input with a message naming the argument, before any work", "[sparse][gpu]") {
   AttentionProblem p = problem(1, 2, 1, 64, 64, 64, true);
   const AttentionTensors tensors = fake_tensors(p, DType::bf16);
@@ -365,4 +445,10 @@ TEST_CASE("sparse/gpu refuses bad input with a message naming the argument, befo
   CHECK(forward_message(p, tensors, qk_options(0, 0), &unsorted).find("query_indices") != std::string::npos);
   sparse::KeepLists out_of_range{{0, 1, 1}, {3}, {0, 1}, {64}};
   CHECK(forward_message(p, tensors, qk_options(0, 0), &out_of_range).find("key_indices") != std::string::npos);
+  StageOptions keep_two = qk_options(0, 0);
+  keep_two.values["keep_plan"] = 2;
+  CHECK(invalid_argument_message([&] {
+          StageOptions o = keep_two;
+          sparse::describe().find(Tier::gpu)->forward(p, tensors, o);
+        }).find("keep_plan") != std::string::npos);
 }
