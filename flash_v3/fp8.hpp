@@ -16,10 +16,13 @@
 
 namespace attn::flash_v3::fp8 {
 
-/// Rows of Q per quantization block and per tile of the forward (the GPU kernel's B_r: two consumer warpgroups
-/// of 64 rows), and keys per K/V block (its B_c).
+/// Rows of Q per quantization block and per tile of the CPU forward, and keys per K/V block (the GPU kernel's B_c).
+/// The GPU kernel's tiles hold two (d = 256) or three (d = 128) consumer warpgroups of 64 rows; each warpgroup's
+/// rows lie in one Q block.
 inline constexpr std::int64_t kBlockRows = 128;
 inline constexpr std::int64_t kBlockCols = 128;
+/// Rows that share one v_ref (forward_cpu): a consumer warpgroup's of the GPU kernel.
+inline constexpr std::int64_t kVRefRows = 64;
 /// P~ = exp2(x - m + kPExponent) lies in (0, 2^8]: well inside e4m3's range (448), and its small values stay
 /// out of the subnormals down to 2^-14 of the row max (FA3 Section 3.3).
 inline constexpr int kPExponent = 8;
@@ -80,7 +83,7 @@ Quantized quantize(std::span<const float> x, std::int64_t batch_heads, std::int6
 /// The forward in FP8 on the CPU, the GPU kernel's arithmetic on a simple tiled loop: per Q block (B_r = q's
 /// block_rows) and K/V block (B_c = k's block_rows, equal to v's), S = Q8 K8^T exactly in fp32 times the two
 /// scales, online softmax in base 2, P~ = exp2(x - m + 8) x v_j / v_ref rounded to e4m3 (v_j: block j's V scale,
-/// v_ref: the largest V scale of the blocks the Q block visits), O += P8 V8 in fp32, so that O stays in units of
+/// v_ref: the largest V scale of the blocks that the row's group of kVRefRows rows sees), O += P8 V8 in fp32, so that O stays in units of
 /// v_ref and is rescaled only when a row's max grows; O v_ref / l at the end. With power-of-two V scales the
 /// factor v_j / v_ref is a power of two and P8 is the same e4m3 value as without it. o (fp32, q's shape) and lse (natural log, -inf for a
 /// row that sees no key). q, k, v from quantize (with the same per_tensor for k and v).

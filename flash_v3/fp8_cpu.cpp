@@ -124,14 +124,17 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(o_tile.begin(), o_tile.end(), 0.0f);
-      // v_ref: the largest V scale among the K/V blocks that the GPU kernel's tile of Br rows visits (causal: up
-      // to the block its last row, row0 + Br - 1, sees; flash_v3_schedule.cuh, tile_at). O holds sum P8 V8 in
-      // units of v_ref for the whole tile.
-      const std::int64_t last_visible = row0 + Br - 1 + offset;
-      const std::int64_t tile_blocks = !p.causal ? Tc : last_visible < 0 ? 0 : std::min(Tc, last_visible / Bc + 1);
-      float v_ref = 0.0f;
-      for (std::int64_t j = 0; j < tile_blocks; ++j) v_ref = std::max(v_ref, v.scale_of(kv_bh, j * Bc));
-      const float log2_v_ref = std::log2(v_ref);
+      // v_ref: per group of kVRefRows rows (a consumer warpgroup of the GPU kernel, whatever its tile's height),
+      // the largest V scale among the K/V blocks the group's rows see (causal: up to the block its last row,
+      // row0 + 64 (g + 1) - 1, sees, past seq_q or not). O holds sum P8 V8 in units of its group's v_ref.
+      const std::int64_t groups = (Br + kVRefRows - 1) / kVRefRows;
+      std::vector<float> v_ref(static_cast<std::size_t>(groups), 0.0f), log2_v_ref(v_ref.size());
+      for (std::int64_t g = 0; g < groups; ++g) {
+        const std::int64_t last_visible = row0 + std::min(Br, kVRefRows * (g + 1)) - 1 + offset;
+        const std::int64_t blocks = !p.causal ? Tc : last_visible < 0 ? 0 : std::min(Tc, last_visible / Bc + 1);
+        for (std::int64_t j = 0; j < blocks; ++j) v_ref[g] = std::max(v_ref[g], v.scale_of(kv_bh, j * Bc));
+        log2_v_ref[g] = std::log2(v_ref[g]);  // -inf for a group that sees no key (its rows stay empty)
+      }
       for (std::int64_t j = 0; j < Tc; ++j) {
         const std::int64_t key0 = j * Bc, keys = std::min(Bc, p.seq_k - key0);
         if (p.causal && key0 > row0 + rows - 1 + offset) break;  // no row of the tile sees this block
@@ -147,9 +150,10 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
         const float to_logits = q_scale * k.scale_of(kv_bh, key0) * scale_log2;
         // P~ carries this block's V scale relative to v_ref: exp2(x - m + offset), offset = 8 + log2(v_j / v_ref)
         // <= 8, so that sum P8 V8 is in units of v_ref whatever block V comes from; l sums exp2(x - m + 8).
-        const float p_offset = kPExponent + (std::log2(v.scale_of(kv_bh, key0)) - log2_v_ref);
-        const float l_factor = std::exp2(kPExponent - p_offset);  // v_ref / v_j
+        const float log2_v_j = std::log2(v.scale_of(kv_bh, key0));
         for (std::int64_t r = 0; r < rows; ++r) {
+          const float p_offset = kPExponent + (log2_v_j - log2_v_ref[r / kVRefRows]);
+          const float l_factor = std::exp2(kPExponent - p_offset);  // v_ref / v_j
           float* x = s.data() + r * padded_Bc;
           const std::int64_t visible = p.causal ? std::clamp<std::int64_t>(row0 + r + offset + 1 - key0, 0, keys) : keys;
           float block_max = -std::numeric_limits<float>::infinity();
@@ -180,7 +184,7 @@ void forward_cpu(const AttentionProblem& p, const Quantized& q, const Quantized&
       // Epilogue: O = (sum P8 V8) x v_ref / l; LSE = ln 2 x (m + log2 l - 8), undoing P~'s 2^8.
       for (std::int64_t r = 0; r < rows; ++r) {
         const bool empty = l[r] == 0.0f;
-        const float out_factor = empty ? 0.0f : v_ref / l[r];
+        const float out_factor = empty ? 0.0f : v_ref[r / kVRefRows] / l[r];
         float* out = o.data() + (bh * p.seq_q + row0 + r) * D;
         for (std::int64_t c = 0; c < D; ++c) out[c] = o_tile[r * D + c] * out_factor;
         lse[bh * p.seq_q + row0 + r] = empty ? -std::numeric_limits<float>::infinity()

@@ -152,9 +152,15 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
 template <int HeadDim_, bool Deep = true>
 struct Config {
   static constexpr int HeadDim = HeadDim_;
-  static constexpr int kConsumers = 2;
+  // Consumer warpgroups of 64 query rows: three at D = 128, so that each scheduler has more than one warp whose
+  // softmax can issue while the other warpgroups' GEMMs run (O is 64 registers there: 160 per consumer thread
+  // suffice); two at D = 256 (O is 128 registers: a consumer needs 240).
+  static constexpr int kConsumers = HeadDim == 128 ? 3 : 2;
   static constexpr int kThreads = kWarpgroupThreads * (kConsumers + 1);
-  static constexpr int Br = 64 * kConsumers;  // = kBlockRows: one Q scale per tile
+  static constexpr int Br = 64 * kConsumers;  // 192 or 128 rows; each consumer's 64 lie in one Q block (kBlockRows)
+  // Two consumers: the next S = Q K^T overlaps this block's softmax (FA3 Alg. 2); three: S, P and O do not fit in
+  // 160 registers at once, and the loop runs O += P V, then S = Q K^T, then the softmax.
+  static constexpr bool kOverlap = kConsumers == 2;
   // Keys per K/V block: 128 (= kBlockCols, one K and one V scale per block). At D = 256 a consumer thread then
   // holds O (128 fp32), S (64) and P (16) at once in its 240 registers (kConsumerRegisters). With 64 keys S = Q
   // K^T was an m64n64k32 wgmma, which reads 4 KiB of shared memory per 32 cycles, all the bandwidth there is.
@@ -172,26 +178,32 @@ struct Config {
   static constexpr int kBarrierOffset = kVtOffset + kVtStages * kVtBytes;
   static constexpr int kSmemBytes = kBarrierOffset + 8 * (1 + 4 * kStages + 2 * kVtStages) + kSwizzleAtomBytes;
   static_assert(HeadDim % kPanelRowBytes == 0, "head dims of whole 128-byte panels");
-  static_assert(Br == kBlockRows && kBlockCols == Bc, "a tile is one quantization block");
+  static_assert(kBlockRows % 64 == 0 && kBlockCols == Bc, "a consumer's rows lie in one Q block; a K/V block is one");
   static_assert(Bc == kPanelRowBytes, "V^T rows are 128-byte swizzled panel rows");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per thread block");
 };
 
-// Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over.
+// Named barriers (0 is __syncthreads): one per consumer for the pingpong hand-over, a ring: consumer i waits on its
+// own and, its GEMMs issued, arrives on consumer i + 1's (mod kConsumers).
 constexpr int kPingpongBarrier = 3;  // + consumer
 constexpr int kTransposers = 4;      // every warp of the producer warpgroup transposes V
-// Registers per thread after setmaxnreg (multiples of 8). At entry every thread has 168 (65536 / 384, rounded down
-// to a multiple of 8); setmaxnreg only moves registers between warpgroups, and an increase waits until the
-// decreases have freed enough: a total above 168 x 384 = 64512 never completes (the kernel hangs; 32 / 240 did).
-// D = 128: the consumers need fewer than 232 (O is 64 registers), and 40 let a producer thread keep two
-// transposition loads in flight; D = 256: the consumers need 240 (O is 128), the producer makes do with 24.
+// Registers per thread after setmaxnreg (multiples of 8). At entry every thread has 65536 / threads rounded down to
+// a multiple of 8 (168 of 384 threads, 128 of 512); setmaxnreg only moves registers between warpgroups, and an
+// increase waits until the decreases have freed enough: a total above what the block started with never
+// completes (the kernel hangs; 32 / 240 with 384 threads did). D = 128 (three consumers, 512 threads): 160 per
+// consumer (O 64 and S 64 or P 16, and the rest), 32 for the producer (with 24 it spills in its loop): 32 + 3 x
+// 160 = 4 x 128, all there is; D = 256 (two consumers): the consumers need 240 (O is 128), the producer makes do
+// with 24.
 template <int HeadDim>
-constexpr int kProducerRegisters = HeadDim == 256 ? 24 : 40;
+constexpr int kProducerRegisters = HeadDim == 256 ? 24 : 32;
 template <int HeadDim>
-constexpr int kConsumerRegisters = HeadDim == 256 ? 240 : 232;
-static_assert(kProducerRegisters<128> * kWarpgroupThreads + kConsumerRegisters<128> * 2 * kWarpgroupThreads <= 168 * 384 &&
-                  kProducerRegisters<256> * kWarpgroupThreads + kConsumerRegisters<256> * 2 * kWarpgroupThreads <= 168 * 384,
-              "setmaxnreg cannot hand out more registers than the thread block has");
+constexpr int kConsumerRegisters = HeadDim == 256 ? 240 : 160;
+template <class Cfg>
+constexpr bool registers_fit() {
+  constexpr int at_entry = 65536 / Cfg::kThreads / 8 * 8;
+  return (kProducerRegisters<Cfg::HeadDim> + kConsumerRegisters<Cfg::HeadDim> * Cfg::kConsumers) * kWarpgroupThreads <=
+         at_entry * Cfg::kThreads;
+}
 
 template <class Cfg>
 struct Barriers {
@@ -501,14 +513,23 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const long long q_bh = static_cast<long long>(tile.batch) * p.q_heads + tile.head;
   const long long kv_bh = static_cast<long long>(tile.batch) * (p.q_heads / p.group_size) + tile.kv_head;
   const int kv_blocks = cuda::ceil_div(p.seq_k, kBlockCols);  // quantization blocks per KV head
-  const float q_factor = fp.q_scales[q_bh * cuda::ceil_div(p.seq_q, Cfg::Br) + tile.q_block] * p.scale_log2;
+  // This consumer's Q scale: its 64 rows lie in one Q block of kBlockRows (one past the last, rows that are all
+  // beyond seq_q, take the last block's: never written).
+  const int q_blocks = cuda::ceil_div(p.seq_q, static_cast<int>(kBlockRows));
+  const int q_block = min((tile.row0 + consumer_index * 64) / static_cast<int>(kBlockRows), q_blocks - 1);
+  const float q_factor = fp.q_scales[q_bh * q_blocks + q_block] * p.scale_log2;
   auto block_of = [&](int it) { return tile.blocks - 1 - it; };
   const float* k_scales = fp.k_scales + kv_bh * kv_blocks;  // one per K/V block (Bc = kBlockCols)
   const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
-  // v_ref: the largest V scale of the blocks this tile visits (each warp reduces it on its own). O holds
-  // sum P8 V8 in units of v_ref, so it is rescaled only when a row's max grows.
+  // v_ref: the largest V scale of the blocks that this consumer's 64 rows see (each warp reduces it on its own;
+  // causal: up to the block the last of the 64 rows sees, at least one block). O holds sum P8 V8 in units of
+  // v_ref, so it is rescaled only when a row's max grows. The CPU emulation takes the same 64-row groups
+  // (fp8_cpu.cpp), whatever the tile's height.
+  int ref_blocks = tile.blocks;
+  if (p.causal) ref_blocks = min(ref_blocks, (tile.row0 + consumer_index * 64 + 63 + p.seq_k - p.seq_q) / Bc + 1);
+  ref_blocks = max(ref_blocks, 1);
   float v_ref = 0.0f;
-  for (int b = lane; b < tile.blocks; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
+  for (int b = lane; b < ref_blocks; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
 #pragma unroll
   for (int lanes = 16; lanes >= 1; lanes /= 2) v_ref = fmaxf(v_ref, __shfl_xor_sync(0xFFFFFFFFu, v_ref, lanes));
   const int v_ref_exponent = exponent_field(v_ref);
@@ -547,7 +568,9 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     return online_softmax<false, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, block_of(it) * Bc);
   };
   auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
-  auto pass_turn = [&] { named_barrier_arrive(kPingpongBarrier + (1 - consumer_index), 2 * kWarpgroupThreads); };
+  auto pass_turn = [&] {
+    named_barrier_arrive(kPingpongBarrier + (consumer_index + 1) % Cfg::kConsumers, 2 * kWarpgroupThreads);
+  };
   auto wait_for_vt = [&](const Slot& slot) {
     if (fp.vt_sync) mbarrier_wait(&bars->vt_full[slot.stage], slot.phase);
   };
@@ -578,19 +601,37 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     wait_for_vt(v_slot);                                         // line 9 (V^T, transposed by the producer)
     wait_for_turn();
     wgmma_fence();
-    // At D = 256 Q's 8 descriptors held across the loop would not fit beside O (the loop would spill): rebuilt
-    // from the one held word there (one add each), held whole at D = 128.
-    issue_qk<Cfg>(s, HeadDim == 256 ? held(q_desc) : q_desc, k_tile(k_slot.stage));  // line 8
-    issue_pv<Cfg>(o, p_operand, vt_tile(v_slot.stage));          // line 10
-    pass_turn();
-    const BlockFactors factors = factors_at(it);
-    wgmma_wait<1>();                                             // line 11
-    fence_registers(s);
-    if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
-    const bool grew = softmax(s, rescale, it, factors);           // line 12
-    wgmma_wait<0>();                                              // line 13
-    fence_registers(o);
-    if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
+    bool grew;
+    if constexpr (Cfg::kOverlap) {
+      // Q's descriptors held across the loop would not fit beside O (the loop would spill: 8 at D = 256): rebuilt
+      // from the one held word (one add each).
+      issue_qk<Cfg>(s, held(q_desc), k_tile(k_slot.stage));  // line 8
+      issue_pv<Cfg>(o, p_operand, vt_tile(v_slot.stage));     // line 10
+      pass_turn();
+      const BlockFactors factors = factors_at(it);
+      wgmma_wait<1>();                                              // line 11
+      fence_registers(s);
+      if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
+      grew = softmax(s, rescale, it, factors);                      // line 12
+      wgmma_wait<0>();                                              // line 13
+      fence_registers(o);
+      if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
+    } else {
+      // No overlap within the warpgroup (the other two consumers' GEMMs run during this one's softmax): O +=
+      // P_{j-1} V_{j-1} completes before S_j = Q K_j^T is issued, so that P and S never hold registers at once.
+      issue_pv<Cfg>(o, p_operand, vt_tile(v_slot.stage));  // line 10
+      wgmma_wait<0>();                                     // line 13
+      fence_registers(o);
+      if (releases) mbarrier_arrive(&bars->vt_empty[v_slot.stage]);  // line 15 (V_{j-1})
+      wgmma_fence();
+      issue_qk<Cfg>(s, held(q_desc), k_tile(k_slot.stage));  // line 8
+      pass_turn();
+      const BlockFactors factors = factors_at(it);
+      wgmma_wait<0>();  // line 11
+      fence_registers(s);
+      if (releases) mbarrier_arrive(&bars->k_empty[k_slot.stage]);  // line 15 (K_j)
+      grew = softmax(s, rescale, it, factors);                      // line 12
+    }
     // Line 14, skipped by a warp none of whose rows' max grew (factor 1): after the first blocks, most of the time.
     if (__any_sync(0xFFFFFFFFu, grew)) rescale_output<HeadDim>(o, rescale[0], rescale[1]);
     to_p_operand<Bc>(p_operand, s);                                // line 16
@@ -648,6 +689,7 @@ template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                    const __grid_constant__ CUtensorMap v_map, const Fp8Params fp) {
+  static_assert(registers_fit<Cfg>(), "setmaxnreg cannot hand out more registers than the thread block has");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char shared_bytes[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -683,7 +725,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   } else {
     setmaxnreg_increase<kConsumerRegisters<Cfg::HeadDim>>();
     const int consumer_index = warpgroup - 1;
-    if (consumer_index == 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);  // 0 goes first
+    // 0 goes first: the last consumer of the ring passes it the turn.
+    if (consumer_index == Cfg::kConsumers - 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);
     consumer<Cfg>(fp, tile, smem, bars, consumer_index);
   }
 #endif

@@ -1,10 +1,12 @@
 // flash_v3 FP8, CPU side: the e4m3 conversion (every code, and against CUDA's own conversion where the CUDA
 // headers are there), the Walsh-Hadamard rotation of incoherent processing, block quantization, and the FP8
 // forward against the fp64 oracle within a bound derived from e4m3's precision.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "catch.hpp"
@@ -286,6 +288,47 @@ TEST_CASE("FP8 forward over 71 K/V blocks whose K and V scales differ block to b
     CHECK(o_error.rel_frobenius < 0.1);  // the bounds of the tests above
     CHECK(lse_error.rel_frobenius < 0.02);
     CHECK(stale.rel_frobenius > 0.1);  // measured 0.81 at d = 128 (LSE, set by the row maxima, moves little: 0.001)
+  }
+}
+
+TEST_CASE("FP8 forward per 64-row group with Q blocks' scales 2x apart; a group given its neighbour block's scale fails",
+          "[fp8]") {
+  // The fixture of the GPU test of the d = 128 kernel's three consumer warpgroups per tile (each with its own Q
+  // block's scale): Q's rows times 1/2 in the odd 128-row blocks. Here: every 64-row group passes the bounds, and
+  // every group of an odd block fails them when that block takes the even block's scale before it (what a
+  // consumer given the wrong block's scale computes).
+  for (bool causal : {false, true}) {
+    INFO("causal " << causal);
+    const AttentionProblem p = testing::problem_of(1, 4, 2, 450, 450, 128, causal);
+    ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, 31);
+    for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)
+      for (std::int64_t row = 0; row < p.seq_q; ++row)
+        if (row / fp8::kBlockRows % 2 == 1)
+          for (std::int64_t c = 0; c < p.head_dim; ++c) data.q[(bh * p.seq_q + row) * p.head_dim + c] *= 0.5f;
+    const oracle::Result exact = oracle::attention(data, false);
+    auto q = fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, int(p.head_dim), fp8::kBlockRows);
+    const auto k = fp8::quantize(data.k.span(), p.batch * p.kv_heads, p.seq_k, int(p.head_dim), fp8::kBlockCols);
+    const auto v = fp8::quantize(data.v.span(), p.batch * p.kv_heads, p.seq_k, int(p.head_dim), fp8::kBlockCols, false,
+                                 fp8::ScaleRule::power_of_two);
+    std::vector<float> o(static_cast<std::size_t>(p.q_elements())), wrong(o.size()), lse(static_cast<std::size_t>(p.lse_elements()));
+    fp8::forward_cpu(p, q, k, v, o, lse);
+    const std::int64_t q_blocks = (p.seq_q + fp8::kBlockRows - 1) / fp8::kBlockRows;
+    for (std::int64_t b = 0; b < static_cast<std::int64_t>(q.scales.size()); ++b)
+      if (b % q_blocks % 2 == 1) q.scales[static_cast<std::size_t>(b)] = q.scales[static_cast<std::size_t>(b - 1)];
+    fp8::forward_cpu(p, q, k, v, wrong, lse);
+    double worst = 0.0, wrong_best = 1e9;
+    for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)
+      for (std::int64_t row0 = 0; row0 < p.seq_q; row0 += 64) {
+        const std::size_t first = static_cast<std::size_t>((bh * p.seq_q + row0) * p.head_dim);
+        const std::size_t count = static_cast<std::size_t>(std::min<std::int64_t>(64, p.seq_q - row0) * p.head_dim);
+        const std::span<const double> reference = std::span<const double>(exact.o).subspan(first, count);
+        worst = std::max(worst, compare(std::span<const float>(o).subspan(first, count), reference).rel_frobenius);
+        if (row0 / fp8::kBlockRows % 2 == 1)
+          wrong_best = std::min(wrong_best, compare(std::span<const float>(wrong).subspan(first, count), reference).rel_frobenius);
+      }
+    INFO("worst group vs oracle " << worst << "; with the neighbour's scale, the best group " << wrong_best);
+    CHECK(worst < 0.1);  // the bound of the tests above
+    CHECK(wrong_best > 0.1);
   }
 }
 
