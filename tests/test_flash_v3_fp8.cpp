@@ -301,10 +301,7 @@ TEST_CASE("FP8 forward per 64-row group with Q blocks' scales 2x apart; a group 
     INFO("causal " << causal);
     const AttentionProblem p = testing::problem_of(1, 4, 2, 450, 450, 128, causal);
     ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, 31);
-    for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)
-      for (std::int64_t row = 0; row < p.seq_q; ++row)
-        if (row / fp8::kBlockRows % 2 == 1)
-          for (std::int64_t c = 0; c < p.head_dim; ++c) data.q[(bh * p.seq_q + row) * p.head_dim + c] *= 0.5f;
+    testing::scale_odd_q_blocks(data, fp8::kBlockRows, 0.5f);
     const oracle::Result exact = oracle::attention(data, false);
     auto q = fp8::quantize(data.q.span(), p.batch * p.q_heads, p.seq_q, int(p.head_dim), fp8::kBlockRows);
     const auto k = fp8::quantize(data.k.span(), p.batch * p.kv_heads, p.seq_k, int(p.head_dim), fp8::kBlockCols);

@@ -169,10 +169,7 @@ TEST_CASE("FP8 forward at d = 128, each 64-row consumer warpgroup of a 192-row t
   for (bool causal : {false, true}) {
     const AttentionProblem p = problem_of(1, 4, 2, 450, 450, 128, causal);
     ProblemData data = make_problem_data(p, DType::bf16, Layout::bhnd, 31);
-    for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)
-      for (std::int64_t row = 0; row < p.seq_q; ++row)
-        if (row / fp8::kBlockRows % 2 == 1)
-          for (std::int64_t c = 0; c < p.head_dim; ++c) data.q[(bh * p.seq_q + row) * p.head_dim + c] *= 0.5f;
+    testing::scale_odd_q_blocks(data, fp8::kBlockRows, 0.5f);
     const oracle::Result exact = oracle::attention(data, false);
     const StageRun run = run_fp8(data, false);
     for (std::int64_t bh = 0; bh < p.batch * p.q_heads; ++bh)

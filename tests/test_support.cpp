@@ -76,4 +76,15 @@ AttentionTensors fake_tensors(const AttentionProblem& p, DType dtype) {
   return t;
 }
 
+void scale_odd_q_blocks(ProblemData& data, std::int64_t block_rows, float factor) {
+  const AttentionProblem& p = data.problem;
+  const Strides strides = data.q_strides();
+  for (std::int64_t b = 0; b < p.batch; ++b)
+    for (std::int64_t h = 0; h < p.q_heads; ++h)
+      for (std::int64_t row = 0; row < p.seq_q; ++row)
+        if (row / block_rows % 2 == 1)
+          for (std::int64_t c = 0; c < p.head_dim; ++c)
+            data.q[b * strides.batch + h * strides.head + row * strides.seq + c] *= factor;
+}
+
 }  // namespace attn::testing

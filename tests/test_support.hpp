@@ -52,6 +52,11 @@ std::string invalid_argument_message(Call&& call) {
   return "";
 }
 
+/// Q's rows in every odd block of `block_rows` rows (per batch and head) times `factor`, through the data's own
+/// strides: neighbouring blocks then take quantization scales `factor` apart, for tests that a kernel applies
+/// each block's own scale.
+void scale_odd_q_blocks(ProblemData& data, std::int64_t block_rows, float factor);
+
 /// Tensors for `problem` (bhnd strides) whose pointers are 256-byte aligned stand-ins, never dereferenced: for
 /// tests of rules that a tier checks before touching memory.
 AttentionTensors fake_tensors(const AttentionProblem& problem, DType dtype);
