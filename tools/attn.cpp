@@ -681,6 +681,9 @@ int command_ladder(Flags& flags) {
           // Its own oracle (the same mask) and flash_v2 run again here, timed as the ladder times every row.
           std::optional<oracle::Result> masked;
           if (oracle::affordable(problem)) masked = sparse_oracle(data, stage_settings.options, settings.backward);
+          // The GPU tier's backward takes its forward's plan (each timed run is a forward, then its backward, on
+          // this thread), as a training step would, instead of planning again; the CPU tier has no such option.
+          if (tier == Tier::gpu && settings.backward) stage_settings.options.values["keep_plan"] = 1;
           row = run_row(stage, tier, data, stage_settings, nullptr, masked, nullptr);
           if (const Stage* flash_v2 = dense_reference(tier)) {
             RunSettings dense = settings;
@@ -689,7 +692,7 @@ int command_ladder(Flags& flags) {
             sparse_against_dense(row, stage, tier, data, stage_settings, flash_v2_run, *row.time_ms);
           }
           std::string sparsity;
-          for (const auto& [name, value] : entry->ladder_options) sparsity += " " + name + "=" + std::to_string(value);
+          for (const auto& [name, value] : stage_settings.options.values) sparsity += " " + name + "=" + std::to_string(value);
           add_note(row, "ladder sparsity:" + sparsity);
         }
 #endif
