@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/bench_support.hpp"
+#include "common/timer.hpp"
 #include "common/simd.hpp"
 
 #ifdef ATTN_HAVE_CBLAS
@@ -320,11 +321,6 @@ void paired_with_sgemm(benchmark::State& state, AttentionProblem p) {
     flash_rates.push_back(flash_flops / forward / 1e6);
     ratios.push_back(flash_rates.back() / sgemm_rates.back());
   }
-  const auto median = [](std::vector<double> values) {
-    std::sort(values.begin(), values.end());
-    const std::size_t half = values.size() / 2;
-    return values.size() % 2 ? values[half] : (values[half - 1] + values[half]) / 2;
-  };
   state.SetLabel(openblas_get_corename());
   state.counters["flash_v2_gflops"] = median(flash_rates);
   state.counters["sgemm_gflops"] = median(sgemm_rates);
