@@ -230,10 +230,22 @@ void launch_forward(const Params& p, int batch) {
 // and dP_ij^T as 4 warps along the keys x 2 along the queries, dV_j and dK_j as 4 along the keys x 2 along d, dQ_i
 // as warps along the queries x warps along d, each chosen so that a fragment read from shared memory feeds
 // several mma tiles. P_ij^T and dS_ij^T cross from the first layout to the other two through shared memory.
+//
+// The (Q_i, dO_i, L_i, D_i) copies go through kStages stages in shared memory. With three (every shape whose tiles
+// fit, all but d = 256), a step has no barrier before its S^T, dP^T products: the copy into a stage is issued after
+// the barrier that follows the last reads of that stage (two steps back), so the step's two barriers are the one
+// before the P^T, dS^T stores (every warp done reading the previous step's) and the one after them, and a warp that
+// ends its step early starts the next one's products instead of waiting. With two, the step opens with a barrier.
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
-  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T (the layouts' 16-bit tiles); two stages of (L_i, D_i).
-  static constexpr int kSmemBytes = flash::BackwardLayouts<HeadDim, Br, Bc>::kTileBytes + 4 * Br * 4;
+  using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
+  // K_j, V_j; `stages` of (Q_i, dO_i); P_ij^T and dS_ij^T (the layouts' 16-bit tiles, with two stages of Q_i, dO_i);
+  // `stages` of (L_i, D_i).
+  static constexpr int smem_bytes(int stages) {
+    return Layouts::kTileBytes + (stages - 2) * 2 * Br * Layouts::kStride * 2 + stages * 2 * Br * 4;
+  }
+  static constexpr int kStages = smem_bytes(3) <= 227 * 1024 ? 3 : 2;
+  static constexpr int kSmemBytes = smem_bytes(kStages);
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
@@ -248,15 +260,16 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
   constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
+  constexpr int kStages = Shape::kStages;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
   T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
-  T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
-  T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
-  T* p_tile = do_tiles + 2 * Br * kStride;         // P_ij^T: Bc x Br
+  T* q_tiles = v_tile + Bc * kStride;              // Q_i: kStages of Br x D
+  T* do_tiles = q_tiles + kStages * Br * kStride;  // dO_i: kStages of Br x D
+  T* p_tile = do_tiles + kStages * Br * kStride;   // P_ij^T: Bc x Br
   T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (natural log): 2 stages of Br
-  float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (natural log): kStages of Br
+  float* delta_tiles = lse_tiles + kStages * Br;                         // D_i: kStages of Br
 
   // The grid is (K/V blocks, KV heads, batch). Causal: a K/V block near the start is seen by the most Q blocks,
   // so the blocks are taken in key-block-major order, every head's heaviest first: a short tail, even with GQA,
@@ -311,23 +324,38 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   mma::load_tile_async_unrolled<Bc, HeadDim, kStride, Shape::kThreads>(k_tile, k, p.kv_seq, p.seq_k - key0);
   mma::load_tile_async_unrolled<Bc, HeadDim, kStride, Shape::kThreads>(v_tile, v, p.kv_seq, p.seq_k - key0);
   int head = kv_head * p.group_size, row0 = first_q_block * Br;  // of step 0
+  int copy_head = head, copy_row0 = row0;                          // of the last (Q_i, dO_i) copy issued
   if (steps > 0) load_q_block(head, row0, 0);
   mma::cp_async_commit();
+  if constexpr (kStages == 3) {
+    if (steps > 1) {  // step 1's tiles come in a group of their own, waited for in step 0
+      next_block(copy_head, copy_row0);
+      load_q_block(copy_head, copy_row0, 1);
+    }
+    mma::cp_async_commit();
+    mma::cp_async_wait<1>();
+    __syncthreads();  // K_j, V_j and step 0's tiles visible to all
+  }
   float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
   auto& acc_dv = acc_dv_dk[0];
   auto& acc_dk = acc_dv_dk[1];
+  // The next copy: the tiles of step + kStages - 1, into the stage that step - 1 read.
+  auto load_next_q_block = [&](int step, int stage) {
+    if (step + kStages - 1 < steps) {
+      next_block(copy_head, copy_row0);
+      load_q_block(copy_head, copy_row0, (stage + kStages - 1) % kStages);
+      mma::cp_async_commit();
+    }
+  };
 
   // FA2 Alg. 2 line 8: for i = 1..Tr (and, with GQA, for each query head of the group).
   for (int step = 0; step < steps; ++step) {
-    const int stage = step % 2;
-    mma::cp_async_wait<0>();
-    // Step's tiles visible to all; every warp is done with step - 1 (the other stage, the P^T and dS^T tiles).
-    __syncthreads();
-    int next_head = head, next_row0 = row0;
-    next_block(next_head, next_row0);
-    if (step + 1 < steps) {
-      load_q_block(next_head, next_row0, stage ^ 1);  // lands while this step computes
-      mma::cp_async_commit();
+    const int stage = step % kStages;
+    if constexpr (kStages == 2) {
+      mma::cp_async_wait<0>();
+      // Step's tiles visible to all; every warp is done with step - 1 (the other stage, the P^T and dS^T tiles).
+      __syncthreads();
+      load_next_q_block(step, stage);  // lands while this step computes
     }
     const T* q_tile = q_tiles + stage * Br * kStride;
     const T* do_tile = do_tiles + stage * Br * kStride;
@@ -380,11 +408,17 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     };
     const bool needs_mask = key0 + Bc > p.seq_k || row0 + Br > p.seq_q ||
                             (p.causal && key0 + Bc - 1 > row0 + causal_offset);
+    // Three stages: the step's first barrier, here rather than before the products above: every warp is done with
+    // step - 1's reads of the P^T and dS^T tiles, which the stores below overwrite.
+    if constexpr (kStages == 3) __syncthreads();
     if (needs_mask)
       probabilities(std::true_type{});
     else
       probabilities(std::false_type{});
+    if constexpr (kStages == 3) mma::cp_async_wait<0>();  // step + 1's tiles, visible to all after the barrier
     __syncthreads();  // P^T and dS^T complete
+    // Three stages: every warp is past step - 1 (the barrier above follows its last reads), so its stage is free.
+    if constexpr (kStages == 3) load_next_q_block(step, stage);  // lands while this step and the next compute
 
     // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
     warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile},
@@ -408,9 +442,12 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
                             dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1]);
         }
     }
-    // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copy into this
-    // step's stage behind every warp's reads.)
-    head = next_head, row0 = next_row0;
+    // (No barrier here: the next step's first barrier keeps its P^T / dS^T stores, and its copy into this step's
+    // stage, behind every warp's reads.)
+    if constexpr (kStages == 2)
+      head = copy_head, row0 = copy_row0;  // (the copy issued in this step was the next step's)
+    else
+      next_block(head, row0);
   }
 
   // Line 18: write dK_j (times the softmax scale, which S = scale Q K^T puts on every dS) and dV_j.
