@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace attn::mma {
 
@@ -254,6 +255,28 @@ __device__ __forceinline__ void atomic_add_pair(float* address, float low, float
   atomicAdd(address, low);
   atomicAdd(address + 1, high);
 #endif
+}
+
+/// atomic_add_pair at `base` + kOffsetBytes, the offset an immediate of the instruction (red.global.add.v2.f32
+/// [base + offset]): a run of these at constant distances from one pointer needs no address arithmetic between
+/// them, and no register that an atomic issued before it still has to read. Relaxed, device scope: what
+/// atomicAdd does.
+template <int kOffsetBytes>
+__device__ __forceinline__ void atomic_add_pair_at(float* base, float low, float high) {
+  static_assert(kOffsetBytes % 8 == 0, "a pair is 8-byte aligned");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0+%3], {%1, %2};" ::"l"(base), "f"(low), "f"(high), "n"(kOffsetBytes)
+               : "memory");
+#else
+  atomic_add_pair(base + kOffsetBytes / 4, low, high);
+#endif
+}
+
+/// Calls body.template operator()<I>() for I = 0, ..., N - 1 in order, each I a compile-time constant (where an
+/// index must become an instruction's immediate, which an unrolled loop's counter is not, to C++).
+template <int N, class Body>
+__device__ __forceinline__ void static_for(Body&& body) {
+  [&]<int... I>(std::integer_sequence<int, I...>) { (body.template operator()<I>(), ...); }(std::make_integer_sequence<int, N>{});
 }
 
 // ---- Asynchronous copies global -> shared (cp.async, sm_80) -----------------------------------------------------
