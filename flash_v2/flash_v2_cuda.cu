@@ -233,10 +233,10 @@ void launch_forward(const Params& p, int batch) {
 //
 // The (Q_i, dO_i, L_i, D_i) copies go through kStages stages in shared memory. With three (d = 96 and 128; at
 // d <= 64 a third stage measured no faster, and d = 256's tiles leave no room for one), a step has no barrier
-// before its S^T, dP^T products: the copy into a stage is issued after
-// the barrier that follows the last reads of that stage (two steps back), so the step's two barriers are the one
-// before the P^T, dS^T stores (every warp done reading the previous step's) and the one after them, and a warp that
-// ends its step early starts the next one's products instead of waiting. With two, the step opens with a barrier.
+// before its S^T, dP^T products: the copy into a stage is issued after the barrier that follows the last reads of
+// that stage (two steps back), so the step's two barriers are the one before the P^T, dS^T stores (every warp done
+// reading the previous step's) and the one after them, and a warp that ends its step early starts the next one's
+// products instead of waiting. With two, the step opens with a barrier.
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
@@ -432,8 +432,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
       warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride, dq_column0);
       // One address per thread, its first row and column; every other element it adds to sits a compile-time
       // offset away, so each atomic is [dq_first + immediate] (atomic_add_pair_at) and none waits for a register
-      // that the atomic before it still has to read (with the address recomputed for each row, in the same
-      // registers, the atomics of one row held up the next row's: 8% of the stall samples at d = 64, ncu).
+      // that the atomic before it still has to read, and the rows are tested against N_q in the last Q block only
+      // (log step 15: d = 128 2-3% faster; d = 64, where ncu had shown those waits, unchanged).
       const int first_query = row0 + dq_row0 + group;
       float* dq_first = p.dq_accum +
                         (((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) + first_query) * HeadDim +
