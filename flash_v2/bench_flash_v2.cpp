@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "common/bench_support.hpp"
-#include "common/timer.hpp"
 #include "common/simd.hpp"
+#include "common/timer.hpp"
 
 #ifdef ATTN_HAVE_CBLAS
 #include <cblas.h>
