@@ -290,6 +290,12 @@ __device__ __forceinline__ void cp_async_16(void* destination, const void* sourc
                "r"(source_bytes));
 }
 
+/// cp.async.cg.shared.global, 16 bytes, for a copy known to be in bounds: the same instruction without the
+/// source-size operand (no zero-fill predicate in the SASS).
+__device__ __forceinline__ void cp_async_16(void* destination, const void* source) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(destination)), "l"(source));
+}
+
 /// cp.async.ca.shared.global, 4 bytes: the same for one 32-bit word (a row's L_i or D_i), zero-filled when
 /// `in_bounds` is false. (cp.async.cg takes only 16-byte copies.)
 __device__ __forceinline__ void cp_async_4(void* destination, const void* source, bool in_bounds) {
