@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace attn::mma {
@@ -117,40 +118,72 @@ __device__ __forceinline__ void a_from_accumulators(std::uint32_t (&a)[4], const
 
 // ---- Fragments from row-major shared-memory tiles ---------------------------------------------------------------
 // `tile` points to a tile of 16-bit elements, `stride` elements from one row to the next (a multiple of 8,
-// so that every row starts 16-byte aligned).
+// so that every row starts 16-byte aligned). Where its rows' 16-byte chunks sit is the tile's Layout:
+//
+// - RowMajor: in order. Tiles here pad each row by 16 bytes (stride = columns + 8), so that the 8 rows one
+//   ldmatrix reads at the same column fall in 8 different bank groups.
+// - Swizzled: rows of exactly `stride` elements, a multiple of 64 (128 bytes, all 32 banks), and chunk c of row r
+//   stored at chunk c ^ (r mod 8): the same 8 rows at the same column are again in 8 different bank groups,
+//   with no padding. What padding costs is the cp.async that fills the tile: a warp's 16-byte copies of four
+//   128-byte rows into rows 144 bytes apart took 10.5 shared-memory wavefronts per instruction on the H200
+//   (Nsight Compute), into 128-byte rows 4, and the zero-fill operand made no difference
+//   (docs/measurements/2026-11-29-h200-cp-async-wavefronts.txt).
+//
+// The fragment loaders below take the layout as a template argument; a Swizzled tile needs each 16-row (or
+// 8-row) block they address to start at a row that is a multiple of 8, which every caller's tiling gives.
+struct RowMajor {
+  /// The element offset of (row, col).
+  static __device__ __forceinline__ int offset(int stride, int row, int col) { return row * stride + col; }
+  /// The offset of (row0 + lane_row, col0 + 8 lane_chunk) where row0 % 8 == 0 and col0 % 16 == 0: the form in
+  /// which ldmatrix addresses come (lane_row, lane_chunk: the lane's own row and 8-column step).
+  static __device__ __forceinline__ int fragment_offset(int stride, int row0, int lane_row, int col0, int lane_chunk) {
+    return (row0 + lane_row) * stride + col0 + 8 * lane_chunk;
+  }
+};
+struct Swizzled {
+  static __device__ __forceinline__ int offset(int stride, int row, int col) {
+    return row * stride + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
+  }
+  // col0 / 8 is even and lane_chunk is 0 or 1, so col0 / 8 + lane_chunk = col0 / 8 ^ lane_chunk, and
+  // (row0 + lane_row) % 8 = lane_row % 8: the lane's part of the swizzle is one constant per lane, and each
+  // compile-time col0 costs one XOR.
+  static __device__ __forceinline__ int fragment_offset(int stride, int row0, int lane_row, int col0, int lane_chunk) {
+    return (row0 + lane_row) * stride + (((col0 >> 3) ^ (lane_chunk ^ (lane_row & 7))) << 3);
+  }
+};
 
 /// A registers of the 16 x 16 block at (row0, col0) of a row-major [m][k] tile (Q in S = Q K^T).
 /// Lanes 0-15 address rows row0..row0+15 at col0 (matrices 0, 1), lanes 16-31 the same rows at col0 + 8
 /// (matrices 2, 3).
-template <class T>
+template <class Layout = RowMajor, class T>
 __device__ __forceinline__ void load_a(std::uint32_t (&a)[4], const T* tile, int stride, int row0, int col0) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  ldmatrix_x4(a, tile + (row0 + (lane % 16)) * stride + col0 + (lane / 16) * 8);
+  ldmatrix_x4(a, tile + Layout::fragment_offset(stride, row0, lane % 16, col0, lane / 16));
 }
 
 /// A registers of the 16 x 16 block of a matrix M stored transposed, as a row-major [k][m] tile: rows
 /// k0..k0+15 and columns m0..m0+15 of the tile are M's columns and rows. (dS from a [key][query] tile of dS^T.)
-template <class T>
+template <class Layout = RowMajor, class T>
 __device__ __forceinline__ void load_a_transposed(std::uint32_t (&a)[4], const T* tile, int stride, int k0, int m0) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  ldmatrix_x4_trans(a, tile + (k0 + lane % 8 + (lane / 16) * 8) * stride + m0 + ((lane / 8) % 2) * 8);
+  ldmatrix_x4_trans(a, tile + Layout::fragment_offset(stride, k0, lane % 8 + (lane / 16) * 8, m0, (lane / 8) % 2));
 }
 
 /// B registers of two adjacent 16 x 8 tiles (n0..n0+7 in b[0], b[1]; n0+8..n0+15 in b[2], b[3]) at depth
 /// k0..k0+15, from a row-major [n][k] tile: B's columns are the tile's rows (K in S = Q K^T).
-template <class T>
+template <class Layout = RowMajor, class T>
 __device__ __forceinline__ void load_b_pair(std::uint32_t (&b)[4], const T* tile, int stride, int n0, int k0) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  ldmatrix_x4(b, tile + (n0 + lane % 8 + (lane / 16) * 8) * stride + k0 + ((lane / 8) % 2) * 8);
+  ldmatrix_x4(b, tile + Layout::fragment_offset(stride, n0, lane % 8 + (lane / 16) * 8, k0, (lane / 8) % 2));
 }
 
 /// B registers of two adjacent 16 x 8 tiles (n0..n0+7 in b[0], b[1]; n0+8..n0+15 in b[2], b[3]) at depth
 /// k0..k0+15, from a row-major [k][n] tile, transposed by ldmatrix (V in O = P V).
-template <class T>
+template <class Layout = RowMajor, class T>
 __device__ __forceinline__ void load_b_pair_transposed(std::uint32_t (&b)[4], const T* tile, int stride, int k0,
                                                        int n0) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  ldmatrix_x4_trans(b, tile + (k0 + lane % 16) * stride + n0 + (lane / 16) * 8);
+  ldmatrix_x4_trans(b, tile + Layout::fragment_offset(stride, k0, lane % 16, n0, lane / 16));
 }
 
 // ---- One warp's products over 16 rows ---------------------------------------------------------------------------
@@ -207,8 +240,8 @@ enum class Stored { by_rows, by_depth };
 /// memory. Each A fragment read feeds NTiles mma and each pair of B fragments 2 MTiles. Two products (S and dP,
 /// or dV and dK) go through one loop so that each k-step has twice the independent mma to hide the ldmatrix
 /// and mma latencies behind (flash_v2/README.md's GPU log, step 6: S, then P, then dP as separate phases, with dQ moved
-/// ahead of dV and dK, measured 6-7% slower).
-template <Stored kA, Stored kB, int kDepth, class T, int kProducts, int MTiles, int NTiles>
+/// ahead of dV and dK, measured 6-7% slower). BLayout: how the B tiles are laid out (RowMajor or Swizzled).
+template <Stored kA, Stored kB, int kDepth, class BLayout = RowMajor, class T, int kProducts, int MTiles, int NTiles>
 __device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles][4], const T* const (&a_tiles)[kProducts],
                                          int a_stride, int a_row0, const T* const (&b_tiles)[kProducts], int b_stride,
                                          int b_row0) {
@@ -231,9 +264,9 @@ __device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles]
 #pragma unroll
       for (int n = 0; n < kProducts; ++n) {
         if constexpr (kB == Stored::by_rows)
-          load_b_pair(b[n], b_tiles[n], b_stride, b_row0 + np * 16, kk * 16);
+          load_b_pair<BLayout>(b[n], b_tiles[n], b_stride, b_row0 + np * 16, kk * 16);
         else
-          load_b_pair_transposed(b[n], b_tiles[n], b_stride, kk * 16, b_row0 + np * 16);
+          load_b_pair_transposed<BLayout>(b[n], b_tiles[n], b_stride, kk * 16, b_row0 + np * 16);
       }
 #pragma unroll
       for (int mt = 0; mt < MTiles; ++mt)
@@ -356,18 +389,23 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* source, long l
 /// loop and no branch. (load_tile_async's loop starts at threadIdx.x, so its trip count is unknown to the compiler:
 /// it becomes a rolled loop with a remainder, about 100 instructions of branches and address arithmetic for 4
 /// copies.) Other shapes fall back to load_tile_async. Every thread of the block calls it, threadIdx.x < Threads.
-template <int Rows, int Cols, int SmemStride, int Threads, class T>
+template <int Rows, int Cols, int SmemStride, int Threads, class Layout = RowMajor, class T>
 __device__ __forceinline__ void load_tile_async_unrolled(T* tile, const T* source, long long row_stride,
                                                          int valid_rows) {
   constexpr int kChunksPerRow = Cols / 8;
   static_assert(Cols % 8 == 0, "rows are copied in 16-byte chunks");
-  if constexpr (Threads % kChunksPerRow != 0 || Rows % (Threads / kChunksPerRow) != 0) {
+  constexpr bool kEven = Threads % kChunksPerRow == 0 && Rows % (Threads / kChunksPerRow) == 0;
+  static_assert(std::is_same_v<Layout, RowMajor> ||
+                    (kEven && SmemStride == Cols && Cols % 64 == 0 && Threads / kChunksPerRow % 8 == 0),
+                "a Swizzled tile: 128-byte rows, unpadded, copied 8 rows at a time or more");
+  if constexpr (!kEven) {
     load_tile_async<Rows, Cols, SmemStride, Threads>(tile, source, row_stride, valid_rows);
   } else {
     constexpr int kRowsPerPass = Threads / kChunksPerRow;
     const int row = static_cast<int>(threadIdx.x) / kChunksPerRow;
     const int col = (static_cast<int>(threadIdx.x) % kChunksPerRow) * 8;
-    T* destination = tile + row * SmemStride + col;
+    // (Swizzled: row + pass * kRowsPerPass has row's residue mod 8, so each pass is a constant offset away.)
+    T* destination = tile + Layout::offset(SmemStride, row, col);
     const T* first = source + row * row_stride + col;
 #pragma unroll
     for (int pass = 0; pass < Rows / kRowsPerPass; ++pass) {

@@ -237,13 +237,22 @@ void launch_forward(const Params& p, int batch) {
 // that stage (two steps back), so the step's two barriers are the one before the P^T, dS^T stores (every warp done
 // reading the previous step's) and the one after them, and a warp that ends its step early starts the next one's
 // products instead of waiting. With two, the step opens with a barrier.
+//
+// Q_i and dO_i, copied at every step, are Swizzled tiles at d = 64 and 256: into padded rows each of the step's
+// cp.async took 2.6 times the shared-memory wavefronts (mma.cuh, layouts), and the backward ran 4-5% faster
+// without them (README log, step 16). Not at d = 128, where it ran 1% slower (the kernel at 255 registers, the
+// swizzle's address arithmetic added), nor at d = 32 and 96, whose rows are not 128-byte multiples. K_j and V_j,
+// copied once per thread block, keep their padded rows.
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
-  // K_j, V_j; `stages` of (Q_i, dO_i); P_ij^T and dS_ij^T (the layouts' 16-bit tiles, with two stages of Q_i, dO_i);
-  // `stages` of (L_i, D_i).
+  static constexpr bool kSwizzleQ = HeadDim == 64 || HeadDim == 256;
+  using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
+  static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
+  // K_j, V_j; `stages` of (Q_i, dO_i); P_ij^T and dS_ij^T; `stages` of (L_i, D_i).
   static constexpr int smem_bytes(int stages) {
-    return Layouts::kTileBytes + (stages - 2) * 2 * Br * Layouts::kStride * 2 + stages * 2 * Br * 4;
+    return (2 * Bc * Layouts::kStride + stages * 2 * Br * kQStride + 2 * Bc * Layouts::kPStride) * 2 +
+           stages * 2 * Br * 4;
   }
   static constexpr int kStages = HeadDim > 64 && smem_bytes(3) <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = smem_bytes(kStages);
@@ -257,7 +266,8 @@ template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     backward_kernel(const Params p, bool accumulate_dq) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
-  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride;
+  using QLayout = typename Shape::QLayout;
+  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride, kQStride = Shape::kQStride;
   constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
   constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
@@ -265,9 +275,9 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
   T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
-  T* q_tiles = v_tile + Bc * kStride;              // Q_i: kStages of Br x D
-  T* do_tiles = q_tiles + kStages * Br * kStride;  // dO_i: kStages of Br x D
-  T* p_tile = do_tiles + kStages * Br * kStride;   // P_ij^T: Bc x Br
+  T* q_tiles = v_tile + Bc * kStride;               // Q_i: kStages of Br x D
+  T* do_tiles = q_tiles + kStages * Br * kQStride;  // dO_i: kStages of Br x D
+  T* p_tile = do_tiles + kStages * Br * kQStride;   // P_ij^T: Bc x Br
   T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
   float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (natural log): kStages of Br
   float* delta_tiles = lse_tiles + kStages * Br;                         // D_i: kStages of Br
@@ -308,10 +318,10 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   static_assert(Br <= Shape::kThreads, "one thread copies each row's L_i and D_i");
   auto load_q_block = [&](int head, int row0, int stage) {
     const long long offset = batch * p.q_batch + head * p.q_head + row0 * p.q_seq;
-    mma::load_tile_async_unrolled<Br, HeadDim, kStride, Shape::kThreads>(
-        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
-    mma::load_tile_async_unrolled<Br, HeadDim, kStride, Shape::kThreads>(
-        do_tiles + stage * Br * kStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
+    mma::load_tile_async_unrolled<Br, HeadDim, kQStride, Shape::kThreads, QLayout>(
+        q_tiles + stage * Br * kQStride, static_cast<const T*>(p.q) + offset, p.q_seq, p.seq_q - row0);
+    mma::load_tile_async_unrolled<Br, HeadDim, kQStride, Shape::kThreads, QLayout>(
+        do_tiles + stage * Br * kQStride, static_cast<const T*>(p.d_o) + offset, p.q_seq, p.seq_q - row0);
     const int i = static_cast<int>(threadIdx.x);
     if (i < Br) {
       const long long row_offset = (static_cast<long long>(batch) * p.q_heads + head) * p.seq_q + row0;
@@ -358,8 +368,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
       __syncthreads();
       load_next_q_block(step, stage);  // lands while this step computes
     }
-    const T* q_tile = q_tiles + stage * Br * kStride;
-    const T* do_tile = do_tiles + stage * Br * kStride;
+    const T* q_tile = q_tiles + stage * Br * kQStride;
+    const T* do_tile = do_tiles + stage * Br * kQStride;
     const float* lse = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
 
@@ -368,8 +378,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     float s_dp[2][kSMTiles][kSNTiles][4] = {};
     auto& s = s_dp[0];
     auto& dp = s_dp[1];
-    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0, {q_tile, do_tile},
-                                                        kStride, s_query0);
+    warp_mma<Stored::by_rows, Stored::by_rows, HeadDim, QLayout>(s_dp, {k_tile, v_tile}, kStride, s_key0,
+                                                                 {q_tile, do_tile}, kQStride, s_query0);
 
     // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, with L_i converted to log2 units here; line 14:
     // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both go to shared
@@ -422,8 +432,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     if constexpr (kStages == 3) load_next_q_block(step, stage);  // lands while this step and the next compute
 
     // Line 12: dV_j += P_ij^T dO_i and line 16: dK_j += dS_ij^T Q_i, this warp's keys by its columns.
-    warp_mma<Stored::by_rows, Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile},
-                                                    kStride, kv_column0);
+    warp_mma<Stored::by_rows, Stored::by_depth, Br, QLayout>(acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0,
+                                                             {do_tile, q_tile}, kQStride, kv_column0);
 
     // Line 15: dQ_i += dS_ij K_j, this warp's queries by its columns, summed across the thread blocks of all K/V
     // blocks by fp32 atomics.
