@@ -231,8 +231,8 @@ void launch_forward(const Params& p, int batch) {
 // as warps along the queries x warps along d, each chosen so that a fragment read from shared memory feeds
 // several mma tiles. P_ij^T and dS_ij^T cross from the first layout to the other two through shared memory.
 //
-// The (Q_i, dO_i, L_i, D_i) copies go through kStages stages in shared memory. With three (d = 96 and 128; at
-// d <= 64 a third stage measured no faster, and d = 256's tiles leave no room for one), a step has no barrier
+// The (Q_i, dO_i, L_i, D_i) copies go through kStages stages in shared memory. With three (d = 64, 96 and 128; at
+// d = 32 not measured, and d = 256's tiles leave no room for one), a step has no barrier
 // before its S^T, dP^T products: the copy into a stage is issued after the barrier that follows the last reads of
 // that stage (two steps back), so the step's two barriers are the one before the P^T, dS^T stores (every warp done
 // reading the previous step's) and the one after them, and a warp that ends its step early starts the next one's
@@ -254,7 +254,7 @@ struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
     return (2 * Bc * Layouts::kStride + stages * 2 * Br * kQStride + 2 * Bc * Layouts::kPStride) * 2 +
            stages * 2 * Br * 4;
   }
-  static constexpr int kStages = HeadDim > 64 && smem_bytes(3) <= 227 * 1024 ? 3 : 2;
+  static constexpr int kStages = HeadDim >= 64 && smem_bytes(3) <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = smem_bytes(kStages);
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
