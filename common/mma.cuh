@@ -127,8 +127,8 @@ __device__ __forceinline__ void a_from_accumulators(std::uint32_t (&a)[4], const
 //   with no padding. What padding costs is the cp.async that fills the tile: a warp's 16-byte copies of four
 //   128-byte rows, contiguous in global memory, into rows 144 bytes apart took 10.5 shared-memory wavefronts per
 //   instruction on the H200 (Nsight Compute), into 128-byte rows 4, and the zero-fill operand made no difference
-//   (docs/measurements/2026-11-29-h200-cp-async-wavefronts.txt; rows gathered from scattered places, as sparse's
-//   backward copies them, took 4 into padded rows too).
+//   (docs/measurements/2026-11-29-h200-cp-async-wavefronts.txt, which also shows a case of padded rows at 4:
+//   sparse's backward, whose rows are gathered through a permutation).
 //
 // The fragment loaders below take the layout as a template argument; a Swizzled tile needs each 16-row (or
 // 8-row) block they address to start at a row that is a multiple of 8, which every caller's tiling gives.
