@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/tile_layout.hpp"
+
 namespace attn::mma {
 
 // ---- Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16") --------------------
@@ -118,40 +120,8 @@ __device__ __forceinline__ void a_from_accumulators(std::uint32_t (&a)[4], const
 
 // ---- Fragments from row-major shared-memory tiles ---------------------------------------------------------------
 // `tile` points to a tile of 16-bit elements, `stride` elements from one row to the next (a multiple of 8,
-// so that every row starts 16-byte aligned). Where its rows' 16-byte chunks sit is the tile's Layout:
-//
-// - RowMajor: in order. Tiles here pad each row by 16 bytes (stride = columns + 8), so that the 8 rows one
-//   ldmatrix reads at the same column fall in 8 different bank groups.
-// - Swizzled: rows of exactly `stride` elements, a multiple of 64 (128 bytes, all 32 banks), and chunk c of row r
-//   stored at chunk c ^ (r mod 8): the same 8 rows at the same column are again in 8 different bank groups,
-//   with no padding. What padding costs is the cp.async that fills the tile: a warp's 16-byte copies of four
-//   128-byte rows, contiguous in global memory, into rows 144 bytes apart took 10.5 shared-memory wavefronts per
-//   instruction on the H200 (Nsight Compute), into 128-byte rows 4, and the zero-fill operand made no difference
-//   (docs/measurements/2026-11-29-h200-cp-async-wavefronts.txt, which also shows a case of padded rows at 4:
-//   sparse's backward, whose rows are gathered through a permutation).
-//
-// The fragment loaders below take the layout as a template argument; a Swizzled tile needs each 16-row (or
-// 8-row) block they address to start at a row that is a multiple of 8, which every caller's tiling gives.
-struct RowMajor {
-  /// The element offset of (row, col).
-  static __device__ __forceinline__ int offset(int stride, int row, int col) { return row * stride + col; }
-  /// The offset of (row0 + lane_row, col0 + 8 lane_chunk) where row0 % 8 == 0 and col0 % 16 == 0: the form in
-  /// which ldmatrix addresses come (lane_row, lane_chunk: the lane's own row and 8-column step).
-  static __device__ __forceinline__ int fragment_offset(int stride, int row0, int lane_row, int col0, int lane_chunk) {
-    return (row0 + lane_row) * stride + col0 + 8 * lane_chunk;
-  }
-};
-struct Swizzled {
-  static __device__ __forceinline__ int offset(int stride, int row, int col) {
-    return row * stride + (((col >> 3) ^ (row & 7)) << 3) + (col & 7);
-  }
-  // col0 / 8 is even and lane_chunk is 0 or 1, so col0 / 8 + lane_chunk = col0 / 8 ^ lane_chunk, and
-  // (row0 + lane_row) % 8 = lane_row % 8: the lane's part of the swizzle is one constant per lane, and each
-  // compile-time col0 costs one XOR.
-  static __device__ __forceinline__ int fragment_offset(int stride, int row0, int lane_row, int col0, int lane_chunk) {
-    return (row0 + lane_row) * stride + (((col0 >> 3) ^ (lane_chunk ^ (lane_row & 7))) << 3);
-  }
-};
+// so that every row starts 16-byte aligned). Where its rows' 16-byte chunks sit is the tile's Layout
+// (common/tile_layout.hpp: RowMajor, padded rows; Swizzled, unpadded rows with their chunks permuted).
 
 /// A registers of the 16 x 16 block at (row0, col0) of a row-major [m][k] tile (Q in S = Q K^T).
 /// Lanes 0-15 address rows row0..row0+15 at col0 (matrices 0, 1), lanes 16-31 the same rows at col0 + 8

@@ -1,10 +1,12 @@
 // common/: the validator's rules, fp16/bf16 rounding, the error metric, the random fill and the memory tracker.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <span>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "common/harness.hpp"
 #include "common/memory.hpp"
@@ -12,6 +14,7 @@
 #include "common/progress.hpp"
 #include "common/registry.hpp"
 #include "common/simd.hpp"
+#include "common/tile_layout.hpp"
 #include "common/validate.hpp"
 #include "test_support.hpp"
 
@@ -539,3 +542,65 @@ TEST_CASE("the softmax's exp: within 3e-7 + 8e-8 |x| relative of exp where the p
   CHECK(std::abs(edges[1] - std::exp(-1.0)) < 3e-7 * std::exp(-1.0));
   for (std::size_t i = 2; i < edges.size(); ++i) CHECK(edges[i] == 0.0f);
 }
+
+namespace {
+
+/// Whether the 8 rows row0..row0+7 of a tile, read at column col (a multiple of 8) as one ldmatrix phase reads
+/// them, start in 8 different groups of 4 banks (16 bytes of the 128 that the 32 banks cover): no bank conflict.
+template <class Layout>
+bool eight_rows_in_eight_bank_groups(int stride, int row0, int col) {
+  bool seen[8] = {};
+  for (int r = row0; r < row0 + 8; ++r) {
+    const int group = Layout::offset(stride, r, col) * 2 % 128 / 16;  // 2 bytes per element
+    if (seen[group]) return false;
+    seen[group] = true;
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST_CASE("tile layouts: Swizzled permutes each row's chunks, and ldmatrix's 8 rows fall in 8 bank groups",
+          "[common][layout]") {
+  using attn::mma::RowMajor;
+  using attn::mma::Swizzled;
+  for (const int columns : {64, 128, 256}) {
+    CAPTURE(columns);
+    const int rows = 32;
+    // Swizzled: unpadded rows; every element of the tile has its own place, in its own row.
+    std::vector<int> hits(static_cast<size_t>(rows) * columns, 0);
+    bool in_row = true;
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < columns; ++c) {
+        const int at = Swizzled::offset(columns, r, c);
+        in_row = in_row && at / columns == r;
+        if (at >= 0 && at < rows * columns) ++hits[static_cast<size_t>(at)];
+      }
+    CHECK(in_row);
+    CHECK(std::count(hits.begin(), hits.end(), 1) == rows * columns);
+    // Both layouts in use are conflict-free for ldmatrix: padded rows in order, unpadded rows swizzled.
+    bool swizzled_free = true, padded_free = true, unpadded_free = true;
+    for (int row0 = 0; row0 < rows; row0 += 8)
+      for (int c = 0; c < columns; c += 8) {
+        swizzled_free = swizzled_free && eight_rows_in_eight_bank_groups<Swizzled>(columns, row0, c);
+        padded_free = padded_free && eight_rows_in_eight_bank_groups<RowMajor>(columns + 8, row0, c);
+        unpadded_free = unpadded_free && eight_rows_in_eight_bank_groups<RowMajor>(columns, row0, c);
+      }
+    CHECK(swizzled_free);
+    CHECK(padded_free);
+    CHECK_FALSE(unpadded_free);  // the bad fixture: rows in order without padding, 8 rows in one bank group
+    // The ldmatrix form (a lane's row and 8-column step apart) addresses the same element as offset().
+    bool same = true;
+    for (int row0 = 0; row0 < rows; row0 += 8)
+      for (int lane_row = 0; lane_row < 16 && row0 + lane_row < rows; ++lane_row)
+        for (int col0 = 0; col0 < columns; col0 += 16)
+          for (int lane_chunk = 0; lane_chunk < 2; ++lane_chunk) {
+            same = same && Swizzled::fragment_offset(columns, row0, lane_row, col0, lane_chunk) ==
+                               Swizzled::offset(columns, row0 + lane_row, col0 + 8 * lane_chunk);
+            same = same && RowMajor::fragment_offset(columns + 8, row0, lane_row, col0, lane_chunk) ==
+                               RowMajor::offset(columns + 8, row0 + lane_row, col0 + 8 * lane_chunk);
+          }
+    CHECK(same);
+  }
+}
+
