@@ -239,7 +239,7 @@ void launch_forward(const Params& p, int batch) {
 // products instead of waiting. With two, the step opens with a barrier.
 //
 // Q_i and dO_i, copied at every step, are Swizzled tiles at d = 64 and 256: into padded rows each of the step's
-// cp.async took 2.6 times the shared-memory wavefronts (mma.cuh, layouts), and the backward ran 4-5% faster
+// cp.async took 2.6 times the shared-memory wavefronts (common/tile_layout.hpp), and the backward ran 4-5% faster
 // without them (README log, step 16). Not at d = 128, where it ran 1% slower (the kernel at 255 registers, the
 // swizzle's address arithmetic added), nor at d = 32 and 96, whose rows are not 128-byte multiples. K_j and V_j,
 // copied once per thread block, keep their padded rows.
