@@ -124,29 +124,34 @@ __global__ void backward_prepare_kernel(const Params p, long long rows) {
 }
 
 /// dQ = scale * dq_accum, rounded to T, in dQ's layout. Params: cuda::AttentionParams plus float* dq_accum
-/// ([batch, q_heads, seq_q, head_dim], contiguous); `elements` = rows x HeadDim. Each piece is 16 bytes of
-/// dq_accum (4 floats) read and the 8 bytes they round to written.
+/// ([batch, q_heads, seq_q, head_dim], contiguous, each row's columns in mma::DqAccumulatorRow's order);
+/// `elements` = rows x HeadDim. Each piece is 16 bytes of dq_accum, four floats: lane q of the quad takes the
+/// pieces at 16 g + 4 q of its row, which hold columns 16 g + 2 q, + 1 and 16 g + 8 + 2 q, + 1 (the positions that
+/// DqAccumulatorRow gives them), written as two pairs of T; the quad's lanes together write each 16 columns whole.
 template <class T, int HeadDim, class Params>
 __global__ void store_dq_kernel(const Params p, long long elements) {
   using Accumulators = Piece<float>;
-  using Rounded = Piece<T, 4 * sizeof(T)>;
+  using Pair = Piece<T, 2 * sizeof(T)>;
   constexpr int kPieces = HeadDim / 4 / kLanesPerRow;  // pieces per lane
   static_assert(kPieces * kLanesPerRow * 4 == HeadDim, "a row is whole pieces for each lane");
+  static_assert(kLanesPerRow == 4, "a quad: lane q holds pair q of each 8-column tile, as in the mma fragments");
   const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerRow;
   if (row >= elements / HeadDim) return;
   const int quad_lane = threadIdx.x % kLanesPerRow;
   const Accumulators* accum = reinterpret_cast<const Accumulators*>(p.dq_accum + row * HeadDim) + quad_lane;
-  Rounded* dq = reinterpret_cast<Rounded*>(static_cast<T*>(p.dq) + query_row_offset(p, row)) + quad_lane;
+  T* dq = static_cast<T*>(p.dq) + query_row_offset(p, row) + 2 * quad_lane;
   Accumulators pieces[kPieces];
 #pragma unroll
   for (int k = 0; k < kPieces; ++k) pieces[k] = accum[k * kLanesPerRow];  // every load issued before the stores
 #pragma unroll
-  for (int k = 0; k < kPieces; ++k) {
-    Rounded out;
+  for (int k = 0; k < kPieces; ++k)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out.values[e] = cuda::from_float<T>(pieces[k].values[e] * p.scale);
-    dq[k * kLanesPerRow] = out;
-  }
+    for (int tile = 0; tile < 2; ++tile) {  // columns 16 k + 8 tile + 2 q and the one after it
+      Pair out;
+      out.values[0] = cuda::from_float<T>(pieces[k].values[2 * tile] * p.scale);
+      out.values[1] = cuda::from_float<T>(pieces[k].values[2 * tile + 1] * p.scale);
+      *reinterpret_cast<Pair*>(dq + 16 * k + 8 * tile) = out;
+    }
 }
 
 /// backward_prepare_kernel on the default stream, one quad of lanes per row.

@@ -276,6 +276,32 @@ __device__ __forceinline__ void atomic_add_pair_at(float* base, float low, float
 #endif
 }
 
+/// Adds four adjacent fp32 values in global memory atomically, 16-byte aligned: one vector atomic on sm_90
+/// (red.global.add.v4.f32), four scalar ones before it. For dQ's accumulator rows in DqAccumulatorRow's order.
+__device__ __forceinline__ void atomic_add_quad(float* address, float v0, float v1, float v2, float v3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(address), make_float4(v0, v1, v2, v3));
+#else
+  atomicAdd(address, v0);
+  atomicAdd(address + 1, v1);
+  atomicAdd(address + 2, v2);
+  atomicAdd(address + 3, v3);
+#endif
+}
+
+/// atomic_add_quad at `base` + kOffsetBytes, the offset an immediate of the instruction, as atomic_add_pair_at.
+template <int kOffsetBytes>
+__device__ __forceinline__ void atomic_add_quad_at(float* base, float v0, float v1, float v2, float v3) {
+  static_assert(kOffsetBytes % 16 == 0, "a run of four is 16-byte aligned");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0+%5], {%1, %2, %3, %4};" ::"l"(base), "f"(v0), "f"(v1), "f"(v2),
+               "f"(v3), "n"(kOffsetBytes)
+               : "memory");
+#else
+  atomic_add_quad(base + kOffsetBytes / 4, v0, v1, v2, v3);
+#endif
+}
+
 /// Calls body.template operator()<I>() for I = 0, ..., N - 1 in order, each I a compile-time constant (where an
 /// index must become an instruction's immediate, which an unrolled loop's counter is not, to C++).
 template <int N, class Body>

@@ -46,4 +46,17 @@ struct Swizzled {
   }
 };
 
+/// The columns of one row of dQ's fp32 accumulator in global memory (the backward's dq_accum, one row per query),
+/// in the order the dQ_i fragments of mma.sync hold them, so that each lane adds four adjacent floats with one
+/// 16-byte atomic. A lane t of a quad holds columns 2t and 2t + 1 of each 8-column tile (mma.cuh); of a 16-column
+/// group's two tiles, its four values are stored together at 4t .. 4t + 3:
+///   column 16 g + 8 h + 2 t + e  (h: which tile, t: lane in quad, e: which of the pair)  ->  16 g + 4 t + 2 h + e.
+/// Rows stay whole and in place (a permutation inside each 16-column group), so a run of rows is still one
+/// contiguous block of memory. The kernel that rounds dQ to 16 bits reads it back through `column`.
+struct DqAccumulatorRow {
+  static ATTN_TILE_INLINE int position(int column) {
+    return (column & ~15) + ((column & 7) >> 1) * 4 + ((column >> 3) & 1) * 2 + (column & 1);
+  }
+};
+
 }  // namespace attn::mma

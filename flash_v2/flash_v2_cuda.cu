@@ -440,21 +440,24 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     if (accumulate_dq) {
       float dq[1][kDqMTiles][kDqDTiles][4] = {};
       warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride, dq_column0);
-      // One address per thread, its first row and column; every other element it adds to sits a compile-time
-      // offset away, so each atomic is [dq_first + immediate] (atomic_add_pair_at) and none waits for a register
-      // that the atomic before it still has to read, and the rows are tested against N_q in the last Q block only
-      // (log step 15: d = 128 2-3% faster; d = 64, where ncu had shown those waits, unchanged).
+      // Each lane's values of two neighbouring 8-column tiles are adjacent in the accumulator's rows
+      // (mma::DqAccumulatorRow), so one 16-byte atomic adds four of them (log step 19). One address per thread, its
+      // first row and 16-column group; every other run it adds to sits a compile-time offset away, so each atomic
+      // is [dq_first + immediate] (atomic_add_quad_at) and none waits for a register that the atomic before it
+      // still has to read, and the rows are tested against N_q in the last Q block only (log step 15).
+      static_assert(kDqDTiles % 2 == 0 && Shape::kDqColumns % 16 == 0, "whole 16-column groups per warp");
       const int first_query = row0 + dq_row0 + group;
       float* dq_first = p.dq_accum +
                         (((static_cast<long long>(batch) * p.q_heads + head) * p.seq_q) + first_query) * HeadDim +
-                        dq_column0 + 2 * t;
+                        mma::DqAccumulatorRow::position(dq_column0 + 2 * t);
       const bool whole_block = row0 + Br <= p.seq_q;  // only the last Q block has rows past N_q
       mma::static_for<2 * kDqMTiles>([&]<int kRowGroup>() {  // rows mt * 16 + group + 8 * half: kRowGroup = 2 mt + half
         constexpr int kMt = kRowGroup / 2, kHalf = kRowGroup % 2, kRowOffset = kMt * 16 + 8 * kHalf;
         if (!whole_block && first_query + kRowOffset >= p.seq_q) return;
-        mma::static_for<kDqDTiles>([&]<int kDt>() {
-          mma::atomic_add_pair_at<(kRowOffset * HeadDim + kDt * 8) * 4>(dq_first, dq[0][kMt][kDt][2 * kHalf],
-                                                                       dq[0][kMt][kDt][2 * kHalf + 1]);
+        mma::static_for<kDqDTiles / 2>([&]<int kGroup>() {  // tiles 2 kGroup and 2 kGroup + 1: 16 columns
+          const auto& low = dq[0][kMt][2 * kGroup], &high = dq[0][kMt][2 * kGroup + 1];
+          mma::atomic_add_quad_at<(kRowOffset * HeadDim + kGroup * 16) * 4>(
+              dq_first, low[2 * kHalf], low[2 * kHalf + 1], high[2 * kHalf], high[2 * kHalf + 1]);
         });
       });
     }

@@ -1094,6 +1094,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 
     // SCFA Alg. 2 lines 10 and 15 (FA2 Alg. 2 line 15): dQ_i += dS_ij K_j, this warp's queries by its columns, by
     // fp32 atomics straight at each query's original row.
+    static_assert(kDqDTiles % 2 == 0 && Shape::kDqColumns % 16 == 0, "whole 16-column groups per warp");
     float dq[1][kDqMTiles][kDqDTiles][4] = {};
     mma::warp_mma<mma::Stored::by_depth, mma::Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile},
                                                                     kStride, dq_column0);
@@ -1104,10 +1105,14 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
       for (int half = 0; half < 2; ++half) {
         const int local = dq_row0 + mt * 16 + group + 8 * half;
         if (row0 + local >= step.q_count) continue;  // past the kept queries
-        float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim + dq_column0 + 2 * t;
+        // A lane's values of two neighbouring 8-column tiles are adjacent there (mma::DqAccumulatorRow): one
+        // 16-byte atomic each.
+        float* out = dq_rows + static_cast<long long>(q_index[local]) * HeadDim +
+                     mma::DqAccumulatorRow::position(dq_column0 + 2 * t);
 #pragma unroll
-        for (int dt = 0; dt < kDqDTiles; ++dt)
-          mma::atomic_add_pair(out + dt * 8, dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1]);
+        for (int dt = 0; dt < kDqDTiles; dt += 2)
+          mma::atomic_add_quad(out + dt * 8, dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1],
+                               dq[0][mt][dt + 1][2 * half], dq[0][mt][dt + 1][2 * half + 1]);
       }
     // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copies into this
     // step's stage and slots behind every warp's reads.)

@@ -604,3 +604,36 @@ TEST_CASE("tile layouts: Swizzled permutes each row's chunks, and ldmatrix's 8 r
   }
 }
 
+TEST_CASE("dQ's accumulator rows: a permutation inside each 16-column group, a lane's four values adjacent",
+          "[common][layout]") {
+  using attn::mma::DqAccumulatorRow;
+  for (const int columns : {32, 64, 96, 128, 256}) {
+    CAPTURE(columns);
+    std::vector<int> hits(static_cast<size_t>(columns), 0);
+    bool in_group = true;
+    for (int c = 0; c < columns; ++c) {
+      const int at = DqAccumulatorRow::position(c);
+      in_group = in_group && at / 16 == c / 16;
+      if (at >= 0 && at < columns) ++hits[static_cast<size_t>(at)];
+    }
+    CHECK(in_group);
+    CHECK(std::count(hits.begin(), hits.end(), 1) == columns);
+    // Lane t of a quad holds columns 16 g + 2 t + {0, 1} and 16 g + 8 + 2 t + {0, 1} (two 8-column mma tiles):
+    // one 16-byte-aligned run of four, in that order, for one 16-byte atomic.
+    bool adjacent = true, plain_adjacent = true;
+    for (int g = 0; g < columns / 16; ++g)
+      for (int t = 0; t < 4; ++t) {
+        const int first = 16 * g + 2 * t, lane_columns[4] = {first, first + 1, first + 8, first + 9};
+        const int start = DqAccumulatorRow::position(first);
+        adjacent = adjacent && start % 4 == 0;
+        plain_adjacent = plain_adjacent && first % 4 == 0;
+        for (int e = 0; e < 4; ++e) {
+          adjacent = adjacent && DqAccumulatorRow::position(lane_columns[e]) == start + e;
+          plain_adjacent = plain_adjacent && lane_columns[e] == first + e;
+        }
+      }
+    CHECK(adjacent);
+    CHECK_FALSE(plain_adjacent);  // the bad fixture: columns in order, where a lane's four are not adjacent
+  }
+}
+
