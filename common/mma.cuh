@@ -250,32 +250,6 @@ __device__ __forceinline__ void warp_mma(float (&acc)[kProducts][MTiles][NTiles]
   }
 }
 
-/// Adds two adjacent fp32 values in global memory atomically (dQ's accumulator): one vector atomic on sm_90
-/// (red.global.add.v2.f32), two scalar ones before it.
-__device__ __forceinline__ void atomic_add_pair(float* address, float low, float high) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(address), make_float2(low, high));
-#else
-  atomicAdd(address, low);
-  atomicAdd(address + 1, high);
-#endif
-}
-
-/// atomic_add_pair at `base` + kOffsetBytes, the offset an immediate of the instruction (red.global.add.v2.f32
-/// [base + offset]): a run of these at constant distances from one pointer needs no address arithmetic between
-/// them, and no register that an atomic issued before it still has to read. Relaxed, device scope: what
-/// atomicAdd does.
-template <int kOffsetBytes>
-__device__ __forceinline__ void atomic_add_pair_at(float* base, float low, float high) {
-  static_assert(kOffsetBytes % 8 == 0, "a pair is 8-byte aligned");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.relaxed.gpu.global.add.v2.f32 [%0+%3], {%1, %2};" ::"l"(base), "f"(low), "f"(high), "n"(kOffsetBytes)
-               : "memory");
-#else
-  atomic_add_pair(base + kOffsetBytes / 4, low, high);
-#endif
-}
-
 /// Adds four adjacent fp32 values in global memory atomically, 16-byte aligned: one vector atomic on sm_90
 /// (red.global.add.v4.f32), four scalar ones before it. For dQ's accumulator rows in DqAccumulatorRow's order.
 __device__ __forceinline__ void atomic_add_quad(float* address, float v0, float v1, float v2, float v3) {
@@ -289,7 +263,10 @@ __device__ __forceinline__ void atomic_add_quad(float* address, float v0, float 
 #endif
 }
 
-/// atomic_add_quad at `base` + kOffsetBytes, the offset an immediate of the instruction, as atomic_add_pair_at.
+/// atomic_add_quad at `base` + kOffsetBytes, the offset an immediate of the instruction (red.global.add.v4.f32
+/// [base + offset]): a run of these at constant distances from one pointer needs no address arithmetic between
+/// them, and no register that an atomic issued before it still has to read. Relaxed, device scope: what
+/// atomicAdd does.
 template <int kOffsetBytes>
 __device__ __forceinline__ void atomic_add_quad_at(float* base, float v0, float v1, float v2, float v3) {
   static_assert(kOffsetBytes % 16 == 0, "a run of four is 16-byte aligned");

@@ -21,7 +21,6 @@ namespace attn::flash_v2 {
 namespace {
 
 using mma::a_from_accumulators;
-using mma::atomic_add_pair;
 using mma::exp2_fast;
 using mma::load_a;
 using mma::load_a_transposed;
