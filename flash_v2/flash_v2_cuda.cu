@@ -245,7 +245,7 @@ void launch_forward(const Params& p, int batch) {
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
-  static constexpr bool kSwizzleQ = HeadDim == 64 || HeadDim == 256;
+  static constexpr bool kSwizzleQ = HeadDim == 64 || HeadDim == 128 || HeadDim == 256;
   using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
   static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
   // K_j, V_j; `stages` of (Q_i, dO_i); P_ij^T and dS_ij^T; `stages` of (L_i, D_i).
