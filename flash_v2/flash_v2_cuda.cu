@@ -237,15 +237,15 @@ void launch_forward(const Params& p, int batch) {
 // reading the previous step's) and the one after them, and a warp that ends its step early starts the next one's
 // products instead of waiting. With two, the step opens with a barrier.
 //
-// Q_i and dO_i, copied at every step, are Swizzled tiles at d = 64 and 256: into padded rows each of the step's
-// cp.async took 2.6 times the shared-memory wavefronts (common/tile_layout.hpp), and the backward ran 4-5% faster
-// without them (README log, step 16). Not at d = 128, where it ran 1% slower (the kernel at 255 registers, the
-// swizzle's address arithmetic added), nor at d = 32 and 96, whose rows are not 128-byte multiples. K_j and V_j,
-// copied once per thread block, keep their padded rows.
+// Q_i and dO_i, copied at every step, are Swizzled tiles wherever their rows are whole 128-byte multiples (d = 64,
+// 128 and 256): into padded rows each of the step's cp.async took 2.6 times the shared-memory wavefronts
+// (common/tile_layout.hpp), and the backward ran 4-5% faster without them at d = 64 and 256 (README log, step 16)
+// and, once step 19 had halved dQ's atomics, 3-4% at d = 128 (step 21; 1% slower before it). Not at d = 32 and 96,
+// whose rows are not 128-byte multiples. K_j and V_j, copied once per thread block, keep their padded rows.
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
-  static constexpr bool kSwizzleQ = HeadDim == 64 || HeadDim == 128 || HeadDim == 256;
+  static constexpr bool kSwizzleQ = HeadDim % 64 == 0;
   using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
   static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
   // K_j, V_j; `stages` of (Q_i, dO_i); P_ij^T and dS_ij^T; `stages` of (L_i, D_i).
