@@ -437,8 +437,28 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     // Line 15: dQ_i += dS_ij K_j, this warp's queries by its columns, summed across the thread blocks of all K/V
     // blocks by fp32 atomics.
     if (accumulate_dq) {
-      float dq[1][kDqMTiles][kDqDTiles][4] = {};
-      warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride, dq_column0);
+      // Up to d = 128 the keys go in two halves, each into accumulators of its own (warp_mma's two "products"),
+      // summed after: twice the independent mma chains per k-step (log step 23); at d = 256 the extra registers
+      // would spill.
+      constexpr int kKeyParts = HeadDim <= 128 ? 2 : 1;
+      float dq_parts[kKeyParts][kDqMTiles][kDqDTiles][4] = {};
+      if constexpr (kKeyParts == 2)
+        warp_mma<Stored::by_depth, Stored::by_depth, Bc / 2>(dq_parts, {ds_tile, ds_tile + Bc / 2 * kPStride}, kPStride,
+                                                             dq_row0, {k_tile, k_tile + Bc / 2 * kStride}, kStride,
+                                                             dq_column0);
+      else
+        warp_mma<Stored::by_depth, Stored::by_depth, Bc>(dq_parts, {ds_tile}, kPStride, dq_row0, {k_tile}, kStride,
+                                                         dq_column0);
+      float dq[1][kDqMTiles][kDqDTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kDqMTiles; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < kDqDTiles; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            dq[0][mt][dt][e] = dq_parts[0][mt][dt][e];
+            if constexpr (kKeyParts == 2) dq[0][mt][dt][e] += dq_parts[1][mt][dt][e];
+          }
       // Each lane's values of two neighbouring 8-column tiles are adjacent in the accumulator's rows
       // (mma::DqAccumulatorRow), so one 16-byte atomic adds four of them (log step 19). One address per thread, its
       // first row and 16-column group; every other run it adds to sits a compile-time offset away, so each atomic
