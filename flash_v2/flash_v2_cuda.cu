@@ -430,16 +430,16 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
     // warp is done with step - 1's reads of the P^T and dS^T tiles, which the stores below overwrite; a warp whose
     // products end early runs its exponentials while others still run theirs.
     if constexpr (kStages == 3) __syncthreads();
+    // One stmatrix per 16 x 16 block of each tile.
 #pragma unroll
     for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kSNTiles; ++nt)
+      for (int np = 0; np < kSNTiles / 2; ++np)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int at = (s_key0 + mt * 16 + group + 8 * half) * kPStride + s_query0 + nt * 8 + 2 * t;
-          *reinterpret_cast<std::uint32_t*>(p_tile + at) = p_ds[0][mt][nt][half];
-          *reinterpret_cast<std::uint32_t*>(ds_tile + at) = p_ds[1][mt][nt][half];
-        }
+        for (int n = 0; n < 2; ++n)
+          mma::store_accumulator_block(n == 0 ? p_tile : ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16,
+                                       {p_ds[n][mt][2 * np][0], p_ds[n][mt][2 * np][1], p_ds[n][mt][2 * np + 1][0],
+                                        p_ds[n][mt][2 * np + 1][1]});
     if constexpr (kStages == 3) mma::cp_async_wait<0>();  // step + 1's tiles, visible to all after the barrier
     __syncthreads();  // P^T and dS^T complete
     // Three stages: every warp is past step - 1 (the barrier above follows its last reads), so its stage is free.
