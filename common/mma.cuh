@@ -98,15 +98,15 @@ __device__ __forceinline__ std::uint32_t pack2<__half>(float low, float high) {
 
 /// This thread's 16-bit pairs of a 16 x 16 block held in the accumulator layout (r[0]: rows 0-7 of columns 0-7,
 /// r[1]: rows 8-15 of them, r[2], r[3]: the same rows of columns 8-15; lane l holds row l / 4, columns 2 (l % 4)
-/// and + 1 of each) into a row-major 16-bit tile at (row0, col0), `stride` elements per row. kMatrix, on sm_90:
-/// one stmatrix.x4 (the inverse of ldmatrix_x4: lanes 8i..8i+7 give the row addresses of block i); otherwise four
+/// and + 1 of each) into a row-major 16-bit tile at (row0, col0), `stride` elements per row. On sm_90 one
+/// stmatrix.x4 (the inverse of ldmatrix_x4: lanes 8i..8i+7 give the row addresses of block i); before it, four
 /// 4-byte stores (the same bytes, four instructions).
-template <bool kMatrix = true, class T>
+template <class T>
 __device__ __forceinline__ void store_accumulator_block(T* tile, int stride, int row0, int col0,
                                                         const std::uint32_t (&r)[4]) {
   const int lane = static_cast<int>(threadIdx.x % 32);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kStmatrix = kMatrix;
+  constexpr bool kStmatrix = true;
 #else
   constexpr bool kStmatrix = false;  // (stmatrix is sm_90's)
 #endif

@@ -256,10 +256,6 @@ struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   static constexpr int kStages = HeadDim >= 64 && smem_bytes(3) <= 227 * 1024 ? 3 : 2;
   static constexpr int kSmemBytes = smem_bytes(kStages);
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
-  // P_ij^T and dS_ij^T stored by one stmatrix per 16 x 16 block instead of four 4-byte stores: a quarter of the
-  // instructions in the shared-memory queue for the same bytes; 5% less time at d = 64, 1% at d = 128, but 2% more
-  // at d = 256 (two stages), which keeps the 4-byte stores (README log, step 25).
-  static constexpr bool kStoreByMatrix = kStages == 3;
 };
 
 /// FA2 Alg. 2 lines 6-18 for one K/V block: dK_j and dV_j accumulate in registers over every Q block that sees
@@ -386,9 +382,15 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
 
     // Line 11: P_ij^T = exp(scale S_ij^T - L_i), 0 where masked, with L_i converted to log2 units here; line 14:
     // dS_ij^T = P_ij^T * (dP_ij^T - D_i) (the softmax scale is applied to dK and dQ at the end). Both rounded to
-    // 16 bits into registers here, and stored to shared memory below for lines 12, 15 and 16. Written twice by the
-    // compiler, with and without the mask: a block that needs no mask (most of them) runs straight-line code, with
-    // no branch per score to break up its schedule.
+    // 16 bits and stored to shared memory for lines 12, 15 and 16. Written twice by the compiler, with and without
+    // the mask: a block that needs no mask (most of them) runs straight-line code, with no branch per score to
+    // break up its schedule.
+    //
+    // With three stages the values wait in registers for the step's first barrier, and then go out by one
+    // stmatrix per 16 x 16 block (log steps 24 and 25): 5% less time at d = 64 and 1% at d = 128 than four 4-byte
+    // stores per block issued as the values come. With two (d = 32 and 256) each 16 x 8 tile is stored as it
+    // comes, by 4-byte stores: d = 256 ran 2.5% slower with the stores after the loop.
+    constexpr bool kStoresAfterBarrier = kStages == 3;
     std::uint32_t p_ds[2][kSMTiles][kSNTiles][2];  // [P^T, dS^T][mt][nt][rows group, group + 8]: column pairs
     auto probabilities = [&](auto with_mask) {
       constexpr bool kMask = decltype(with_mask)::value;
@@ -421,6 +423,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
           for (int half = 0; half < 2; ++half) {
             p_ds[0][mt][nt][half] = mma::pack2<T>(prob[2 * half], prob[2 * half + 1]);
             p_ds[1][mt][nt][half] = mma::pack2<T>(ds[2 * half], ds[2 * half + 1]);
+            if constexpr (!kStoresAfterBarrier) {  // rows group and group + 8 of the tile, now
+              const int at = (s_key0 + mt * 16 + group + 8 * half) * kPStride + column;
+              *reinterpret_cast<std::uint32_t*>(p_tile + at) = p_ds[0][mt][nt][half];
+              *reinterpret_cast<std::uint32_t*>(ds_tile + at) = p_ds[1][mt][nt][half];
+            }
           }
         }
     };
@@ -430,20 +437,20 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
       probabilities(std::true_type{});
     else
       probabilities(std::false_type{});
-    // Three stages: the step's first barrier, after the exponentials rather than before them (log step 24): every
-    // warp is done with step - 1's reads of the P^T and dS^T tiles, which the stores below overwrite; a warp whose
-    // products end early runs its exponentials while others still run theirs.
-    if constexpr (kStages == 3) __syncthreads();
-    // One stmatrix per 16 x 16 block of each tile where kStoreByMatrix (log step 25).
+    if constexpr (kStoresAfterBarrier) {
+      // The step's first barrier, after the exponentials: every warp is done with step - 1's reads of the P^T and
+      // dS^T tiles, which the stores below overwrite.
+      __syncthreads();
 #pragma unroll
-    for (int mt = 0; mt < kSMTiles; ++mt)
+      for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-      for (int np = 0; np < kSNTiles / 2; ++np)
+        for (int np = 0; np < kSNTiles / 2; ++np)  // the 16 x 16 block of tiles 2 np and 2 np + 1
 #pragma unroll
-        for (int n = 0; n < 2; ++n)
-          mma::store_accumulator_block<Shape::kStoreByMatrix>(
-              n == 0 ? p_tile : ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16,
-              {p_ds[n][mt][2 * np][0], p_ds[n][mt][2 * np][1], p_ds[n][mt][2 * np + 1][0], p_ds[n][mt][2 * np + 1][1]});
+          for (int n = 0; n < 2; ++n)
+            mma::store_accumulator_block(n == 0 ? p_tile : ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16,
+                                         {p_ds[n][mt][2 * np][0], p_ds[n][mt][2 * np][1], p_ds[n][mt][2 * np + 1][0],
+                                          p_ds[n][mt][2 * np + 1][1]});
+    }
     if constexpr (kStages == 3) mma::cp_async_wait<0>();  // step + 1's tiles, visible to all after the barrier
     __syncthreads();  // P^T and dS^T complete
     // Three stages: every warp is past step - 1 (the barrier above follows its last reads), so its stage is free.
