@@ -96,13 +96,32 @@ __device__ __forceinline__ std::uint32_t pack2<__half>(float low, float high) {
   return *reinterpret_cast<const std::uint32_t*>(&pair);
 }
 
-/// This thread's four values of a 16 x 8 accumulator tile (rows group and group + 8, columns 2t and 2t + 1: the C
-/// layout above), rounded to T, into a row-major 16-bit tile in shared memory: `at` is the element of row group,
-/// column 2t, and `stride` the elements per row. (P^T and dS^T, written for the products that read them back.)
+/// This thread's 16-bit pairs of a 16 x 16 block held in the accumulator layout (r[0]: rows 0-7 of columns 0-7,
+/// r[1]: rows 8-15 of them, r[2], r[3]: the same rows of columns 8-15; lane l holds row l / 4, columns 2 (l % 4)
+/// and + 1 of each) into a row-major 16-bit tile at (row0, col0), `stride` elements per row. On sm_90 one
+/// stmatrix.x4 (the inverse of ldmatrix_x4: lanes 8i..8i+7 give the row addresses of block i); before it, four
+/// 4-byte stores (the same bytes, four instructions).
 template <class T>
-__device__ __forceinline__ void store_accumulator_rows(T* tile, int at, int stride, const float (&x)[4]) {
-  *reinterpret_cast<std::uint32_t*>(tile + at) = pack2<T>(x[0], x[1]);
-  *reinterpret_cast<std::uint32_t*>(tile + at + 8 * stride) = pack2<T>(x[2], x[3]);
+__device__ __forceinline__ void store_accumulator_block(T* tile, int stride, int row0, int col0,
+                                                        const std::uint32_t (&r)[4]) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kStmatrix = true;
+#else
+  constexpr bool kStmatrix = false;  // (stmatrix is sm_90's)
+#endif
+  if constexpr (kStmatrix) {
+    const T* row_address = tile + (row0 + lane % 8 + 8 * ((lane / 8) % 2)) * stride + col0 + 8 * (lane / 16);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                     shared_address(row_address)),
+                 "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      *reinterpret_cast<std::uint32_t*>(tile + (row0 + lane / 4 + 8 * (i % 2)) * stride + col0 + 8 * (i / 2) +
+                                        2 * (lane % 4)) = r[i];
+  }
 }
 
 /// The A registers of a 16 x 16 slice [rows 0..15, columns 16 kk .. 16 kk + 15] of a matrix held as fp32

@@ -1059,22 +1059,31 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 #pragma unroll
       for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kSNTiles; ++nt) {
-          const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
-          float prob[4], ds[4];
+        for (int np = 0; np < kSNTiles / 2; ++np) {  // two 8-column tiles: one 16 x 16 block of each tile
+          std::uint32_t p_ds[2][4];                    // [P^T, dS^T]: the block's pairs, store_accumulator_block's order
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
-            if constexpr (kMask) {
-              const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
-              const int2 span = spans[column + e % 2];
-              if (key < span.x || key >= span.y || key >= key_end) prob[e] = 0.0f;
+          for (int nt = 2 * np; nt < 2 * np + 2; ++nt) {
+            const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+            float prob[4], ds[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
+              if constexpr (kMask) {
+                const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
+                const int2 span = spans[column + e % 2];
+                if (key < span.x || key >= span.y || key >= key_end) prob[e] = 0.0f;
+              }
+              ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
             }
-            ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              p_ds[0][2 * (nt % 2) + half] = mma::pack2<T>(prob[2 * half], prob[2 * half + 1]);
+              p_ds[1][2 * (nt % 2) + half] = mma::pack2<T>(ds[2 * half], ds[2 * half + 1]);
+            }
           }
-          const int at = (s_key0 + mt * 16 + group) * kPStride + column;
-          mma::store_accumulator_rows<T>(p_tile, at, kPStride, prob);
-          mma::store_accumulator_rows<T>(ds_tile, at, kPStride, ds);
+          // One stmatrix per block, as flash_v2's backward at d <= 128 (its README log, step 25).
+          mma::store_accumulator_block(p_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[0]);
+          mma::store_accumulator_block(ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[1]);
         }
     };
     // No mask where every query of Q_i sees all of K_j: the spans never decrease, so the last query's x and the
