@@ -630,13 +630,18 @@ __device__ __forceinline__ void gather_tile_async(T* tile, const T* source, long
 /// thread copies one column of rows r, r + Threads / (Cols / 8), ..., at constant offsets from its first, so
 /// that the only per-row arithmetic left is that multiply. Other shapes (d = 96) are two gather_tile_async.
 /// WholeRows: rows[] holds all Rows entries (a shared slot, zeros past valid_rows), so they are read without a
-/// test; otherwise (global memory, the first tile) only the valid ones are.
-template <int Rows, int Cols, int SmemStride, int Threads, bool WholeRows, class T>
+/// test; otherwise (global memory, the first tile) only the valid ones are. Layout: where a row's 16-byte chunks
+/// go in the tiles (common/tile_layout.hpp; Swizzled only where each thread's rows are 8 apart, so that its
+/// chunk's place is the same in every row it copies).
+template <int Rows, int Cols, int SmemStride, int Threads, bool WholeRows, class Layout = mma::RowMajor, class T>
 __device__ __forceinline__ void gather_tile_pair_async(T* tile_a, const T* source_a, T* tile_b, const T* source_b,
                                                        long long row_stride, const int* rows, int valid_rows) {
   constexpr int kChunksPerRow = Cols / 8;
   static_assert(Rows * kChunksPerRow % Threads == 0, "every thread copies the same number of chunks");
-  if constexpr (Threads % kChunksPerRow != 0 || Rows % (Threads / kChunksPerRow) != 0) {
+  constexpr bool kEvenSplit = Threads % kChunksPerRow == 0 && Rows % (Threads / kChunksPerRow) == 0;
+  static_assert(std::is_same_v<Layout, mma::RowMajor> || (kEvenSplit && Threads / kChunksPerRow % 8 == 0),
+                "a swizzled gather copies rows 8 apart");
+  if constexpr (!kEvenSplit) {
     gather_tile_async<Rows, Cols, SmemStride, Threads>(tile_a, source_a, row_stride, rows, valid_rows);
     gather_tile_async<Rows, Cols, SmemStride, Threads>(tile_b, source_b, row_stride, rows, valid_rows);
   } else {
@@ -645,7 +650,7 @@ __device__ __forceinline__ void gather_tile_pair_async(T* tile_a, const T* sourc
     const int col = (static_cast<int>(threadIdx.x) % kChunksPerRow) * 8;
     const int left = valid_rows - row;  // this thread's rows r + pass * kRowsPerPass < valid_rows: pass * ... < left
     rows += row;
-    tile_a += row * SmemStride + col, tile_b += row * SmemStride + col;
+    tile_a += Layout::offset(SmemStride, row, col), tile_b += Layout::offset(SmemStride, row, col);
     source_a += col, source_b += col;
 #pragma unroll
     for (int pass = 0; pass < Rows / kRowsPerPass; ++pass) {
@@ -894,10 +899,21 @@ void launch_forward(const Params& p, int batch) {
 // flash_v2's three warp layouts (common/backward_layouts.cuh): S^T and dP^T 4 warps along the keys x 2 along the
 // queries, dV and dK 4 along the keys x 2 along d, dQ warps along the queries x warps along d; P^T and dS^T cross
 // between them through shared memory.
+//
+// Q_i and dO_i, gathered at every step, are Swizzled tiles at d = 64, as in flash_v2's backward: a cp.async into
+// padded rows takes 2.6 times the shared-memory wavefronts (flash_v2's README, log step 16). Not at d = 128, where
+// the swizzle's address arithmetic made ptxas spill (16 bytes, 10 reloads in the loop), nor at d = 32 and 96,
+// whose rows are not 128-byte multiples. K_j and V_j, copied once per thread block, keep their padded rows.
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
-  // The 16-bit tiles, then two stages of (L_i, D_i, spans) and three slots of original indices.
-  static constexpr int kSmemBytes = flash::BackwardLayouts<HeadDim, Br, Bc>::kTileBytes + 8 * Br * 4 + 3 * Br * 4;
+  using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
+  static constexpr bool kSwizzleQ = HeadDim == 64;
+  using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
+  static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
+  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T; then two stages of (L_i, D_i, spans) and three slots
+  // of original indices.
+  static constexpr int kSmemBytes =
+      (2 * Bc * Layouts::kStride + 4 * Br * kQStride + 2 * Bc * Layouts::kPStride) * 2 + 8 * Br * 4 + 3 * Br * 4;
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
@@ -909,7 +925,8 @@ template <class T, int HeadDim, int Br, int Bc>
 __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) backward_kernel(const Params p) {
   using Shape = BackwardShape<HeadDim, Br, Bc>;
   static_assert(Bc == kRowTile, "a K block is one tile of sorted keys");
-  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride;
+  using QLayout = typename Shape::QLayout;
+  constexpr int kStride = Shape::kStride, kPStride = Shape::kPStride, kQStride = Shape::kQStride;
   constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
   constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
@@ -917,8 +934,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
   T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
   T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
-  T* do_tiles = q_tiles + 2 * Br * kStride;        // dO_i: 2 stages of Br x D
-  T* p_tile = do_tiles + 2 * Br * kStride;         // P_ij^T: Bc x Br
+  T* do_tiles = q_tiles + 2 * Br * kQStride;       // dO_i: 2 stages of Br x D
+  T* p_tile = do_tiles + 2 * Br * kQStride;        // P_ij^T: Bc x Br
   T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
   float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i in log2 units: 2 stages of Br
   float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
@@ -986,8 +1003,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     const long long q_flat = flat_of(at.head_in_group);
     const int row0 = at.row0, valid = at.q_count - row0;
     const long long offset = batch * p.q_batch + (kv_head * p.group_size + at.head_in_group) * p.q_head;
-    gather_tile_pair_async<Br, HeadDim, kStride, Shape::kThreads, decltype(whole_rows)::value>(
-        q_tiles + stage * Br * kStride, static_cast<const T*>(p.q) + offset, do_tiles + stage * Br * kStride,
+    gather_tile_pair_async<Br, HeadDim, kQStride, Shape::kThreads, decltype(whole_rows)::value, QLayout>(
+        q_tiles + stage * Br * kQStride, static_cast<const T*>(p.q) + offset, do_tiles + stage * Br * kQStride,
         static_cast<const T*>(p.d_o) + offset, p.q_seq, rows, valid);
     copy_words_async<2 * Br, Shape::kThreads>(reinterpret_cast<int*>(span_tiles + stage * Br),
                                                reinterpret_cast<const int*>(p.spans + q_flat * p.seq_q + row0),
@@ -1025,8 +1042,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     __syncthreads();
     const int next_slot = slot == 2 ? 0 : slot + 1;
     const Step after = next_step(next);  // (its search, where it has one, is the whole block's)
-    const T* q_tile = q_tiles + stage * Br * kStride;
-    const T* do_tile = do_tiles + stage * Br * kStride;
+    const T* q_tile = q_tiles + stage * Br * kQStride;
+    const T* do_tile = do_tiles + stage * Br * kQStride;
     const float* lse_log2 = lse_tiles + stage * Br;
     const float* delta = delta_tiles + stage * Br;
     const int2* spans = span_tiles + stage * Br;
@@ -1038,8 +1055,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     float s_dp[2][kSMTiles][kSNTiles][4] = {};
     auto& s = s_dp[0];
     auto& dp = s_dp[1];
-    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_rows, HeadDim>(s_dp, {k_tile, v_tile}, kStride, s_key0,
-                                                                       {q_tile, do_tile}, kStride, s_query0);
+    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_rows, HeadDim, QLayout>(
+        s_dp, {k_tile, v_tile}, kStride, s_key0, {q_tile, do_tile}, kQStride, s_query0);
     // The next step's copies are issued once these products are on the tensor cores (its stage and slots are
     // free since the barrier above), so that their address arithmetic runs under the products.
     if (next.head_in_group < p.group_size) {
@@ -1098,8 +1115,8 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 
     // SCFA Alg. 2 line 11 (FA2 Alg. 2 lines 12 and 16): dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, this warp's
     // keys by its columns.
-    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_depth, Br>(acc_dv_dk, {p_tile, ds_tile}, kPStride,
-                                                                   kv_key0, {do_tile, q_tile}, kStride, kv_column0);
+    mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_depth, Br, QLayout>(
+        acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile}, kQStride, kv_column0);
 
     // SCFA Alg. 2 lines 10 and 15 (FA2 Alg. 2 line 15): dQ_i += dS_ij K_j, this warp's queries by its columns, by
     // fp32 atomics straight at each query's original row.
