@@ -910,6 +910,14 @@ void launch_forward(const Params& p, int batch) {
 // (two steps back), so a step opens with its products, no barrier; its first barrier comes after the
 // exponentials, with P^T and dS^T held in registers until then and stored by stmatrix after it. The original
 // indices that a gather reads go one step ahead of it, and dQ's scatter reads them in the step itself: four slots.
+//
+// Where in the step the next copies go out (their index loads and address arithmetic take issue slots from the
+// products around them) was measured, not derived: with nothing dropped at N = 16384, the backward took 5-6% less
+// time than with two stages at d = 96 with the copies before the dV_j, dK_j products, 4% at d = 64 with them after
+// those products (1% before them), and 6% at d = 128 after the dQ_i products (2-3% before dV_j, dK_j). d = 32 is not
+// measured apart; it takes d = 96's place.
+enum class CopiesAt { before_dv_dk, after_dv_dk, after_dq };
+
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
@@ -917,6 +925,8 @@ struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
   static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
   static constexpr int kStages = 3, kIndexSlots = 4;
+  static constexpr CopiesAt kCopiesAt =
+      HeadDim == 64 ? CopiesAt::after_dv_dk : HeadDim == 128 ? CopiesAt::after_dq : CopiesAt::before_dv_dk;
   // K_j, V_j; kStages of (Q_i, dO_i); P_ij^T and dS_ij^T; then kStages of (L_i, D_i, spans: 16 bytes a row) and
   // kIndexSlots of original indices.
   static constexpr int kSmemBytes =
@@ -1133,17 +1143,22 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
 
     // Step n + 2's copies, into the stage that step n - 1 read, through the indices that have just landed; step
     // n + 3's indices into the slot that step n - 1's scatter read. They land while this step and the next compute.
-    const int slot_2 = slot + 2 < kSlots ? slot + 2 : slot + 2 - kSlots, slot_3 = slot == 0 ? kSlots - 1 : slot - 1;
-    if (visits(ahead[1])) {
-      load_q_block(ahead[1], stage == 0 ? kStages - 1 : stage - 1, query_rows + slot_2 * Br, std::true_type{});
-      if (visits(ahead[2])) load_query_rows(ahead[2], slot_3);
-      mma::cp_async_commit();
-    }
+    // Issued among the products below, at the place Shape::kCopiesAt names.
+    auto issue_copies = [&] {
+      const int slot_2 = slot + 2 < kSlots ? slot + 2 : slot + 2 - kSlots, slot_3 = slot == 0 ? kSlots - 1 : slot - 1;
+      if (visits(ahead[1])) {
+        load_q_block(ahead[1], stage == 0 ? kStages - 1 : stage - 1, query_rows + slot_2 * Br, std::true_type{});
+        if (visits(ahead[2])) load_query_rows(ahead[2], slot_3);
+        mma::cp_async_commit();
+      }
+    };
+    if constexpr (Shape::kCopiesAt == CopiesAt::before_dv_dk) issue_copies();
 
     // SCFA Alg. 2 line 11 (FA2 Alg. 2 lines 12 and 16): dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, this warp's
     // keys by its columns.
     mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_depth, Br, QLayout>(
         acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile}, kQStride, kv_column0);
+    if constexpr (Shape::kCopiesAt == CopiesAt::after_dv_dk) issue_copies();
 
     // SCFA Alg. 2 lines 10 and 15 (FA2 Alg. 2 line 15): dQ_i += dS_ij K_j, this warp's queries by its columns, by
     // fp32 atomics straight at each query's original row.
@@ -1151,6 +1166,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     float dq[1][kDqMTiles][kDqDTiles][4] = {};
     mma::warp_mma<mma::Stored::by_depth, mma::Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile},
                                                                     kStride, dq_column0);
+    if constexpr (Shape::kCopiesAt == CopiesAt::after_dq) issue_copies();
     float* dq_rows = p.dq_accum + flat_of(step.head_in_group) * p.seq_q * HeadDim;
 #pragma unroll
     for (int mt = 0; mt < kDqMTiles; ++mt)
