@@ -912,10 +912,10 @@ void launch_forward(const Params& p, int batch) {
 // indices that a gather reads go one step ahead of it, and dQ's scatter reads them in the step itself: four slots.
 //
 // Where in the step the next copies go out (their index loads and address arithmetic take issue slots from the
-// products around them) was measured, not derived: with nothing dropped at N = 16384, the backward took 5-6% less
-// time than with two stages at d = 96 with the copies before the dV_j, dK_j products, 4% at d = 64 with them after
-// those products (1% before them), and 6% at d = 128 after the dQ_i products (2-3% before dV_j, dK_j). d = 32 is not
-// measured apart; it takes d = 96's place.
+// products around them) was measured, not derived (sparse/README.md's log): with nothing dropped at N = 16384 the
+// backward took 3.9% less time than with two stages at d = 64 with the copies after the dV_j, dK_j products (1-2%
+// with them before), 5.3% at d = 128 after the dQ_i products (2-3% before dV_j, dK_j), 6.8% at d = 96 before dV_j,
+// dK_j (2% after them). d = 32 takes d = 96's place without a comparison of its own (7.5% less).
 enum class CopiesAt { before_dv_dk, after_dv_dk, after_dq };
 
 template <int HeadDim, int Br, int Bc>
