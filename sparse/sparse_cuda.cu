@@ -904,16 +904,34 @@ void launch_forward(const Params& p, int batch) {
 // padded rows takes 2.6 times the shared-memory wavefronts (flash_v2's README, log step 16). Not at d = 128, where
 // the swizzle's address arithmetic made ptxas spill (16 bytes, 10 reloads in the loop), nor at d = 32 and 96,
 // whose rows are not 128-byte multiples. K_j and V_j, copied once per thread block, keep their padded rows.
+//
+// The gathered (Q_i, dO_i, L_i, D_i, spans) go through three stages, as flash_v2's backward at d = 64 to 128 (its
+// log steps 17, 24 and 25): a step's copy is issued after the barrier that follows the last reads of its stage
+// (two steps back), so a step opens with its products, no barrier; its first barrier comes after the
+// exponentials, with P^T and dS^T held in registers until then and stored by stmatrix after it. The original
+// indices that a gather reads go one step ahead of it, and dQ's scatter reads them in the step itself: four slots.
+//
+// Where in the step the next copies go out (their index loads and address arithmetic take issue slots from the
+// products around them) was measured, not derived (sparse/README.md's log): with nothing dropped at N = 16384 the
+// backward took 3.9% less time than with two stages at d = 64 with the copies after the dV_j, dK_j products (1-2%
+// with them before), 5.3% at d = 128 after the dQ_i products (2-3% before dV_j, dK_j), 6.8% at d = 96 before dV_j,
+// dK_j (2% after them). d = 32 takes d = 96's place without a comparison of its own (7.5% less).
+enum class CopiesAt { before_dv_dk, after_dv_dk, after_dq };
+
 template <int HeadDim, int Br, int Bc>
 struct BackwardShape : flash::BackwardLayouts<HeadDim, Br, Bc> {
   using Layouts = flash::BackwardLayouts<HeadDim, Br, Bc>;
   static constexpr bool kSwizzleQ = HeadDim == 64;
   using QLayout = std::conditional_t<kSwizzleQ, mma::Swizzled, mma::RowMajor>;
   static constexpr int kQStride = kSwizzleQ ? HeadDim : Layouts::kStride;  // Q_i's and dO_i's rows
-  // K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T; then two stages of (L_i, D_i, spans) and three slots
-  // of original indices.
+  static constexpr int kStages = 3, kIndexSlots = 4;
+  static constexpr CopiesAt kCopiesAt =
+      HeadDim == 64 ? CopiesAt::after_dv_dk : HeadDim == 128 ? CopiesAt::after_dq : CopiesAt::before_dv_dk;
+  // K_j, V_j; kStages of (Q_i, dO_i); P_ij^T and dS_ij^T; then kStages of (L_i, D_i, spans: 16 bytes a row) and
+  // kIndexSlots of original indices.
   static constexpr int kSmemBytes =
-      (2 * Bc * Layouts::kStride + 4 * Br * kQStride + 2 * Bc * Layouts::kPStride) * 2 + 8 * Br * 4 + 3 * Br * 4;
+      (2 * Bc * Layouts::kStride + kStages * 2 * Br * kQStride + 2 * Bc * Layouts::kPStride) * 2 +
+      kStages * 16 * Br + kIndexSlots * Br * 4;
   static_assert(kSmemBytes <= 227 * 1024, "one thread block's shared memory on sm_90");
 };
 
@@ -930,17 +948,18 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   constexpr int kSMTiles = Shape::kSMTiles, kSNTiles = Shape::kSNTiles;
   constexpr int kKvMTiles = Shape::kKvMTiles, kKvDTiles = Shape::kKvDTiles;
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
+  constexpr int kStages = Shape::kStages, kSlots = Shape::kIndexSlots;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
-  T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
-  T* q_tiles = v_tile + Bc * kStride;              // Q_i: 2 stages of Br x D
-  T* do_tiles = q_tiles + 2 * Br * kQStride;       // dO_i: 2 stages of Br x D
-  T* p_tile = do_tiles + 2 * Br * kQStride;        // P_ij^T: Bc x Br
-  T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i in log2 units: 2 stages of Br
-  float* delta_tiles = lse_tiles + 2 * Br;                               // D_i: 2 stages of Br
-  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + 2 * Br);      // spans: 2 stages of Br
-  int* query_rows = reinterpret_cast<int*>(span_tiles + 2 * Br);         // 3 slots of Br original indices
+  T* k_tile = reinterpret_cast<T*>(shared_bytes);         // K_j: Bc x D
+  T* v_tile = k_tile + Bc * kStride;                      // V_j: Bc x D
+  T* q_tiles = v_tile + Bc * kStride;                     // Q_i: kStages of Br x D
+  T* do_tiles = q_tiles + kStages * Br * kQStride;        // dO_i: kStages of Br x D
+  T* p_tile = do_tiles + kStages * Br * kQStride;         // P_ij^T: Bc x Br
+  T* ds_tile = p_tile + Bc * kPStride;                    // dS_ij^T: Bc x Br
+  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i in log2 units: kStages of Br
+  float* delta_tiles = lse_tiles + kStages * Br;                         // D_i: kStages of Br
+  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + kStages * Br);  // spans: kStages of Br
+  int* query_rows = reinterpret_cast<int*>(span_tiles + kStages * Br);     // kSlots of Br original indices
 
   // Thread blocks go out in the order of blockIdx.x: the n-th tile of every KV head, then the (n + 1)-th; the
   // kept tiles in their order (the most Q blocks to visit first), then the dropped ones (zeros to write).
@@ -1016,32 +1035,40 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     }
   };
 
-  // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first step's Q block: both through indices
-  // in global memory; every later Q block through indices copied to shared memory one step ahead, so that no
-  // gather waits on a global load. K_j and V_j go first: they need no search, and are on their way during it.
+  // SCFA Alg. 2 line 5 (keys past the tile read as zeros), and the first two steps' Q blocks: all through
+  // indices in global memory; every later Q block through indices copied to shared memory one step before its
+  // gather, so that no gather waits on a global load. K_j and V_j go first: they need no search, and are on their
+  // way during it. Steps n, n + 1, n + 2 and n + 3 are `step`, `ahead[0]`, `ahead[1]` and `ahead[2]`.
   gather_tile_pair_async<Bc, HeadDim, kStride, Shape::kThreads, false>(k_tile, k, v_tile, v, p.kv_seq,
                                                                       k_order + key0, valid_keys);
   Step step = valid_keys > 0 ? first_step_from(0) : Step{p.group_size, 0, 0, 0};
-  Step next = next_step(step);
-  if (step.head_in_group < p.group_size) {
-    load_q_block(step, 0, p.queries.order + flat_of(step.head_in_group) * p.seq_q + step.row0, std::false_type{});
+  Step ahead[3];
+  ahead[0] = next_step(step);
+  ahead[1] = next_step(ahead[0]);
+  auto visits = [&](const Step& at) { return at.head_in_group < p.group_size; };
+  auto global_rows = [&](const Step& at) { return p.queries.order + flat_of(at.head_in_group) * p.seq_q + at.row0; };
+  if (visits(step)) {
+    load_q_block(step, 0, global_rows(step), std::false_type{});
     load_query_rows(step, 0);  // for the scatter of dQ
   }
-  if (next.head_in_group < p.group_size) load_query_rows(next, 1);
   mma::cp_async_commit();
+  if (visits(ahead[0])) {  // step 1's tiles come in a group of their own, waited for in step 0
+    load_q_block(ahead[0], 1, global_rows(ahead[0]), std::false_type{});
+    load_query_rows(ahead[0], 1);
+  }
+  if (visits(ahead[1])) load_query_rows(ahead[1], 2);  // for step 2's gather, issued in step 0
+  mma::cp_async_commit();
+  mma::cp_async_wait<1>();
+  __syncthreads();  // K_j, V_j and step 0's tiles visible to all
   float acc_dv_dk[2][kKvMTiles][kKvDTiles][4] = {};
   auto& acc_dv = acc_dv_dk[0];
   auto& acc_dk = acc_dv_dk[1];
 
   // SCFA Alg. 2 lines 6-7: the visible Q blocks of each query head of the group. Step number n lives in stage
-  // n % 2 and its original indices in slot n % 3 (read by the gather one step ahead and by dQ's scatter).
-  for (int stage = 0, slot = 0; step.head_in_group < p.group_size; stage ^= 1, slot = slot == 2 ? 0 : slot + 1) {
-    mma::cp_async_wait<0>();
-    // This step's tiles and the next one's indices have landed; every warp is done with the last step (the other
-    // stage, the P^T and dS^T tiles, the indices' slot the next copy overwrites).
-    __syncthreads();
-    const int next_slot = slot == 2 ? 0 : slot + 1;
-    const Step after = next_step(next);  // (its search, where it has one, is the whole block's)
+  // n % kStages and its original indices in slot n % kSlots.
+  for (int stage = 0, slot = 0; visits(step);
+       stage = stage == kStages - 1 ? 0 : stage + 1, slot = slot == kSlots - 1 ? 0 : slot + 1) {
+    ahead[2] = next_step(ahead[1]);  // (its search, where it has one, is the whole block's)
     const T* q_tile = q_tiles + stage * Br * kQStride;
     const T* do_tile = do_tiles + stage * Br * kQStride;
     const float* lse_log2 = lse_tiles + stage * Br;
@@ -1057,50 +1084,38 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     auto& dp = s_dp[1];
     mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_rows, HeadDim, QLayout>(
         s_dp, {k_tile, v_tile}, kStride, s_key0, {q_tile, do_tile}, kQStride, s_query0);
-    // The next step's copies are issued once these products are on the tensor cores (its stage and slots are
-    // free since the barrier above), so that their address arithmetic runs under the products.
-    if (next.head_in_group < p.group_size) {
-      load_q_block(next, stage ^ 1, query_rows + next_slot * Br, std::true_type{});
-      if (after.head_in_group < p.group_size) load_query_rows(after, next_slot == 2 ? 0 : next_slot + 1);
-      mma::cp_async_commit();
-    }
 
     // FA2 Alg. 2 line 11 with SCFA Alg. 1 line 10's mask: P_ij^T = exp(scale S_ij^T - L_i), 0 where key
     // position c is outside the query's span [x, y) or past this tile (the zeros past key_end, and other tiles'
     // keys, are another block's; the spans are (0, 0) past the kept queries, and L_i = +inf for a query that
-    // sees no key). Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i). Both to shared memory for lines 12, 15 and 16.
-    // Written twice by the compiler, with and without the mask: where every query of Q_i sees all of K_j (most
-    // blocks with nothing dropped) the code is straight-line, with no comparison per score.
+    // sees no key). Line 14: dS_ij^T = P_ij^T * (dP_ij^T - D_i). Both rounded to 16 bits into registers, in
+    // store_accumulator_block's order, for lines 12, 15 and 16. Written twice by the compiler, with and without
+    // the mask: where every query of Q_i sees all of K_j (most blocks with nothing dropped) the code is
+    // straight-line, with no comparison per score.
+    std::uint32_t p_ds[2][kSMTiles][kSNTiles / 2][4];  // [P^T, dS^T][mt][16 x 16 block np]: its column pairs
     auto probabilities = [&](auto with_mask) {
       constexpr bool kMask = decltype(with_mask)::value;
 #pragma unroll
       for (int mt = 0; mt < kSMTiles; ++mt)
 #pragma unroll
-        for (int np = 0; np < kSNTiles / 2; ++np) {  // two 8-column tiles: one 16 x 16 block of each tile
-          std::uint32_t p_ds[2][4];                    // [P^T, dS^T]: the block's pairs, store_accumulator_block's order
+        for (int nt = 0; nt < kSNTiles; ++nt) {
+          const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
+          float prob[4], ds[4];
 #pragma unroll
-          for (int nt = 2 * np; nt < 2 * np + 2; ++nt) {
-            const int column = s_query0 + nt * 8 + 2 * t;  // query, inside the block (and column + 1)
-            float prob[4], ds[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
-              if constexpr (kMask) {
-                const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
-                const int2 span = spans[column + e % 2];
-                if (key < span.x || key >= span.y || key >= key_end) prob[e] = 0.0f;
-              }
-              ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
+          for (int e = 0; e < 4; ++e) {
+            prob[e] = exp2_fast(s[mt][nt][e] * p.scale_log2 - lse_log2[column + e % 2]);
+            if constexpr (kMask) {
+              const int key = key0 + s_key0 + mt * 16 + group + 8 * (e / 2);
+              const int2 span = spans[column + e % 2];
+              if (key < span.x || key >= span.y || key >= key_end) prob[e] = 0.0f;
             }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              p_ds[0][2 * (nt % 2) + half] = mma::pack2<T>(prob[2 * half], prob[2 * half + 1]);
-              p_ds[1][2 * (nt % 2) + half] = mma::pack2<T>(ds[2 * half], ds[2 * half + 1]);
-            }
+            ds[e] = prob[e] * (dp[mt][nt][e] - delta[column + e % 2]);
           }
-          // One stmatrix per block, as flash_v2's backward at d <= 128 (its README log, step 25).
-          mma::store_accumulator_block(p_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[0]);
-          mma::store_accumulator_block(ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[1]);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            p_ds[0][mt][nt / 2][2 * (nt % 2) + half] = mma::pack2<T>(prob[2 * half], prob[2 * half + 1]);
+            p_ds[1][mt][nt / 2][2 * (nt % 2) + half] = mma::pack2<T>(ds[2 * half], ds[2 * half + 1]);
+          }
         }
     };
     // No mask where every query of Q_i sees all of K_j: the spans never decrease, so the last query's x and the
@@ -1111,12 +1126,39 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
       probabilities(std::true_type{});
     else
       probabilities(std::false_type{});
-    __syncthreads();  // P^T and dS^T complete
+
+    // The step's first barrier, after the exponentials: every warp is done with step n - 1, its reads of the P^T
+    // and dS^T tiles (overwritten below), of its stage (step n + 2's, copied below) and of its indices' slot
+    // (step n + 3's). Then one stmatrix per 16 x 16 block (flash_v2's log step 25).
+    __syncthreads();
+#pragma unroll
+    for (int mt = 0; mt < kSMTiles; ++mt)
+#pragma unroll
+      for (int np = 0; np < kSNTiles / 2; ++np) {
+        mma::store_accumulator_block(p_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[0][mt][np]);
+        mma::store_accumulator_block(ds_tile, kPStride, s_key0 + mt * 16, s_query0 + np * 16, p_ds[1][mt][np]);
+      }
+    mma::cp_async_wait<0>();  // step n + 1's tiles and step n + 2's indices, visible to all after the barrier
+    __syncthreads();          // P^T and dS^T complete
+
+    // Step n + 2's copies, into the stage that step n - 1 read, through the indices that have just landed; step
+    // n + 3's indices into the slot that step n - 1's scatter read. They land while this step and the next compute.
+    // Issued among the products below, at the place Shape::kCopiesAt names.
+    auto issue_copies = [&] {
+      const int slot_2 = slot + 2 < kSlots ? slot + 2 : slot + 2 - kSlots, slot_3 = slot == 0 ? kSlots - 1 : slot - 1;
+      if (visits(ahead[1])) {
+        load_q_block(ahead[1], stage == 0 ? kStages - 1 : stage - 1, query_rows + slot_2 * Br, std::true_type{});
+        if (visits(ahead[2])) load_query_rows(ahead[2], slot_3);
+        mma::cp_async_commit();
+      }
+    };
+    if constexpr (Shape::kCopiesAt == CopiesAt::before_dv_dk) issue_copies();
 
     // SCFA Alg. 2 line 11 (FA2 Alg. 2 lines 12 and 16): dV_j += P_ij^T dO_i and dK_j += dS_ij^T Q_i, this warp's
     // keys by its columns.
     mma::warp_mma<mma::Stored::by_rows, mma::Stored::by_depth, Br, QLayout>(
         acc_dv_dk, {p_tile, ds_tile}, kPStride, kv_key0, {do_tile, q_tile}, kQStride, kv_column0);
+    if constexpr (Shape::kCopiesAt == CopiesAt::after_dv_dk) issue_copies();
 
     // SCFA Alg. 2 lines 10 and 15 (FA2 Alg. 2 line 15): dQ_i += dS_ij K_j, this warp's queries by its columns, by
     // fp32 atomics straight at each query's original row.
@@ -1124,6 +1166,7 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
     float dq[1][kDqMTiles][kDqDTiles][4] = {};
     mma::warp_mma<mma::Stored::by_depth, mma::Stored::by_depth, Bc>(dq, {ds_tile}, kPStride, dq_row0, {k_tile},
                                                                     kStride, dq_column0);
+    if constexpr (Shape::kCopiesAt == CopiesAt::after_dq) issue_copies();
     float* dq_rows = p.dq_accum + flat_of(step.head_in_group) * p.seq_q * HeadDim;
 #pragma unroll
     for (int mt = 0; mt < kDqMTiles; ++mt)
@@ -1140,10 +1183,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
           mma::atomic_add_quad(out + dt * 8, dq[0][mt][dt][2 * half], dq[0][mt][dt][2 * half + 1],
                                dq[0][mt][dt + 1][2 * half], dq[0][mt][dt + 1][2 * half + 1]);
       }
-    // (No barrier here: the one at the top of the next step keeps its P^T / dS^T stores and its copies into this
-    // step's stage and slots behind every warp's reads.)
-    step = next;
-    next = after;
+    // (No barrier here: the next step's first barrier keeps its P^T / dS^T stores, and its copies into this
+    // step's stage and slot, behind every warp's reads.)
+    step = ahead[0];
+    ahead[0] = ahead[1];
+    ahead[1] = ahead[2];
   }
   mma::cp_async_wait<0>();  // (K_j, V_j are still in flight when no Q tile was visible)
 
