@@ -28,8 +28,6 @@ struct BackwardLayouts {
   static constexpr int kDqDWarps = HeadDim >= 128 ? 4 : 2, kDqRowWarps = kWarps / kDqDWarps;
   static constexpr int kDqRows = Br / kDqRowWarps, kDqColumns = HeadDim / kDqDWarps;
   static constexpr int kDqMTiles = kDqRows / 16, kDqDTiles = kDqColumns / 8;
-  // The 16-bit tiles in shared memory: K_j, V_j; two stages of (Q_i, dO_i); P_ij^T and dS_ij^T.
-  static constexpr int kTileBytes = (2 * Bc + 4 * Br) * kStride * 2 + 2 * Bc * kPStride * 2;
   static_assert(kSKeys % 16 == 0 && kSQueries % 16 == 0 && kKvColumns % 16 == 0 && kDqRows % 16 == 0 &&
                     kDqColumns % 16 == 0,
                 "every warp's share is made of 16 x 16 blocks");
