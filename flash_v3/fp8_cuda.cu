@@ -819,11 +819,11 @@ __global__ void __launch_bounds__(128) combine_pieces_kernel(const Fp8Params fp)
 /// The tail split. A grid of T tiles on S SMs (one thread block per SM: shared memory holds one) runs in T / S
 /// waves, and the last, r = T mod S tiles long, leaves S - r SMs idle for a whole tile's time. Splitting each of
 /// those r tiles along its keys into k pieces (the split-KV of flash-decoding, here for the tail alone) makes r k
-/// thread blocks of about 1/k of a tile, which take ceil(r k / S) rounds of 1/k tile: k is the one of 1..16 (and at
-/// most a tile's K/V blocks) that minimises ceil(r k / S) (1/k + c), where c is the fixed cost of starting a
-/// thread block and writing its partial result, in tiles. Then combine_pieces_kernel merges the pieces. Only
-/// non-causal problems by default: causal tiles differ in length, and the scheduler already starts the longest
-/// first.
+/// thread blocks of about 1/k of a tile, which take ceil(r k / S) rounds: the tail costs ceil(r k / S) (1/k + c)
+/// tiles' time instead of 1, where c is what a piece costs beyond its share of the keys (starting up, writing its
+/// partial result, the combination in combine_pieces_kernel, pieces finishing unevenly). The rule takes the k of
+/// 2..16 (at most a tile's K/V blocks) with the lowest cost, if below 1. Only non-causal problems by default:
+/// causal tiles differ in length, and the scheduler already starts the longest first.
 struct TailSplit {
   long long whole_tiles = 0;  // tiles run whole, first in launch order
   long long split_tiles = 0;  // the tiles after them, `pieces` thread blocks each
@@ -832,7 +832,10 @@ struct TailSplit {
   long long pieces_total() const { return split_tiles * pieces; }
 };
 constexpr int kMaxPieces = 16;
-constexpr double kPieceStartCost = 0.03;  // of a tile's time; a guess, see the README's log
+// c, in tiles, measured on the H200 (flash_v3 README, FP8 log v14): at d = 128 (r = 56 of 132 SMs) k = 2 was the
+// fastest, then 4, 7 and 3 (1, 2, 3 and 2 rounds); at d = 256 (r = 100) k = 5 (4 rounds) gained nothing. c = 0.1
+// ranks them so (0.6, 0.7, 0.73, 0.87) and leaves d = 256 whole (1.2).
+constexpr double kPieceCost = 0.1;
 
 /// option: 0 = the rule above (default), 1 = every tile whole, k = 2..16: the last wave's tiles (all of them if
 /// there are fewer than SMs) in k pieces, causal or not (at most a tile's K/V blocks).
@@ -844,15 +847,15 @@ TailSplit plan_tail_split(long long tiles, int blocks_per_tile, int sms, bool ca
   if (option == 1 || last_wave == 0 || most < 2 || (option == 0 && causal)) return plan;
   int pieces = static_cast<int>(std::min<std::int64_t>(option, most));
   if (option == 0) {
-    double best = 1.0 + kPieceStartCost;  // k = 1: one round of whole tiles
+    double best = 1.0;  // k = 1: one round of whole tiles, nothing to combine
+    pieces = 1;
     for (int k = 2; k <= most; ++k) {
       const double rounds = static_cast<double>((last_wave * k + sms - 1) / sms);
-      if (const double cost = rounds * (1.0 / k + kPieceStartCost); cost < best - 1e-9) {
+      if (const double cost = rounds * (1.0 / k + kPieceCost); cost < best - 1e-9) {
         best = cost;
         pieces = k;
       }
     }
-    if (best >= 1.0 + kPieceStartCost) return plan;
   }
   if (pieces < 2) return plan;
   plan.whole_tiles = tiles - last_wave;
