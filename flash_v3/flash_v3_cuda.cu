@@ -586,7 +586,7 @@ TierCaps gpu_caps() {
   return caps;
 }
 
-/// Option "fp8" = 1: the e4m3 path of fp8_cuda.cu (its own options: "incoherent", "stages"), else the bf16/fp16
+/// Option "fp8" = 1: the e4m3 path of fp8_cuda.cu (its own options: "incoherent", "stages", "tail_split"), else the bf16/fp16
 /// kernels.
 bool fp8_option(const StageOptions& options) {
   const std::int64_t value = options.get("fp8", 0);
@@ -595,7 +595,7 @@ bool fp8_option(const StageOptions& options) {
   for (const char* name : {"schedule", "persistent", "block_cols"})
     if (value == 1 && options.values.count(name))
       throw std::invalid_argument(std::string(name) + ": not an option of the FP8 kernel (fp8 = 1: schedule 3, Bc = 128)");
-  for (const char* name : {"incoherent", "stages"})
+  for (const char* name : {"incoherent", "stages", "tail_split"})
     if (value == 0 && options.values.count(name)) throw std::invalid_argument(std::string(name) + ": needs fp8 = 1");
   return value == 1;
 }
@@ -627,9 +627,10 @@ TierEntry gpu_tier() {
   gpu.caps = gpu_caps();
   gpu.forward = forward_gpu;
   gpu.extra_bytes = [](const AttentionProblem& p, DType, bool, const StageOptions& options) {
-    return options.get("fp8", 0) == 1 ? fp8::scratch_bytes(p) : std::size_t{0};  // the e4m3 copies and scales
+    // the e4m3 copies and scales, and the tail split's partial results
+    return options.get("fp8", 0) == 1 ? fp8::scratch_bytes(p, options.get("tail_split", 0)) : std::size_t{0};
   };
-  gpu.option_names = {"schedule", "persistent", "block_cols", "fp8", "incoherent", "stages"};
+  gpu.option_names = {"schedule", "persistent", "block_cols", "fp8", "incoherent", "stages", "tail_split"};
   gpu.target = gpu_build_target();
   gpu.no_backward_note = "backward not implemented yet";
   return gpu;

@@ -33,8 +33,11 @@ __device__ __forceinline__ Slot slot_of(int it) {  // it counts every block this
 /// (the causal diagonal, the end of the sequence) come first and the rest run without one.
 struct Tile {
   int row0, q_block, head, kv_head, batch;
-  int blocks;         // K/V blocks with at least one visible key for some row of the tile
-  int masked_blocks;  // how many of them (the first visited) need the mask
+  int blocks;           // K/V blocks visited: those with at least one visible key for some row of the tile
+  int masked_blocks;    // how many of them (the first visited) need the mask
+  int first_block = 0;  // the lowest visited; above 0 only for a piece of a split tile (piece_of)
+  /// The K/V block visited it-th: from the highest down to first_block.
+  __device__ __forceinline__ int block_at(int it) const { return first_block + blocks - 1 - it; }
 };
 
 /// Tile number `index` of the grid's q_blocks x heads x batch tiles, Q blocks fastest (so that thread blocks
@@ -60,6 +63,18 @@ __device__ __forceinline__ Tile tile_at(const cuda::AttentionParams& p, int inde
   }
   tile.blocks = blocks;
   tile.masked_blocks = blocks - min(unmasked, blocks);
+  return tile;
+}
+
+/// Piece `piece` of `pieces` of a tile split along its keys (FP8's tail split, fp8_cuda.cu): the contiguous range
+/// [blocks x piece / pieces, blocks x (piece + 1) / pieces) of its visited blocks, still from the highest down, with
+/// the masked ones (the highest) among them where they fall into the range. A piece may visit no block.
+__device__ __forceinline__ Tile piece_of(Tile tile, int piece, int pieces) {
+  const int lo = tile.blocks * piece / pieces, hi = tile.blocks * (piece + 1) / pieces;
+  const int first_masked = tile.blocks - tile.masked_blocks;  // masked blocks: [first_masked, blocks)
+  tile.masked_blocks = max(0, hi - max(lo, first_masked));
+  tile.first_block = lo;
+  tile.blocks = hi - lo;
   return tile;
 }
 

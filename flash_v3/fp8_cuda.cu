@@ -222,6 +222,11 @@ struct Fp8Params {
   const float* v_scales;
   bool transpose;  // false: a timing probe only (ATTN_FP8_PROBE=no_transpose)
   bool vt_sync;    // false: a timing probe only (ATTN_FP8_PROBE=no_vt_sync): nobody waits on the V^T barriers
+  // The tail split (TailSplit): thread blocks from whole_tiles on are pieces, `pieces` per split tile, each of
+  // which writes its rows' O / l (fp32, columns in order) and LSE for combine_pieces_kernel instead of O and LSE.
+  int whole_tiles, split_tiles, pieces;
+  float* partial_o;    // [split_tiles x pieces][Br][HeadDim]
+  float* partial_lse;  // [split_tiles x pieces][Br]
 };
 
 
@@ -333,7 +338,7 @@ __device__ void producer(const CUtensorMap* q_map, const CUtensorMap* k_map, con
     const Slot slot = slot_of<Cfg::kStages>(it);
     mbarrier_wait(&empty[slot.stage], slot.phase ^ 1);  // the first pass sees every slot free
     mbarrier_arrive_expect_tx(&full[slot.stage], Cfg::kTileBytes);
-    const int key0 = (tile.blocks - 1 - it) * Cfg::Bc;
+    const int key0 = tile.block_at(it) * Cfg::Bc;
     for (int panel = 0; panel < Cfg::kPanels; ++panel)
       tma_load(smem + offset + slot.stage * Cfg::kTileBytes + panel * Cfg::Bc * kPanelRowBytes, map,
                &full[slot.stage], panel * kPanelRowBytes, key0, tile.kv_head, tile.batch);
@@ -503,7 +508,7 @@ __device__ __forceinline__ void rescale_output(float (&o)[HeadDim / 2], float ro
 
 template <class Cfg>
 __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* smem, Barriers<Cfg>* bars,
-                         int consumer_index) {
+                         int consumer_index, int piece_slot) {
   constexpr int Bc = Cfg::Bc, HeadDim = Cfg::HeadDim;
   const cuda::AttentionParams& p = fp.base;
   const bool releases = threadIdx.x % kWarpgroupThreads == 0;
@@ -518,18 +523,17 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   const int q_blocks = cuda::ceil_div(p.seq_q, static_cast<int>(kBlockRows));
   const int q_block = min((tile.row0 + consumer_index * 64) / static_cast<int>(kBlockRows), q_blocks - 1);
   const float q_factor = fp.q_scales[q_bh * q_blocks + q_block] * p.scale_log2;
-  auto block_of = [&](int it) { return tile.blocks - 1 - it; };
   const float* k_scales = fp.k_scales + kv_bh * kv_blocks;  // one per K/V block (Bc = kBlockCols)
   const float* v_scales = fp.v_scales + kv_bh * kv_blocks;
-  // v_ref: the largest V scale of the blocks that this consumer's 64 rows see (each warp reduces it on its own;
-  // causal: up to the block the last of the 64 rows sees, at least one block). O holds sum P8 V8 in units of
+  // v_ref: the largest V scale of the visited blocks that this consumer's 64 rows see (each warp reduces it on its
+  // own; causal: up to the block the last of the 64 rows sees, at least one block). O holds sum P8 V8 in units of
   // v_ref, so it is rescaled only when a row's max grows. The CPU emulation takes the same 64-row groups
-  // (fp8_cpu.cpp), whatever the tile's height.
-  int ref_blocks = tile.blocks;
-  if (p.causal) ref_blocks = min(ref_blocks, (tile.row0 + consumer_index * 64 + 63 + p.seq_k - p.seq_q) / Bc + 1);
-  ref_blocks = max(ref_blocks, 1);
+  // (fp8_cpu.cpp), whatever the tile's height, over all the blocks a row sees (a piece of a split tile visits part).
+  int ref_end = tile.first_block + tile.blocks;
+  if (p.causal) ref_end = min(ref_end, (tile.row0 + consumer_index * 64 + 63 + p.seq_k - p.seq_q) / Bc + 1);
+  ref_end = max(ref_end, tile.first_block + 1);
   float v_ref = 0.0f;
-  for (int b = lane; b < ref_blocks; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
+  for (int b = tile.first_block + lane; b < ref_end; b += 32) v_ref = fmaxf(v_ref, __ldg(v_scales + b));
 #pragma unroll
   for (int lanes = 16; lanes >= 1; lanes /= 2) v_ref = fmaxf(v_ref, __shfl_xor_sync(0xFFFFFFFFu, v_ref, lanes));
   const int v_ref_exponent = exponent_field(v_ref);
@@ -544,7 +548,7 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     VBlock v;
   };
   auto factors_of = [&](int it) {  // this lane's, for block `it`
-    const int block = block_of(min(it, tile.blocks - 1));
+    const int block = tile.block_at(min(it, tile.blocks - 1));
     return BlockFactors{q_factor * __ldg(k_scales + block), v_block(__ldg(v_scales + block), v_ref_exponent)};
   };
   BlockFactors window = factors_of(lane);
@@ -564,8 +568,8 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   RowState rows;
   auto softmax = [&](float (&s)[Bc / 2], float (&rescale)[2], int it, const BlockFactors& f) {
     if (it < tile.masked_blocks)
-      return online_softmax<true, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, block_of(it) * Bc);
-    return online_softmax<false, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, block_of(it) * Bc);
+      return online_softmax<true, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, tile.block_at(it) * Bc);
+    return online_softmax<false, Bc>(s, rows, rescale, f.to_logits, f.v, p, query0, tile.block_at(it) * Bc);
   };
   auto wait_for_turn = [&] { named_barrier_sync(kPingpongBarrier + consumer_index, 2 * kWarpgroupThreads); };
   auto pass_turn = [&] {
@@ -648,7 +652,8 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
   fence_registers(o);
   if (releases) mbarrier_arrive(&bars->vt_empty[slot.stage]);
 
-  // FA3 Alg. 2 lines 21-22: O = O v_ref / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8).
+  // FA3 Alg. 2 lines 21-22: O = O v_ref / l in bf16 straight from registers; LSE = ln 2 (m + log2 l - 8). A piece
+  // of a split tile (piece_slot >= 0) writes the same O in fp32 and its LSE into its slot of the partial results.
   const int group = mma::lane_group(), t = mma::lane_in_group();
   auto* out = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head;
   float* lse = p.lse + q_bh * p.seq_q;
@@ -658,16 +663,29 @@ __device__ void consumer(const Fp8Params& fp, const Tile& tile, unsigned char* s
     const float factor = l > 0.0f ? v_ref / l : 0.0f;
     const int row = query0 + group + 8 * half;
     if (row >= p.seq_q) continue;
-    if (t == 0) lse[row] = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
+    const float row_lse = l > 0.0f ? 0.69314718f * (rows.m[half] + log2f(l) - kPExponent) : -kInf;
     // O's accumulator columns follow V^T's rows (column_at_row): slices 2s and 2s + 1 hold, for this thread,
-    // columns 16s + 4t, + 2 and 16s + 4t + 1, + 3: four consecutive columns, one 8-byte store.
+    // columns 16s + 4t, + 2 and 16s + 4t + 1, + 3: four consecutive columns, one 8-byte store (16 in fp32).
+    if (piece_slot < 0) {
+      if (t == 0) lse[row] = row_lse;
 #pragma unroll
-    for (int s = 0; s < HeadDim / 16; ++s) {
-      const float* even = o + 8 * s + 2 * half;  // slice 2s: columns 16s + 4t and 16s + 4t + 2
-      const float* odd = even + 4;               // slice 2s + 1: columns 16s + 4t + 1 and 16s + 4t + 3
-      *reinterpret_cast<uint2*>(out + row * p.q_seq + 16 * s + 4 * t) =
-          make_uint2(mma::pack2<__nv_bfloat16>(even[0] * factor, odd[0] * factor),
-                     mma::pack2<__nv_bfloat16>(even[1] * factor, odd[1] * factor));
+      for (int s = 0; s < HeadDim / 16; ++s) {
+        const float* even = o + 8 * s + 2 * half;  // slice 2s: columns 16s + 4t and 16s + 4t + 2
+        const float* odd = even + 4;               // slice 2s + 1: columns 16s + 4t + 1 and 16s + 4t + 3
+        *reinterpret_cast<uint2*>(out + row * p.q_seq + 16 * s + 4 * t) =
+            make_uint2(mma::pack2<__nv_bfloat16>(even[0] * factor, odd[0] * factor),
+                       mma::pack2<__nv_bfloat16>(even[1] * factor, odd[1] * factor));
+      }
+    } else {
+      const long long slot_row = static_cast<long long>(piece_slot) * Cfg::Br + (row - tile.row0);
+      if (t == 0) fp.partial_lse[slot_row] = row_lse;
+#pragma unroll
+      for (int s = 0; s < HeadDim / 16; ++s) {
+        const float* even = o + 8 * s + 2 * half;
+        const float* odd = even + 4;
+        *reinterpret_cast<float4*>(fp.partial_o + slot_row * HeadDim + 16 * s + 4 * t) =
+            make_float4(even[0] * factor, odd[0] * factor, even[1] * factor, odd[1] * factor);
+      }
     }
   }
 }
@@ -685,6 +703,12 @@ __device__ void write_empty_rows(const cuda::AttentionParams& p, const Tile& til
     if (tile.row0 + i < p.seq_q) lse[tile.row0 + i] = -kInf;
 }
 
+/// A piece of a split tile that visits no K/V block (causal): its rows saw nothing, LSE = -inf (the combination
+/// gives such a piece no weight and reads none of its O).
+__device__ void write_empty_piece(const Fp8Params& fp, int piece_slot, int rows) {
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) fp.partial_lse[static_cast<long long>(piece_slot) * rows + i] = -kInf;
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     forward_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
@@ -695,9 +719,20 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<std::uintptr_t>(shared_bytes) + kSwizzleAtomBytes - 1) & ~std::uintptr_t(kSwizzleAtomBytes - 1));
   auto* bars = reinterpret_cast<Barriers<Cfg>*>(smem + Cfg::kBarrierOffset);
-  const Tile tile = tile_at<Cfg::Br, Cfg::Bc>(fp.base, blockIdx.x);
+  // Thread blocks past the whole tiles are pieces of the last wave's tiles (TailSplit): `pieces` consecutive
+  // thread blocks per tile, each visiting its range of the tile's K/V blocks.
+  int index = blockIdx.x, piece_slot = -1;
+  if (index >= fp.whole_tiles) {
+    piece_slot = index - fp.whole_tiles;
+    index = fp.whole_tiles + piece_slot / fp.pieces;
+  }
+  Tile tile = tile_at<Cfg::Br, Cfg::Bc>(fp.base, index);
+  if (piece_slot >= 0) tile = schedule::piece_of(tile, piece_slot % fp.pieces, fp.pieces);
   if (tile.blocks == 0) {  // every thread leaves by the same path, before any barrier
-    write_empty_rows<Cfg::HeadDim>(fp.base, tile, Cfg::Br);
+    if (piece_slot < 0)
+      write_empty_rows<Cfg::HeadDim>(fp.base, tile, Cfg::Br);
+    else
+      write_empty_piece(fp, piece_slot, Cfg::Br);
     return;
   }
   if (threadIdx.x == 0) {
@@ -727,14 +762,118 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int consumer_index = warpgroup - 1;
     // 0 goes first: the last consumer of the ring passes it the turn.
     if (consumer_index == Cfg::kConsumers - 1) named_barrier_arrive(kPingpongBarrier + 0, 2 * kWarpgroupThreads);
-    consumer<Cfg>(fp, tile, smem, bars, consumer_index);
+    consumer<Cfg>(fp, tile, smem, bars, consumer_index, piece_slot);
   }
 #endif
+}
+
+/// The tail split's second step: the rows of each split tile from its pieces' results, O_s (already divided by
+/// their own l) and LSE_s: LSE = log sum_s exp(LSE_s), O = sum_s exp(LSE_s - LSE) O_s, the combination of
+/// split-KV (each exp(LSE_s) is the piece's sum of exp(logits) over its keys); a piece whose rows saw no key
+/// (LSE_s = -inf) has no weight. One warp per row, HeadDim / 32 consecutive columns per lane, O in bf16.
+template <int HeadDim, int Br>
+__global__ void __launch_bounds__(128) combine_pieces_kernel(const Fp8Params fp) {
+  constexpr int kColumns = HeadDim / 32;
+  const cuda::AttentionParams& p = fp.base;
+  const int warp_row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int split_tile = warp_row / Br, tile_row = warp_row % Br;
+  const Tile tile = tile_at<Br, kBlockCols>(p, fp.whole_tiles + split_tile);
+  const int row = tile.row0 + tile_row;
+  if (split_tile >= fp.split_tiles || row >= p.seq_q) return;
+  const long long first = static_cast<long long>(split_tile) * fp.pieces * Br + tile_row;  // piece 0's row
+  float lse_max = -kInf;
+  for (int piece = 0; piece < fp.pieces; ++piece) lse_max = fmaxf(lse_max, fp.partial_lse[first + piece * Br]);
+  float o[kColumns] = {}, sum = 0.0f;
+  for (int piece = 0; piece < fp.pieces && lse_max != -kInf; ++piece) {
+    const long long slot_row = first + piece * Br;
+    const float lse = fp.partial_lse[slot_row];
+    if (lse == -kInf) continue;  // its O was never written
+    const float weight = expf(lse - lse_max);
+    sum += weight;
+    const float* o_piece = fp.partial_o + slot_row * HeadDim + lane * kColumns;
+#pragma unroll
+    for (int c = 0; c < kColumns; c += 4) {
+      const float4 part = *reinterpret_cast<const float4*>(o_piece + c);
+      o[c] += weight * part.x;
+      o[c + 1] += weight * part.y;
+      o[c + 2] += weight * part.z;
+      o[c + 3] += weight * part.w;
+    }
+  }
+  const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+  auto* out = static_cast<__nv_bfloat16*>(p.o_out) + tile.batch * p.q_batch + tile.head * p.q_head + row * p.q_seq;
+#pragma unroll
+  for (int c = 0; c < kColumns; c += 4)
+    *reinterpret_cast<uint2*>(out + lane * kColumns + c) =
+        make_uint2(mma::pack2<__nv_bfloat16>(o[c] * inverse, o[c + 1] * inverse),
+                   mma::pack2<__nv_bfloat16>(o[c + 2] * inverse, o[c + 3] * inverse));
+  if (lane == 0)
+    p.lse[(static_cast<long long>(tile.batch) * p.q_heads + tile.head) * p.seq_q + row] =
+        lse_max == -kInf ? -kInf : lse_max + logf(sum);
 }
 
 // ============================================================================================================
 // Host side.
 // ============================================================================================================
+
+/// The tail split. A grid of T tiles on S SMs (one thread block per SM: shared memory holds one) runs in T / S
+/// waves, and the last, r = T mod S tiles long, leaves S - r SMs idle for a whole tile's time. Splitting each of
+/// those r tiles along its keys into k pieces (the split-KV of flash-decoding, here for the tail alone) makes r k
+/// thread blocks of about 1/k of a tile, which take ceil(r k / S) rounds: the tail costs ceil(r k / S) (1/k + c)
+/// tiles' time instead of 1, where c is what a piece costs beyond its share of the keys (starting up, writing its
+/// partial result, the combination in combine_pieces_kernel, pieces finishing unevenly). The rule takes the k of
+/// 2..16 (at most a tile's K/V blocks) with the lowest cost, if below 1. Only non-causal problems by default:
+/// causal tiles differ in length, and the scheduler already starts the longest first.
+struct TailSplit {
+  long long whole_tiles = 0;  // tiles run whole, first in launch order
+  long long split_tiles = 0;  // the tiles after them, `pieces` thread blocks each
+  int pieces = 1;
+  long long thread_blocks() const { return whole_tiles + split_tiles * pieces; }
+  long long pieces_total() const { return split_tiles * pieces; }
+};
+constexpr int kMaxPieces = 16;
+// c, in tiles, measured on the H200 (flash_v3 README, FP8 log v14): at d = 128 (r = 56 of 132 SMs) k = 2 was the
+// fastest, then 4, 7 and 3 (1, 2, 3 and 2 rounds); at d = 256 (r = 100) k = 5 (4 rounds) gained nothing. c = 0.1
+// ranks them so (0.6, 0.7, 0.73, 0.87) and leaves d = 256 whole (1.2).
+constexpr double kPieceCost = 0.1;
+
+/// option: 0 = the rule above (default), 1 = every tile whole, k = 2..16: the last wave's tiles (all of them if
+/// there are fewer than SMs) in k pieces, causal or not (at most a tile's K/V blocks).
+TailSplit plan_tail_split(long long tiles, int blocks_per_tile, int sms, bool causal, std::int64_t option) {
+  TailSplit plan;
+  plan.whole_tiles = tiles;
+  const long long last_wave = tiles % sms;
+  const int most = std::min(kMaxPieces, blocks_per_tile);
+  if (option == 1 || last_wave == 0 || most < 2 || (option == 0 && causal)) return plan;
+  int pieces = static_cast<int>(std::min<std::int64_t>(option, most));
+  if (option == 0) {
+    double best = 1.0;  // k = 1: one round of whole tiles, nothing to combine
+    pieces = 1;
+    for (int k = 2; k <= most; ++k) {
+      const double rounds = static_cast<double>((last_wave * k + sms - 1) / sms);
+      if (const double cost = rounds * (1.0 / k + kPieceCost); cost < best - 1e-9) {
+        best = cost;
+        pieces = k;
+      }
+    }
+  }
+  if (pieces < 2) return plan;
+  plan.whole_tiles = tiles - last_wave;
+  plan.split_tiles = last_wave;
+  plan.pieces = pieces;
+  return plan;
+}
+
+template <int HeadDim>
+TailSplit tail_split_of(const AttentionProblem& p, std::int64_t option) {
+  using Cfg = Config<HeadDim>;
+  const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
+  const int sms = cuda::device_available() ? cuda::device_attribute(cudaDevAttrMultiProcessorCount) : 132;
+  return plan_tail_split(tiles, cuda::ceil_div(p.seq_k, Cfg::Bc), sms, p.causal, option);
+}
+TailSplit tail_split_of(const AttentionProblem& p, std::int64_t option) {
+  return p.head_dim == 256 ? tail_split_of<256>(p, option) : tail_split_of<128>(p, option);
+}
 
 const char* const kWho = "flash_v3/gpu (fp8)";
 
@@ -771,22 +910,30 @@ void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std:
 }
 
 template <int HeadDim, bool Deep>
-void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool transpose) {
+void launch_forward(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool transpose,
+                    std::int64_t tail_split) {
   using Cfg = Config<HeadDim, Deep>;
   const Strides q_strides = make_strides(Layout::bhnd, p.q_heads, p.seq_q, p.head_dim);
   const Strides kv_strides = make_strides(Layout::bhnd, p.kv_heads, p.seq_k, p.head_dim);
   const CUtensorMap q_map = make_tensor_map_bytes(scratch.q, p.batch, p.q_heads, p.seq_q, HeadDim, q_strides, Cfg::Br);
   const CUtensorMap k_map = make_tensor_map_bytes(scratch.k, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
   const CUtensorMap v_map = make_tensor_map_bytes(scratch.v, p.batch, p.kv_heads, p.seq_k, HeadDim, kv_strides, Cfg::Bc);
+  const TailSplit split = tail_split_of<HeadDim>(p, tail_split);
+  if (split.thread_blocks() > std::numeric_limits<int>::max())
+    throw std::invalid_argument("batch: batch x q_heads x ceil(seq_q / " + std::to_string(Cfg::Br) +
+                                ") exceeds 2^31 - 1 thread blocks");
+  DeviceBuffer<float> partial(static_cast<std::size_t>(split.pieces_total() * Cfg::Br * (HeadDim + 1)));
   Fp8Params fp{cuda::make_attention_params(p, t), scratch.q_scales, scratch.k_scales, scratch.v_scales, transpose,
-               !probe_is("no_vt_sync")};
+               !probe_is("no_vt_sync"), static_cast<int>(split.whole_tiles), static_cast<int>(split.split_tiles),
+               split.pieces, partial.data(), partial.data() + split.pieces_total() * Cfg::Br * HeadDim};
   auto kernel = forward_kernel<Cfg>;
   ATTN_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-  const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
-  if (tiles > std::numeric_limits<int>::max())
-    throw std::invalid_argument("batch: batch x q_heads x ceil(seq_q / 128) exceeds 2^31 - 1 tiles");
-  kernel<<<static_cast<int>(tiles), Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, fp);
+  kernel<<<static_cast<int>(split.thread_blocks()), Cfg::kThreads, Cfg::kSmemBytes>>>(q_map, k_map, v_map, fp);
   ATTN_CUDA_CHECK_LAUNCH();
+  if (split.split_tiles > 0) {
+    combine_pieces_kernel<HeadDim, Cfg::Br><<<static_cast<int>(split.split_tiles * Cfg::Br / 4), 128>>>(fp);
+    ATTN_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace
@@ -803,10 +950,13 @@ TierCaps gpu_caps() {
   return caps;
 }
 
-std::size_t scratch_bytes(const AttentionProblem& p) {
+std::size_t scratch_bytes(const AttentionProblem& p, std::int64_t tail_split) {
+  const TailSplit split = tail_split_of(p, tail_split);
+  const std::size_t partial = sizeof(float) * static_cast<std::size_t>(split.pieces_total() * (p.head_dim == 256 ? 128 : 192)) *
+                              static_cast<std::size_t>(p.head_dim + 1);
   const std::size_t q_blocks = static_cast<std::size_t>((p.seq_q + kBlockRows - 1) / kBlockRows);
   const std::size_t kv_blocks = static_cast<std::size_t>((p.seq_k + kBlockCols - 1) / kBlockCols);
-  return static_cast<std::size_t>(p.q_elements() + 2 * p.kv_elements()) +
+  return partial + static_cast<std::size_t>(p.q_elements() + 2 * p.kv_elements()) +
          sizeof(float) * (static_cast<std::size_t>(p.batch * p.q_heads) * q_blocks +
                           2 * static_cast<std::size_t>(p.batch * p.kv_heads) * kv_blocks + static_cast<std::size_t>(p.head_dim));
 }
@@ -843,11 +993,15 @@ void quantize_gpu(const AttentionProblem& p, const AttentionTensors& t, bool inc
 }
 
 void forward_quantized_gpu(const AttentionProblem& p, const AttentionTensors& t, const Scratch& scratch, bool deep,
-                           bool transpose) {
+                           bool transpose, std::int64_t tail_split) {
   schedule::require_hopper(kWho);
   switch (p.head_dim) {
-    case 128: return deep ? launch_forward<128, true>(p, t, scratch, transpose) : launch_forward<128, false>(p, t, scratch, transpose);
-    case 256: return deep ? launch_forward<256, true>(p, t, scratch, transpose) : launch_forward<256, false>(p, t, scratch, transpose);
+    case 128:
+      return deep ? launch_forward<128, true>(p, t, scratch, transpose, tail_split)
+                  : launch_forward<128, false>(p, t, scratch, transpose, tail_split);
+    case 256:
+      return deep ? launch_forward<256, true>(p, t, scratch, transpose, tail_split)
+                  : launch_forward<256, false>(p, t, scratch, transpose, tail_split);
   }
   throw std::invalid_argument(std::string("head_dim: ") + std::to_string(p.head_dim) + " is not taken by " + kWho);
 }
@@ -863,6 +1017,11 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   if (stages != 0 && stages != 2)
     throw std::invalid_argument("stages: " + std::to_string(stages) + " must be 0 (the deep K/V rings, default) or 2 " +
                                 "(the bf16 kernel's depth, for comparison)");
+  const std::int64_t tail_split = options.get("tail_split", 0);
+  if (tail_split < 0 || tail_split > kMaxPieces)
+    throw std::invalid_argument("tail_split: " + std::to_string(tail_split) + " must be 0 (split the last wave's " +
+                                "tiles by the cost rule, default), 1 (never) or 2.." + std::to_string(kMaxPieces) +
+                                " (pieces per tile of the last wave)");
   schedule::require_hopper(kWho);
   Scratch scratch(p);
   // The two steps timed apart (counters quantize_ms, attention_ms): the paper's figure is the attention kernel's.
@@ -871,7 +1030,7 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   ATTN_CUDA_CHECK(cudaEventRecord(marks[0]));
   quantize_gpu(p, t, incoherent == 1, 1, scratch);
   ATTN_CUDA_CHECK(cudaEventRecord(marks[1]));
-  forward_quantized_gpu(p, t, scratch, stages == 0, !probe_is("no_transpose"));
+  forward_quantized_gpu(p, t, scratch, stages == 0, !probe_is("no_transpose"), tail_split);
   ATTN_CUDA_CHECK(cudaEventRecord(marks[2]));
   ATTN_CUDA_CHECK(cudaEventSynchronize(marks[2]));
   float quantize_ms = 0.0f, attention_ms = 0.0f;
@@ -881,6 +1040,9 @@ void forward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpti
   options.counters["quantize_ms"] = quantize_ms;
   options.counters["attention_ms"] = attention_ms;
   options.counters["attention_tflops"] = p.forward_flops() / (attention_ms * 1e-3) / 1e12;
+  const TailSplit split = tail_split_of(p, tail_split);  // what launch_forward ran
+  options.counters["split_tiles"] = static_cast<double>(split.split_tiles);
+  options.counters["pieces_per_split_tile"] = split.split_tiles > 0 ? split.pieces : 0;
 }
 
 }  // namespace attn::flash_v3::fp8

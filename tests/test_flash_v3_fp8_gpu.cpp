@@ -141,6 +141,56 @@ TEST_CASE("FP8 forward matches the fp64 oracle within e4m3's precision, and the 
   CHECK(e.lse.max_abs == 0.0);
 }
 
+TEST_CASE("FP8 forward with the last wave's tiles split along their keys: the pieces combined give the whole tiles' O",
+          "[fp8][small]") {
+  // Option tail_split: 1 runs every tile whole; 0 (default) splits the tiles of the grid's last wave (here every
+  // tile: fewer than the GPU's SMs) when the cost rule says so, never when causal; k splits them in k pieces (at
+  // most a tile's K/V blocks), each over its range of keys, merged by combine_pieces_kernel. Pieces of uneven
+  // length (8 blocks in 3), as many as there are blocks, pieces with rows that see none of their keys (causal) and
+  // pieces that visit no block at all (causal, Nq > Nk: the first rows see the first keys only).
+  struct Case {
+    AttentionProblem problem;
+    int tail_split;
+    int expected_pieces;  // per split tile
+  };
+  const std::vector<Case> cases = {
+      {problem_of(1, 2, 2, 450, 1000, 128, false), 0, 8},   // the rule: 6 tiles, 8 blocks each -> 8 pieces
+      {problem_of(1, 2, 2, 450, 1000, 128, false), 3, 3},
+      {problem_of(2, 3, 1, 300, 900, 256, false), 16, 8},   // capped at the 8 blocks
+      {problem_of(1, 2, 2, 300, 700, 128, true), 4, 4},     // causal: pieces of the diagonal tiles see part
+      {problem_of(1, 2, 1, 700, 300, 256, true), 3, 3},     // causal, Nq > Nk: rows and pieces that see nothing
+      {problem_of(1, 2, 2, 300, 700, 128, true), 0, 0},     // causal: the rule does not split
+  };
+  for (const Case& c : cases) {
+    const ProblemData data = make_problem_data(c.problem, DType::bf16, Layout::bhnd, 37);
+    const oracle::Result exact = oracle::attention(data, false);
+    RunSettings whole, split;
+    whole.options.values = {{"fp8", 1}, {"tail_split", 1}};
+    split.options.values = {{"fp8", 1}, {"tail_split", c.tail_split}};
+    const StageRun whole_run = run_stage(flash_v3::describe(), Tier::gpu, data, whole);
+    const StageRun split_run = run_stage(flash_v3::describe(), Tier::gpu, data, split);
+    const Errors vs_oracle = compare_with_oracle(split_run, exact);
+    const Errors vs_whole = compare_runs(split_run, whole_run);
+    INFO(c.problem.describe() << ", tail_split " << c.tail_split << ": O vs oracle " << vs_oracle.o.rel_frobenius
+                              << " (whole tiles " << compare_with_oracle(whole_run, exact).o.rel_frobenius
+                              << "), vs whole tiles " << vs_whole.o.rel_frobenius << ", LSE vs whole "
+                              << vs_whole.lse.max_abs);
+    CHECK(whole_run.counters.at("split_tiles") == 0);
+    CHECK(split_run.counters.at("pieces_per_split_tile") == c.expected_pieces);
+    const std::int64_t rows_per_tile = c.problem.head_dim == 128 ? 192 : 128;  // fewer tiles than SMs: all split
+    const std::int64_t tiles = c.problem.batch * c.problem.q_heads * ((c.problem.seq_q - 1) / rows_per_tile + 1);
+    CHECK(split_run.counters.at("split_tiles") == (c.expected_pieces > 0 ? static_cast<double>(tiles) : 0.0));
+    CHECK(vs_oracle.o.bad_values == 0);
+    CHECK(vs_oracle.lse.bad_values == 0);
+    CHECK(vs_oracle.o.rel_frobenius < kOracleBound);
+    CHECK(vs_oracle.lse.rel_frobenius < kLseBound);
+    // A piece rounds P~ against its own running max and v_ref (two roundings of each P term, as against the CPU
+    // emulation: kEmulationBound); the LSEs combine exactly but for fp32 rounding.
+    CHECK(vs_whole.o.rel_frobenius < kEmulationBound);
+    CHECK(vs_whole.lse.max_abs < 1e-3);
+  }
+}
+
 TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an outlier in one K/V block)", "[fp8][small]") {
   // The kernel moves each V block's scale into P~'s exponent (log2(v_j / v_ref), ~ -4 here for the blocks without
   // the outlier) and its inverse into l; a mistake there is off by up to 16x (the CPU twin of this test shows it).
@@ -256,6 +306,10 @@ TEST_CASE("the FP8 path refuses head dims, dtypes and alignments its kernels can
   with_schedule.values["schedule"] = 2;
   CHECK(invalid_argument_message([&] { gpu->forward(d128, fake_tensors(d128, DType::bf16), with_schedule); })
             .find("schedule") == 0);
+  StageOptions split_17 = options;
+  split_17.values["tail_split"] = 17;
+  CHECK(invalid_argument_message([&] { gpu->forward(d128, fake_tensors(d128, DType::bf16), split_17); })
+            .find("tail_split") == 0);
   StageOptions incoherent_alone;
   incoherent_alone.values["incoherent"] = 1;
   CHECK(invalid_argument_message([&] { gpu->forward(d128, fake_tensors(d128, DType::bf16), incoherent_alone); })
