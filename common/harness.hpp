@@ -45,7 +45,9 @@ struct StageRun {
   double backward_ms = 0;
   std::size_t forward_extra_bytes = 0;   ///< peak bytes the pass allocated beyond inputs and outputs
   std::size_t backward_extra_bytes = 0;
-  std::map<std::string, double> counters;  ///< whatever the stage reported (IO bytes, skipped blocks...)
+  /// What the stage reported (IO bytes, skipped blocks...): per counter the median over the timed runs; those of
+  /// the backward pass named "backward_" + name.
+  std::map<std::string, double> counters;
 
   /// NaN or infinite values in o, dq, dk, dv, plus NaN or +inf in lse (-inf is the LSE of a row that sees no
   /// key). The stages propagate non-finite inputs and overflow as PyTorch does; callers report this count.

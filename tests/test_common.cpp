@@ -498,6 +498,37 @@ TEST_CASE("saturated softmax (logits near 1e30): the exact dQ and dK cancel to ~
   }
 }
 
+TEST_CASE("run_stage reports each counter as its median over the timed runs, the backward's apart from the forward's",
+          "[common][counters]") {
+  // A stage that reports, from each pass, how many passes of its kind have run (1, 2, ... forward; 101, 102, ...
+  // backward). One warmup and three timed runs: the forward's timed values are 2, 3, 4 and the backward's 102,
+  // 103, 104, so the medians are 3 and 103; the warmup's and the other pass's values must not leak in.
+  Stage stage = find_stage("naive");
+  TierEntry& cpu = stage.tiers.front();
+  REQUIRE(cpu.tier == Tier::cpu);
+  int forwards = 0, backwards = 0;
+  const PassFn forward = cpu.forward, backward = cpu.backward;
+  cpu.forward = [&](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    forward(p, t, options);
+    options.counters["passes"] = ++forwards;
+  };
+  cpu.backward = [&](const AttentionProblem& p, const AttentionTensors& t, StageOptions& options) {
+    backward(p, t, options);
+    options.counters["passes"] = 100 + ++backwards;
+  };
+  AttentionProblem p;
+  p.seq_q = p.seq_k = 16;
+  p.head_dim = 16;
+  RunSettings settings;
+  settings.backward = true;
+  settings.warmup = 1;
+  settings.repeats = 3;
+  const StageRun run = run_stage(stage, Tier::cpu, make_problem_data(p, DType::f32, Layout::bhnd, 1), settings);
+  CHECK(forwards == 4);
+  CHECK(run.counters.at("passes") == 3.0);
+  CHECK(run.counters.at("backward_passes") == 103.0);
+}
+
 TEST_CASE("progress lines name the phase, the fraction done and the time left", "[common][progress]") {
   CHECK(progress::format_line("flash_v2/cpu forward", 25, 100, 10) ==
         "attn: flash_v2/cpu forward: 25% after 10 s, about 30 s left");

@@ -17,6 +17,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/harness.hpp"
@@ -292,7 +293,15 @@ void print_table_row(const Row& r, bool backward) {
                 cell(r.bwd_rel_err_prev, "%.2e").c_str());
   if (!r.note.empty()) std::printf("  (%s)", r.note.c_str());
   std::printf("\n");
-  for (const auto& [name, value] : r.counters) std::printf("    %s = %.6g\n", name.c_str(), value);
+  for (const auto& [name, value] : r.counters) {
+    // A backward counter equal to the forward's (a block count both passes use, say) is not repeated.
+    const std::string_view prefix = "backward_";
+    if (name.starts_with(prefix)) {
+      const auto forward = r.counters.find(name.substr(prefix.size()));
+      if (forward != r.counters.end() && forward->second == value) continue;
+    }
+    std::printf("    %s = %.6g\n", name.c_str(), value);
+  }
 }
 
 // The backward's errors: with the oracle, oracle::worst_gradient_error, the error of each gradient against the
