@@ -24,6 +24,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/attention_params.cuh"
@@ -51,8 +52,8 @@ using E4M3 = __nv_fp8_e4m3;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ============================================================================================================
-// Quantization (+ incoherent processing): one thread block of 4 warps per block of rows; a warp holds one row,
-// HeadDim / 32 elements per lane.
+// Quantization (+ incoherent processing): one thread block of 4 warps per block of rows; a warp holds rows, HeadDim /
+// 32 consecutive elements of each per lane.
 // ============================================================================================================
 
 /// Two fp32 values to two e4m3 codes, `low` in the low byte (cvt.rn.satfinite.e4m3x2.f32 puts its first source in
@@ -67,16 +68,33 @@ __device__ __forceinline__ std::uint32_t e4m3x4(float x0, float x1, float x2, fl
   return e4m3x2(x0, x1) | (e4m3x2(x2, x3) << 16);
 }
 
-/// Row `row` of a [seq, HeadDim] slice, elements lane * E .. lane * E + E - 1 in x; with Incoherent, times M =
-/// diag(signs) H / sqrt(d): the butterflies of walsh_hadamard (fp8_cpu.cpp) in the same order, those of stride
-/// < E inside the lane, the others between lanes (__shfl_xor), so that the result is bit-identical to the CPU's.
+/// This lane's E = HeadDim / 32 consecutive elements of a row (lane * E ..), in one load of 4, 8 or 16 bytes: rows
+/// start 16-byte aligned (the validator's rules for pointers and strides), so the lane's part is E x 2 aligned.
+template <int HeadDim>
+__device__ __forceinline__ void load_lane_part(float (&x)[HeadDim / 32], const __nv_bfloat16* row_pointer) {
+  constexpr int E = HeadDim / 32;
+  static_assert(E == 2 || E == 4 || E == 8, "head dims 64, 128, 256");
+  using Word = std::conditional_t<E == 2, std::uint32_t, std::conditional_t<E == 4, uint2, uint4>>;
+  union {
+    Word word;
+    __nv_bfloat162 pairs[E / 2];
+  } part;
+  part.word = *reinterpret_cast<const Word*>(row_pointer + (threadIdx.x % 32) * E);
+#pragma unroll
+  for (int i = 0; i < E / 2; ++i) {
+    const float2 pair = __bfloat1622float2(part.pairs[i]);
+    x[2 * i] = pair.x;
+    x[2 * i + 1] = pair.y;
+  }
+}
+
+/// With Incoherent, x (this lane's part of a row, as load_lane_part gives it) times M = diag(signs) H / sqrt(d): the
+/// butterflies of walsh_hadamard (fp8_cpu.cpp) in the same order, those of stride < E inside the lane, the others
+/// between lanes (__shfl_xor), so that the result is bit-identical to the CPU's.
 template <int HeadDim, bool Incoherent>
-__device__ __forceinline__ void load_row(float (&x)[HeadDim / 32], const __nv_bfloat16* row_pointer,
-                                         const float* signs, float norm) {
+__device__ __forceinline__ void rotate_lane_part(float (&x)[HeadDim / 32], const float* signs, float norm) {
   constexpr int E = HeadDim / 32;
   const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int e = 0; e < E; ++e) x[e] = __bfloat162float(row_pointer[lane * E + e]);
   if constexpr (Incoherent) {
 #pragma unroll
     for (int e = 0; e < E; ++e) x[e] *= signs[lane * E + e];
@@ -102,22 +120,41 @@ __device__ __forceinline__ void load_row(float (&x)[HeadDim / 32], const __nv_bf
 }
 
 /// Block quantization (fp8.hpp: quantize) of one block of `block_rows` rows of one (batch, head): grid (blocks per
-/// head, batch x heads), 128 threads. Pass 1 finds the block's amax, pass 2 writes the codes (rows recomputed).
+/// head, batch x heads), 128 threads. Pass 1 finds the block's amax, pass 2 writes the codes, its rows read again
+/// (from L2: the block's rows were just read) and rotated again. Each warp takes every fourth row, kRows of them at
+/// a time, their loads issued together so that a warp has kRows loads in flight, not one.
 template <int HeadDim, bool Incoherent>
 __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, long long batch_stride,
                                                        long long head_stride, long long seq_stride, int heads, int seq,
                                                        int block_rows, ScaleRule rule, std::uint8_t* codes,
                                                        float* scales, const float* signs, float norm) {
-  constexpr int E = HeadDim / 32;
+  constexpr int E = HeadDim / 32, kRows = E == 8 ? 4 : 8;  // rows in flight per warp: 32 registers of values
   __shared__ float warp_amax[4];
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = blockIdx.x * block_rows, row_end = min(row0 + block_rows, seq);
   const __nv_bfloat16* slice = x + b * batch_stride + h * head_stride;
-  float amax = 0.0f, values[E];
-  for (int row = row0 + warp; row < row_end; row += 4) {
-    load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
+  float values[kRows][E];
+  // Rows row .. row + 4 (kRows - 1) of this warp, the ones past the block as zeros (no effect on amax).
+  auto load_rows = [&](int row) {
 #pragma unroll
-    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(values[e]));
+    for (int r = 0; r < kRows; ++r) {
+      if (row + 4 * r < row_end) {
+        load_lane_part<HeadDim>(values[r], slice + (row + 4 * r) * seq_stride);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) values[r][e] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) rotate_lane_part<HeadDim, Incoherent>(values[r], signs, norm);
+  };
+  float amax = 0.0f;
+  for (int row = row0 + warp; row < row_end; row += 4 * kRows) {
+    load_rows(row);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(values[r][e]));
   }
 #pragma unroll
   for (int lanes = 16; lanes >= 1; lanes /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, lanes));
@@ -127,16 +164,21 @@ __global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, l
   const BlockScale scale = block_scale(amax, rule);  // the CPU's function (fp8.hpp)
   const float inverse = scale.inverse;
   if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = scale.scale;
-  for (int row = row0 + warp; row < row_end; row += 4) {
-    load_row<HeadDim, Incoherent>(values, slice + row * seq_stride, signs, norm);
-    std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row) * HeadDim + lane * E;
-    if constexpr (E == 2) {  // D = 64: two codes per lane
-      *reinterpret_cast<std::uint16_t*>(out) = static_cast<std::uint16_t>(e4m3x2(values[0] * inverse, values[1] * inverse));
-    } else {
+  for (int row = row0 + warp; row < row_end; row += 4 * kRows) {
+    load_rows(row);
 #pragma unroll
-      for (int e = 0; e < E; e += 4)
-        *reinterpret_cast<std::uint32_t*>(out + e) =
-            e4m3x4(values[e] * inverse, values[e + 1] * inverse, values[e + 2] * inverse, values[e + 3] * inverse);
+    for (int r = 0; r < kRows; ++r) {
+      if (row + 4 * r >= row_end) continue;
+      std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row + 4 * r) * HeadDim + lane * E;
+      const float* v = values[r];
+      if constexpr (E == 2) {  // D = 64: two codes per lane
+        *reinterpret_cast<std::uint16_t*>(out) = static_cast<std::uint16_t>(e4m3x2(v[0] * inverse, v[1] * inverse));
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; e += 4)
+          *reinterpret_cast<std::uint32_t*>(out + e) =
+              e4m3x4(v[e] * inverse, v[e + 1] * inverse, v[e + 2] * inverse, v[e + 3] * inverse);
+      }
     }
   }
 }
@@ -901,6 +943,11 @@ void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, 
 void quantize_dispatch(int head_dim, const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads,
                        std::int64_t seq, int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm,
                        std::uint8_t* codes, float* scales) {
+  // Each lane loads its part of a row in one 4- to 16-byte load: every row must start 16-byte aligned.
+  if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0 || strides.batch % 8 != 0 || strides.head % 8 != 0 ||
+      strides.seq % 8 != 0)
+    throw std::invalid_argument("x: the quantization kernel needs 16-byte aligned rows (pointer aligned to 16 bytes, "
+                                "strides multiples of 8 elements)");
   switch (head_dim) {
     case 64: return launch_quantize<64>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);
     case 128: return launch_quantize<128>(x, strides, batch, heads, seq, block_rows, rule, incoherent, signs, norm, codes, scales);

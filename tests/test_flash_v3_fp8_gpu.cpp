@@ -309,6 +309,9 @@ TEST_CASE("the FP8 path refuses head dims, dtypes and alignments its kernels can
   with_schedule.values["schedule"] = 2;
   CHECK(invalid_argument_message([&] { gpu->forward(d128, fake_tensors(d128, DType::bf16), with_schedule); })
             .find("schedule") == 0);
+  // The quantization kernel called on its own checks its rows' alignment (forward's validator does it above).
+  fp8::Scratch scratch(d128);
+  CHECK(invalid_argument_message([&] { fp8::quantize_gpu(d128, misaligned, false, 1, scratch); }).find("x") == 0);
   StageOptions split_17 = options;
   split_17.values["tail_split"] = 17;
   CHECK(invalid_argument_message([&] { gpu->forward(d128, fake_tensors(d128, DType::bf16), split_17); })
