@@ -247,7 +247,7 @@ TEST_CASE("FP8 forward keeps O right when V's block scales differ widely (an out
   }
 }
 
-TEST_CASE("FP8 forward over 71 K/V blocks whose K and V scales differ block to block; a stale window of them fails",
+TEST_CASE("FP8 forward over 71 K/V blocks whose K and V scales differ block to block, and a stale window of them fails",
           "[fp8]") {
   // The fixture of the GPU test that checks the consumers' per-block factors past 32 blocks (they hold them 32
   // blocks at a time, one block per lane, fp8_cuda.cu: factors_at): every block's keys and values times its own
@@ -291,7 +291,7 @@ TEST_CASE("FP8 forward over 71 K/V blocks whose K and V scales differ block to b
   }
 }
 
-TEST_CASE("FP8 forward per 64-row group with Q blocks' scales 2x apart; a group given its neighbour block's scale fails",
+TEST_CASE("FP8 forward per 64-row group with Q blocks' scales 2x apart, and a group given its neighbour block's scale fails",
           "[fp8]") {
   // The fixture of the GPU test of the d = 128 kernel's three consumer warpgroups per tile (each with its own Q
   // block's scale): Q's rows times 1/2 in the odd 128-row blocks. Here: every 64-row group passes the bounds, and

@@ -230,7 +230,7 @@ TEST_CASE("sparse/cpu: very uneven buckets (nine rows in ten in one bucket)", "[
 }
 
 TEST_CASE("sparse/cpu: queries that see no key (dropped, or no earlier key in their bucket) give O = 0, LSE = -inf, "
-          "dQ = 0; dropped keys give dK = dV = 0", "[sparse][cpu][empty]") {
+          "dQ = 0, and dropped keys give dK = dV = 0", "[sparse][cpu][empty]") {
   // Causal with Nq > Nk and many buckets: the first queries of each bucket have no earlier key in it.
   const ProblemData data = make_problem_data(problem_of(1, 2, 2, 90, 40, 16, true), DType::f32, Layout::bhnd, 61);
   for (const StageOptions& options : {options_of({{"mode", 1}, {"buckets", 32}, {"block_rows", 16}, {"block_cols", 16}}),

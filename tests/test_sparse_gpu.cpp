@@ -351,7 +351,7 @@ TEST_CASE("sparse/gpu counts the visible pairs and the tiles it visits before th
 // that plans again draws its mask with seed + 1, and each refusal's fixture is wrong (the plan's own options and
 // problem, no lists, another problem, a filled plan for the empty one): the comparisons and every refusal's check
 // must then fail.
-TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients of one that plans again; a plan "
+TEST_CASE("sparse/gpu's backward on the forward's saved plan gives the gradients of one that plans again, and a plan "
           "made for another call is refused",
           "[sparse][gpu][small]") {
   const char* bad = std::getenv("ATTN_SPARSE_TEST_BAD_FIXTURE");
