@@ -119,11 +119,10 @@ __device__ __forceinline__ void rotate_lane_part(float (&x)[HeadDim / 32], const
   }
 }
 
-/// Threads of quantize_kernel: a block of kQuantizeRows rows is read once and held in registers, kRowsPerWarp rows
-/// per warp (16 at d <= 128, 8 at d = 256: 64 registers of values either way).
+/// Threads of quantize_kernel: a block of kQuantizeRows rows is read once and held in registers, 8 rows per warp.
 constexpr int kQuantizeRows = 128;
 template <int HeadDim>
-constexpr int kQuantizeWarps = HeadDim == 256 ? 16 : 8;
+constexpr int kQuantizeWarps = 16;
 
 /// Block quantization (fp8.hpp: quantize) of one block of up to kQuantizeRows rows of one (batch, head): grid
 /// (blocks per head, batch x heads). One pass: each warp loads its rows (row warp, warp + warps, ...), all their
