@@ -52,8 +52,8 @@ using E4M3 = __nv_fp8_e4m3;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ============================================================================================================
-// Quantization (+ incoherent processing): one thread block of 4 warps per block of rows; a warp holds rows, HeadDim /
-// 32 consecutive elements of each per lane.
+// Quantization (+ incoherent processing): one thread block per block of rows, held in registers; a warp holds rows,
+// HeadDim / 32 consecutive elements of each per lane.
 // ============================================================================================================
 
 /// Two fp32 values to two e4m3 codes, `low` in the low byte (cvt.rn.satfinite.e4m3x2.f32 puts its first source in
@@ -119,66 +119,66 @@ __device__ __forceinline__ void rotate_lane_part(float (&x)[HeadDim / 32], const
   }
 }
 
-/// Block quantization (fp8.hpp: quantize) of one block of `block_rows` rows of one (batch, head): grid (blocks per
-/// head, batch x heads), 128 threads. Pass 1 finds the block's amax, pass 2 writes the codes, its rows read again
-/// (from L2: the block's rows were just read) and rotated again. Each warp takes every fourth row, kRows of them at
-/// a time, their loads issued together so that a warp has kRows loads in flight, not one.
+/// Threads of quantize_kernel: a block of kQuantizeRows rows is read once and held in registers, 8 rows per warp.
+constexpr int kQuantizeRows = 128;
+template <int HeadDim>
+constexpr int kQuantizeWarps = 16;
+
+/// Block quantization (fp8.hpp: quantize) of one block of up to kQuantizeRows rows of one (batch, head): grid
+/// (blocks per head, batch x heads). One pass: each warp loads its rows (row warp, warp + warps, ...), all their
+/// loads issued together, rotates them (Incoherent), and keeps them in registers while the block finds its amax;
+/// then writes the codes.
 template <int HeadDim, bool Incoherent>
-__global__ void __launch_bounds__(128) quantize_kernel(const __nv_bfloat16* x, long long batch_stride,
-                                                       long long head_stride, long long seq_stride, int heads, int seq,
-                                                       int block_rows, ScaleRule rule, std::uint8_t* codes,
-                                                       float* scales, const float* signs, float norm) {
-  constexpr int E = HeadDim / 32, kRows = E == 8 ? 4 : 8;  // rows in flight per warp: 32 registers of values
-  __shared__ float warp_amax[4];
+__global__ void __launch_bounds__(32 * kQuantizeWarps<HeadDim>)
+    quantize_kernel(const __nv_bfloat16* x, long long batch_stride, long long head_stride, long long seq_stride,
+                    int heads, int seq, int block_rows, ScaleRule rule, std::uint8_t* codes, float* scales,
+                    const float* signs, float norm) {
+  constexpr int E = HeadDim / 32, kWarps = kQuantizeWarps<HeadDim>, kRowsPerWarp = kQuantizeRows / kWarps;
+  __shared__ float warp_amax[kWarps];
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = blockIdx.x * block_rows, row_end = min(row0 + block_rows, seq);
   const __nv_bfloat16* slice = x + b * batch_stride + h * head_stride;
-  float values[kRows][E];
-  // Rows row .. row + 4 (kRows - 1) of this warp, the ones past the block as zeros (no effect on amax).
-  auto load_rows = [&](int row) {
+  float values[kRowsPerWarp][E];  // this warp's rows; those past the block as zeros (no effect on amax)
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (row + 4 * r < row_end) {
-        load_lane_part<HeadDim>(values[r], slice + (row + 4 * r) * seq_stride);
-      } else {
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = row0 + warp + kWarps * r;
+    if (row < row_end) {
+      load_lane_part<HeadDim>(values[r], slice + row * seq_stride);
+    } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) values[r][e] = 0.0f;
-      }
+      for (int e = 0; e < E; ++e) values[r][e] = 0.0f;
     }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) rotate_lane_part<HeadDim, Incoherent>(values[r], signs, norm);
-  };
+  }
   float amax = 0.0f;
-  for (int row = row0 + warp; row < row_end; row += 4 * kRows) {
-    load_rows(row);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r)
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    rotate_lane_part<HeadDim, Incoherent>(values[r], signs, norm);
 #pragma unroll
-      for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(values[r][e]));
+    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(values[r][e]));
   }
 #pragma unroll
   for (int lanes = 16; lanes >= 1; lanes /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, lanes));
   if (lane == 0) warp_amax[warp] = amax;
   __syncthreads();
-  amax = fmaxf(fmaxf(warp_amax[0], warp_amax[1]), fmaxf(warp_amax[2], warp_amax[3]));
+  amax = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) amax = fmaxf(amax, warp_amax[w]);
   const BlockScale scale = block_scale(amax, rule);  // the CPU's function (fp8.hpp)
   const float inverse = scale.inverse;
   if (threadIdx.x == 0) scales[static_cast<long long>(bh) * gridDim.x + blockIdx.x] = scale.scale;
-  for (int row = row0 + warp; row < row_end; row += 4 * kRows) {
-    load_rows(row);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (row + 4 * r >= row_end) continue;
-      std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row + 4 * r) * HeadDim + lane * E;
-      const float* v = values[r];
-      if constexpr (E == 2) {  // D = 64: two codes per lane
-        *reinterpret_cast<std::uint16_t*>(out) = static_cast<std::uint16_t>(e4m3x2(v[0] * inverse, v[1] * inverse));
-      } else {
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = row0 + warp + kWarps * r;
+    if (row >= row_end) continue;
+    std::uint8_t* out = codes + (static_cast<long long>(bh) * seq + row) * HeadDim + lane * E;
+    const float* v = values[r];
+    if constexpr (E == 2) {  // D = 64: two codes per lane
+      *reinterpret_cast<std::uint16_t*>(out) = static_cast<std::uint16_t>(e4m3x2(v[0] * inverse, v[1] * inverse));
+    } else {
 #pragma unroll
-        for (int e = 0; e < E; e += 4)
-          *reinterpret_cast<std::uint32_t*>(out + e) =
-              e4m3x4(v[e] * inverse, v[e + 1] * inverse, v[e + 2] * inverse, v[e + 3] * inverse);
-      }
+      for (int e = 0; e < E; e += 4)
+        *reinterpret_cast<std::uint32_t*>(out + e) =
+            e4m3x4(v[e] * inverse, v[e + 1] * inverse, v[e + 2] * inverse, v[e + 3] * inverse);
     }
   }
 }
@@ -933,9 +933,13 @@ template <int HeadDim>
 void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, std::int64_t heads, std::int64_t seq,
                      int block_rows, ScaleRule rule, bool incoherent, const float* signs, float norm, std::uint8_t* codes,
                      float* scales) {
+  if (block_rows < 1 || block_rows > kQuantizeRows)
+    throw std::invalid_argument("block_rows: " + std::to_string(block_rows) + " is not in 1.." +
+                                std::to_string(kQuantizeRows) + " (the quantization kernel holds a block in registers)");
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(seq, block_rows)), static_cast<unsigned>(batch * heads));
   auto kernel = incoherent ? quantize_kernel<HeadDim, true> : quantize_kernel<HeadDim, false>;
-  kernel<<<grid, 128>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
+  constexpr int kThreads = 32 * kQuantizeWarps<HeadDim>;
+  kernel<<<grid, kThreads>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
                         static_cast<int>(heads), static_cast<int>(seq), block_rows, rule, codes, scales, signs, norm);
   ATTN_CUDA_CHECK_LAUNCH();
 }
