@@ -119,21 +119,20 @@ __device__ __forceinline__ void rotate_lane_part(float (&x)[HeadDim / 32], const
   }
 }
 
-/// Threads of quantize_kernel: a block of kQuantizeRows rows is read once and held in registers, 8 rows per warp.
-constexpr int kQuantizeRows = 128;
-template <int HeadDim>
-constexpr int kQuantizeWarps = 16;
+/// quantize_kernel's shape: a block of kQuantizeRows rows read once and held in registers by kQuantizeWarps warps,
+/// 8 rows each (with 8 warps of 16 rows d = 128 ran at half the speed: docs/measurements, 2026-11-30 fp8-quantize).
+constexpr int kQuantizeRows = 128, kQuantizeWarps = 16;
 
 /// Block quantization (fp8.hpp: quantize) of one block of up to kQuantizeRows rows of one (batch, head): grid
 /// (blocks per head, batch x heads). One pass: each warp loads its rows (row warp, warp + warps, ...), all their
 /// loads issued together, rotates them (Incoherent), and keeps them in registers while the block finds its amax;
 /// then writes the codes.
 template <int HeadDim, bool Incoherent>
-__global__ void __launch_bounds__(32 * kQuantizeWarps<HeadDim>)
+__global__ void __launch_bounds__(32 * kQuantizeWarps)
     quantize_kernel(const __nv_bfloat16* x, long long batch_stride, long long head_stride, long long seq_stride,
                     int heads, int seq, int block_rows, ScaleRule rule, std::uint8_t* codes, float* scales,
                     const float* signs, float norm) {
-  constexpr int E = HeadDim / 32, kWarps = kQuantizeWarps<HeadDim>, kRowsPerWarp = kQuantizeRows / kWarps;
+  constexpr int E = HeadDim / 32, kWarps = kQuantizeWarps, kRowsPerWarp = kQuantizeRows / kWarps;
   __shared__ float warp_amax[kWarps];
   const int bh = blockIdx.y, b = bh / heads, h = bh % heads, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row0 = blockIdx.x * block_rows, row_end = min(row0 + block_rows, seq);
@@ -938,7 +937,7 @@ void launch_quantize(const void* x, const Strides& strides, std::int64_t batch, 
                                 std::to_string(kQuantizeRows) + " (the quantization kernel holds a block in registers)");
   const dim3 grid(static_cast<unsigned>(cuda::ceil_div(seq, block_rows)), static_cast<unsigned>(batch * heads));
   auto kernel = incoherent ? quantize_kernel<HeadDim, true> : quantize_kernel<HeadDim, false>;
-  constexpr int kThreads = 32 * kQuantizeWarps<HeadDim>;
+  constexpr int kThreads = 32 * kQuantizeWarps;
   kernel<<<grid, kThreads>>>(static_cast<const __nv_bfloat16*>(x), strides.batch, strides.head, strides.seq,
                         static_cast<int>(heads), static_cast<int>(seq), block_rows, rule, codes, scales, signs, norm);
   ATTN_CUDA_CHECK_LAUNCH();
