@@ -909,8 +909,9 @@ template <int HeadDim>
 TailSplit tail_split_of(const AttentionProblem& p, std::int64_t option) {
   using Cfg = Config<HeadDim>;
   const long long tiles = static_cast<long long>(cuda::ceil_div(p.seq_q, Cfg::Br)) * p.q_heads * p.batch;
-  const int sms = cuda::device_available() ? cuda::device_attribute(cudaDevAttrMultiProcessorCount) : 132;
-  return plan_tail_split(tiles, cuda::ceil_div(p.seq_k, Cfg::Bc), sms, p.causal, option);
+  if (!cuda::device_available()) return TailSplit{tiles, 0, 1};  // (scratch_bytes without a GPU: nothing to split)
+  return plan_tail_split(tiles, cuda::ceil_div(p.seq_k, Cfg::Bc),
+                         cuda::device_attribute(cudaDevAttrMultiProcessorCount), p.causal, option);
 }
 TailSplit tail_split_of(const AttentionProblem& p, std::int64_t option) {
   return p.head_dim == 256 ? tail_split_of<256>(p, option) : tail_split_of<128>(p, option);
