@@ -33,4 +33,23 @@ struct BackwardLayouts {
                 "every warp's share is made of 16 x 16 blocks");
 };
 
+/// The step's tiles in a backward kernel's shared memory, from its start: K_j and V_j (Bc rows each), Stages of Q_i
+/// and of dO_i (Br rows of QStride elements), P_ij^T and dS_ij^T (Bc rows of kPStride), then Stages of L_i and of D_i
+/// (Br floats each); the kernel's own arrays may follow `end`.
+template <class T, class Layouts, int Br, int Bc, int QStride, int Stages>
+struct StepTiles {
+  T *k, *v, *q, *d_o, *p, *ds;
+  float *lse, *delta;
+  __device__ __forceinline__ explicit StepTiles(unsigned char* base)
+      : k(reinterpret_cast<T*>(base)),
+        v(k + Bc * Layouts::kStride),
+        q(v + Bc * Layouts::kStride),
+        d_o(q + Stages * Br * QStride),
+        p(d_o + Stages * Br * QStride),
+        ds(p + Bc * Layouts::kPStride),
+        lse(reinterpret_cast<float*>(ds + Bc * Layouts::kPStride)),
+        delta(lse + Stages * Br) {}
+  __device__ __forceinline__ unsigned char* end() const { return reinterpret_cast<unsigned char*>(delta + Stages * Br); }
+};
+
 }  // namespace attn::flash

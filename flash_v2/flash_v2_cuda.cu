@@ -272,14 +272,11 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads)
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
   constexpr int kStages = Shape::kStages;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_tile = reinterpret_cast<T*>(shared_bytes);  // K_j: Bc x D
-  T* v_tile = k_tile + Bc * kStride;               // V_j: Bc x D
-  T* q_tiles = v_tile + Bc * kStride;               // Q_i: kStages of Br x D
-  T* do_tiles = q_tiles + kStages * Br * kQStride;  // dO_i: kStages of Br x D
-  T* p_tile = do_tiles + kStages * Br * kQStride;   // P_ij^T: Bc x Br
-  T* ds_tile = p_tile + Bc * kPStride;             // dS_ij^T: Bc x Br
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i (natural log): kStages of Br
-  float* delta_tiles = lse_tiles + kStages * Br;                         // D_i: kStages of Br
+  // K_j, V_j; kStages of Q_i and of dO_i; P_ij^T, dS_ij^T; kStages of L_i (natural log) and of D_i.
+  const flash::StepTiles<T, Shape, Br, Bc, kQStride, kStages> tiles(shared_bytes);
+  T *const k_tile = tiles.k, *const v_tile = tiles.v, *const q_tiles = tiles.q, *const do_tiles = tiles.d_o;
+  T *const p_tile = tiles.p, *const ds_tile = tiles.ds;
+  float *const lse_tiles = tiles.lse, *const delta_tiles = tiles.delta;
 
   // The grid is (K/V blocks, KV heads, batch). Causal: a K/V block near the start is seen by the most Q blocks,
   // so the blocks are taken in key-block-major order, every head's heaviest first: a short tail, even with GQA,

@@ -950,15 +950,12 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   constexpr int kDqMTiles = Shape::kDqMTiles, kDqDTiles = Shape::kDqDTiles;
   constexpr int kStages = Shape::kStages, kSlots = Shape::kIndexSlots;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_tile = reinterpret_cast<T*>(shared_bytes);         // K_j: Bc x D
-  T* v_tile = k_tile + Bc * kStride;                      // V_j: Bc x D
-  T* q_tiles = v_tile + Bc * kStride;                     // Q_i: kStages of Br x D
-  T* do_tiles = q_tiles + kStages * Br * kQStride;        // dO_i: kStages of Br x D
-  T* p_tile = do_tiles + kStages * Br * kQStride;         // P_ij^T: Bc x Br
-  T* ds_tile = p_tile + Bc * kPStride;                    // dS_ij^T: Bc x Br
-  float* lse_tiles = reinterpret_cast<float*>(ds_tile + Bc * kPStride);  // L_i in log2 units: kStages of Br
-  float* delta_tiles = lse_tiles + kStages * Br;                         // D_i: kStages of Br
-  int2* span_tiles = reinterpret_cast<int2*>(delta_tiles + kStages * Br);  // spans: kStages of Br
+  // flash_v2's step tiles (L_i in log2 units here), then kStages of the spans and kSlots of original indices.
+  const flash::StepTiles<T, Shape, Br, Bc, kQStride, kStages> tiles(shared_bytes);
+  T *const k_tile = tiles.k, *const v_tile = tiles.v, *const q_tiles = tiles.q, *const do_tiles = tiles.d_o;
+  T *const p_tile = tiles.p, *const ds_tile = tiles.ds;
+  float *const lse_tiles = tiles.lse, *const delta_tiles = tiles.delta;
+  int2* span_tiles = reinterpret_cast<int2*>(tiles.end());  // spans: kStages of Br
   int* query_rows = reinterpret_cast<int*>(span_tiles + kStages * Br);     // kSlots of Br original indices
 
   // Thread blocks go out in the order of blockIdx.x: the n-th tile of every KV head, then the (n + 1)-th; the
