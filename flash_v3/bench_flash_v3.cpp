@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -89,6 +90,24 @@ void check_cublas(cublasStatus_t status, const char* call) {
     throw std::runtime_error(std::string(call) + " failed: " + cublasLtGetStatusString(status));
 }
 
+/// Runs the destroy functions it was given, last first, when it goes out of scope.
+class Destroyers {
+ public:
+  Destroyers() = default;
+  Destroyers(const Destroyers&) = delete;
+  Destroyers& operator=(const Destroyers&) = delete;
+  ~Destroyers() {
+    for (auto step = steps_.rbegin(); step != steps_.rend(); ++step) (*step)();
+  }
+  template <class Handle, class Destroy>
+  void add(Handle handle, Destroy destroy) {
+    steps_.push_back([handle, destroy] { destroy(handle); });
+  }
+
+ private:
+  std::vector<std::function<void()>> steps_;
+};
+
 /// n random finite codes of e4m3 (magnitudes 2^-2 .. 2^3) or bf16 (2^-3 .. 2^2): a GEMM's power, and so its clock,
 /// depends on how its inputs' bits toggle, so the ceiling is timed on random inputs as the kernels are.
 std::vector<unsigned char> random_codes(std::size_t n, bool fp8) {
@@ -121,20 +140,25 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
     ATTN_CUDA_CHECK(cudaMemcpy(b.data(), codes.data(), codes.size(), cudaMemcpyHostToDevice));
     const std::size_t workspace_bytes = std::size_t{64} << 20;
     DeviceBuffer<unsigned char> workspace(workspace_bytes);
+    Destroyers destroyers;  // what cuBLASLt creates below, destroyed however this function leaves
     cublasLtHandle_t handle;
     ATTN_BENCH_CUBLAS(cublasLtCreate(&handle));
+    destroyers.add(handle, cublasLtDestroy);
     const cudaDataType_t input_type = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_16BF;
     cublasLtMatmulDesc_t op;
     ATTN_BENCH_CUBLAS(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    destroyers.add(op, cublasLtMatmulDescDestroy);
     const cublasOperation_t transposed = CUBLAS_OP_T, plain = CUBLAS_OP_N;
     ATTN_BENCH_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &transposed, sizeof(transposed)));
     ATTN_BENCH_CUBLAS(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &plain, sizeof(plain)));
     cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
-    ATTN_BENCH_CUBLAS(cublasLtMatrixLayoutCreate(&layout_a, input_type, n, n, n));
-    ATTN_BENCH_CUBLAS(cublasLtMatrixLayoutCreate(&layout_b, input_type, n, n, n));
-    ATTN_BENCH_CUBLAS(cublasLtMatrixLayoutCreate(&layout_d, CUDA_R_16BF, n, n, n));
+    for (auto [layout, type] : {std::pair{&layout_a, input_type}, {&layout_b, input_type}, {&layout_d, CUDA_R_16BF}}) {
+      ATTN_BENCH_CUBLAS(cublasLtMatrixLayoutCreate(layout, type, n, n, n));
+      destroyers.add(*layout, cublasLtMatrixLayoutDestroy);
+    }
     cublasLtMatmulPreference_t preference;
     ATTN_BENCH_CUBLAS(cublasLtMatmulPreferenceCreate(&preference));
+    destroyers.add(preference, cublasLtMatmulPreferenceDestroy);
     ATTN_BENCH_CUBLAS(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                            &workspace_bytes, sizeof(workspace_bytes)));
     cublasLtMatmulHeuristicResult_t heuristic{};
@@ -161,12 +185,6 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
     const double tflops = 2.0 * static_cast<double>(n) * n * n / (median(ms) * 1e-3) / 1e12;
     state.counters["TFLOPS"] = tflops;  // of the median pass
     gemm_ceilings()[fp8 ? "e4m3" : "bf16"] = tflops;
-    cublasLtMatmulPreferenceDestroy(preference);
-    cublasLtMatrixLayoutDestroy(layout_d);
-    cublasLtMatrixLayoutDestroy(layout_b);
-    cublasLtMatrixLayoutDestroy(layout_a);
-    cublasLtMatmulDescDestroy(op);
-    cublasLtDestroy(handle);
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
   }
