@@ -64,6 +64,7 @@ struct SortedRows {
   int max_tiles = 0;
   const int* chunk_first = nullptr;
   int chunks = 0;
+  const int* row_bucket = nullptr;  // [head * seq + i]: row i's bucket, in original order; `buckets` if dropped
 };
 
 struct Params : cuda::AttentionParams {
@@ -74,6 +75,11 @@ struct Params : cuda::AttentionParams {
   float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
+
+  /// The backward's element-wise passes (flash::ItemRow): row i of every head in its original order, kept iff its
+  /// bucket is. So a dropped query's O, dO and dq_accum row are never read, its dq_accum row never cleared, and its
+  /// dQ written as zeros; the kept rows are read and written in order, as the dense passes read them.
+  __device__ flash::ItemRow item_row(long long item) const { return {item, queries.row_bucket[item] < queries.buckets}; }
 };
 
 // ============================================================================================================
@@ -1304,8 +1310,9 @@ struct SideBuffers {
         max_tiles(static_cast<int>(sparse::max_tiles(seq_, buckets_))) {}
 
   SortedRows view() const {
-    return {order.data(), bucket.data(), count.data(),     first.data(),        tiles.data(),
-            tile_count.data(), buckets,   max_tiles, chunk_counts.data(), chunks};
+    return {order.data(),      bucket.data(), count.data(), first.data(),        tiles.data(),
+            tile_count.data(), buckets,       max_tiles,    chunk_counts.data(), chunks,
+            row_bucket.data()};
   }
   SortSide sort_side() {
     return {row_bucket.data(), chunk_counts.data(), seq,          heads,        chunks,           order.data(),
@@ -1695,8 +1702,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
   params.dq_accum = dq_accum.data();
   params.lse_log2 = lse_log2.data();
-  params.delta = delta.data();
-  ATTN_CUDA_CHECK(cudaMemsetAsync(dq_accum.data(), 0, dq_accum.bytes()));
+  params.delta = delta.data();  // (dq_accum's kept rows are cleared by backward_prepare_kernel: Params::item_row)
   PlanTimer timer;
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
