@@ -85,28 +85,16 @@ __device__ __forceinline__ long long query_row_offset(const cuda::AttentionParam
   return batch_head / p.q_heads * p.q_batch + batch_head % p.q_heads * p.q_head + i * p.q_seq;
 }
 
-/// Which row a work item of the two kernels below is, and whether that row takes part in the backward. By default
-/// item i is row i, kept. A stage where some query rows take no part (sparse: dropped queries, whose dQ is 0) gives
-/// its Params `__device__ ItemRow item_row(long long item) const` (a map from items to rows, or only which rows are
-/// kept, as sparse's does); the kernels then skip a dropped row's reads,
-/// backward_prepare_kernel clears a kept row's dq_accum (instead of a memset of the whole accumulator, whose
-/// dropped rows' share would be written for nothing), and store_dq_kernel writes a dropped row's dQ as zeros.
-struct ItemRow {
-  long long row;  // counted over batch, q_heads, seq_q in that order
-  bool kept;
-};
+/// Whether query row `row` (counted over batch, q_heads, seq_q) takes part in the backward. Every row does, unless
+/// the stage's Params say otherwise with `__device__ bool row_kept(long long row) const` (sparse: a dropped query,
+/// whose dQ is 0). With such Params the two kernels below skip a dropped row's reads, backward_prepare_kernel clears
+/// a kept row's dq_accum row (instead of a memset of the whole accumulator, whose dropped rows' share would be
+/// written for nothing), and store_dq_kernel writes a dropped row's dQ as zeros.
 template <class Params>
-inline constexpr bool kMapsRows = requires(const Params& p) { p.item_row(0LL); };
-template <class Params>
-__device__ __forceinline__ ItemRow item_row(const Params& p, long long item) {
-  if constexpr (kMapsRows<Params>)
-    return p.item_row(item);
-  else
-    return {item, true};
-}
+inline constexpr bool kDropsRows = requires(const Params& p) { p.row_kept(0LL); };
 
 // Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i) for every row in its original place; dq_accum is cleared
-// separately, by cudaMemsetAsync (with kMapsRows here, for the kept rows only). Params: cuda::AttentionParams plus
+// separately, by cudaMemsetAsync (with kDropsRows here, for the kept rows only). Params: cuda::AttentionParams plus
 // float* delta; a stage whose Params also carry float* lse_log2 gets L_i in log2 units there too (lse_to_log2).
 // Rows start 16-byte aligned.
 template <class T, int HeadDim, class Params>
@@ -118,11 +106,11 @@ __global__ void backward_prepare_kernel(const Params p, long long rows) {
   const int lane = threadIdx.x % 32, quad_lane = lane % kLanesPerRow;
   const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if ((thread - lane) / kLanesPerRow >= rows) return;  // the whole warp: the others reach the shuffles together
-  const long long item = thread / kLanesPerRow;
-  const ItemRow at = item < rows ? item_row(p, item) : ItemRow{item, false};
-  const long long row = at.row;
+  const long long row = thread / kLanesPerRow;
+  bool kept = row < rows;
+  if constexpr (kDropsRows<Params>) kept = kept && p.row_kept(row);
   float sum = 0.0f;
-  if (at.kept) {
+  if (kept) {
     const long long offset = query_row_offset(p, row);
     const Row* o = reinterpret_cast<const Row*>(static_cast<const T*>(p.o) + offset) + quad_lane;
     const Row* d_o = reinterpret_cast<const Row*>(static_cast<const T*>(p.d_o) + offset) + quad_lane;
@@ -140,12 +128,12 @@ __global__ void backward_prepare_kernel(const Params p, long long rows) {
   }
 #pragma unroll
   for (int step = kLanesPerRow / 2; step > 0; step /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, step);
-  if (at.kept && quad_lane == 0) {
+  if (kept && quad_lane == 0) {
     p.delta[row] = sum;
     if constexpr (requires { p.lse_log2; }) p.lse_log2[row] = lse_to_log2(p.lse[row]);
   }
-  if constexpr (kMapsRows<Params>) {
-    if (at.kept) {  // dq_accum's row cleared: lane q of the quad takes its 16-byte pieces q, q + 4, ...
+  if constexpr (kDropsRows<Params>) {
+    if (kept) {  // dq_accum's row cleared: lane q of the quad takes its 16-byte pieces q, q + 4, ...
       auto* accum = reinterpret_cast<Piece<float>*>(p.dq_accum + row * HeadDim) + quad_lane;
 #pragma unroll
       for (int k = 0; k < HeadDim / 4 / kLanesPerRow; ++k) accum[k * kLanesPerRow] = Piece<float>{};
@@ -165,15 +153,13 @@ __global__ void store_dq_kernel(const Params p, long long elements) {
   constexpr int kPieces = HeadDim / 4 / kLanesPerRow;  // pieces per lane
   static_assert(kPieces * kLanesPerRow * 4 == HeadDim, "a row is whole pieces for each lane");
   static_assert(kLanesPerRow == 4, "a quad: lane q holds pair q of each 8-column tile, as in the mma fragments");
-  const long long item = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerRow;
-  if (item >= elements / HeadDim) return;
-  const ItemRow at = item_row(p, item);
-  const long long row = at.row;
+  const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanesPerRow;
+  if (row >= elements / HeadDim) return;
   const int quad_lane = threadIdx.x % kLanesPerRow;
   const Accumulators* accum = reinterpret_cast<const Accumulators*>(p.dq_accum + row * HeadDim) + quad_lane;
   T* dq = static_cast<T*>(p.dq) + query_row_offset(p, row) + 2 * quad_lane;
-  if constexpr (kMapsRows<Params>) {
-    if (!at.kept) {  // a dropped row: dQ = 0, and its dq_accum row was never cleared nor written
+  if constexpr (kDropsRows<Params>) {
+    if (!p.row_kept(row)) {  // a dropped row: dQ = 0, and its dq_accum row was never cleared nor written
 #pragma unroll
       for (int k = 0; k < kPieces; ++k)
 #pragma unroll

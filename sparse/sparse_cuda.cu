@@ -76,10 +76,10 @@ struct Params : cuda::AttentionParams {
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
 
-  /// The backward's element-wise passes (flash::ItemRow): row i of every head in its original order, kept iff its
-  /// bucket is. So a dropped query's O, dO and dq_accum row are never read, its dq_accum row never cleared, and its
-  /// dQ written as zeros; the kept rows are read and written in order, as the dense passes read them.
-  __device__ flash::ItemRow item_row(long long item) const { return {item, queries.row_bucket[item] < queries.buckets}; }
+  /// For the backward's element-wise passes (flash::kDropsRows): query row `row` (over batch, q_heads, seq_q) is kept
+  /// iff its bucket is. So a dropped query's O, dO and dq_accum row are never read, its dq_accum row never cleared,
+  /// and its dQ written as zeros.
+  __device__ bool row_kept(long long row) const { return queries.row_bucket[row] < queries.buckets; }
 };
 
 // ============================================================================================================
@@ -1702,7 +1702,7 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
   params.dq_accum = dq_accum.data();
   params.lse_log2 = lse_log2.data();
-  params.delta = delta.data();  // (dq_accum's kept rows are cleared by backward_prepare_kernel: Params::item_row)
+  params.delta = delta.data();  // (dq_accum's kept rows are cleared by backward_prepare_kernel: Params::row_kept)
   PlanTimer timer;
   dispatch(p, t.dtype, [&](auto element, auto d) {
     using T = decltype(element);
