@@ -21,6 +21,7 @@
 #include <cublasLt.h>
 
 #include "common/cuda_utils.hpp"
+#include "common/sm_clock.hpp"
 #endif
 
 using namespace attn;
@@ -174,16 +175,18 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
     };
     gemm();  // warm-up
     CudaEventTimer timer;
-    std::vector<double> ms;
+    std::vector<double> ms, mhz;
     for (auto _ : state) {
       timer.start();
       gemm();
       ms.push_back(timer.stop_ms());
+      mhz.push_back(cuda::sm_clock_mhz(100.0));  // the SM clock right after the GEMM (see gpu_fp8_vs_bf16)
       state.SetIterationTime(ms.back() / 1e3);
     }
     ATTN_CUDA_CHECK(cudaDeviceSynchronize());
     const double tflops = 2.0 * static_cast<double>(n) * n * n / (median(ms) * 1e-3) / 1e12;
     state.counters["TFLOPS"] = tflops;  // of the median pass
+    state.counters["MHz"] = median(mhz);
     gemm_ceilings()[fp8 ? "e4m3" : "bf16"] = tflops;
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
@@ -191,12 +194,15 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
 }
 
 /// The FP8 forward (`fp8_options`: fp8 = 1 and what else the case sets) against the bf16 forward of the same
-/// kernel family on the same bf16 inputs: each iteration runs one bf16 pass and one FP8 pass, so that both see the
-/// same machine state (the H200's figures move by several percent from one call to the next, less within one).
+/// kernel family on the same bf16 inputs. `alternate`: each iteration runs one bf16 pass and one FP8 pass, so that
+/// both see the same machine state (the H200's figures move by several percent from one call to the next, less
+/// within one); otherwise all the bf16 passes run first, then all the FP8 passes (the "blocks" cases, to see
+/// whether the alternation itself moves either figure). After every pass the SM clock is measured on the device
+/// (cuda::sm_clock_mhz, 100 us): bf16_MHz and fp8_MHz are their medians.
 /// Counters, medians over the iterations: bf16_TFLOPS; FP8 kernel_TFLOPS (the attention kernel alone, with the
 /// last wave's merge where it splits) and call_TFLOPS (with the quantization of Q, K, V); quantize_ms; their
 /// ratios to bf16; and each kernel's share of its precision's GEMM ceiling where that ran in the same process.
-void gpu_fp8_vs_bf16(benchmark::State& state, AttentionProblem problem, StageOptions fp8_options) {
+void gpu_fp8_vs_bf16(benchmark::State& state, AttentionProblem problem, StageOptions fp8_options, bool alternate) {
   try {
     const ProblemData data = make_problem_data(problem, DType::bf16);
     const Stage& stage = find_stage("flash_v3");
@@ -205,10 +211,17 @@ void gpu_fp8_vs_bf16(benchmark::State& state, AttentionProblem problem, StageOpt
     StageOptions bf16_options, fp8 = fp8_options;
     bf16_run.forward(bf16_options);  // warm-up
     fp8_run.forward(fp8);
-    std::vector<double> bf16_ms, call_ms, kernel_ms, quantize_ms;
-    for (auto _ : state) {
+    std::vector<double> bf16_ms, call_ms, kernel_ms, quantize_ms, bf16_mhz, fp8_mhz;
+    auto bf16_pass = [&] {
       bf16_ms.push_back(bf16_run.forward(bf16_options));
+      bf16_mhz.push_back(cuda::sm_clock_mhz(100.0));
+    };
+    if (!alternate)
+      for (std::int64_t i = 0; i < state.max_iterations; ++i) bf16_pass();
+    for (auto _ : state) {
+      if (alternate) bf16_pass();
       call_ms.push_back(fp8_run.forward(fp8));
+      fp8_mhz.push_back(cuda::sm_clock_mhz(100.0));
       kernel_ms.push_back(fp8.counters["attention_ms"]);
       quantize_ms.push_back(fp8.counters["quantize_ms"]);
       state.SetIterationTime(call_ms.back() / 1e3);
@@ -223,6 +236,8 @@ void gpu_fp8_vs_bf16(benchmark::State& state, AttentionProblem problem, StageOpt
     state.counters["kernel_over_bf16"] = kernel / bf16;
     state.counters["call_over_bf16"] = call / bf16;
     state.counters["split_tiles"] = fp8.counters["split_tiles"];
+    state.counters["bf16_MHz"] = median(bf16_mhz);
+    state.counters["fp8_MHz"] = median(fp8_mhz);
     const auto& ceilings = gemm_ceilings();
     if (ceilings.count("bf16")) state.counters["bf16_of_gemm"] = bf16 / ceilings.at("bf16");
     if (ceilings.count("e4m3")) state.counters["kernel_of_gemm"] = kernel / ceilings.at("e4m3");
@@ -256,7 +271,19 @@ void register_fp8_cases() {
                              std::to_string(2048 / c.head_dim) + "_N=" + std::to_string(c.seq) + "_D=" +
                              std::to_string(c.head_dim) + (c.causal ? "_causal" : "") + (c.incoherent ? "/incoherent=1" : "");
     benchmark::RegisterBenchmark(name.c_str(), gpu_fp8_vs_bf16, problem(16384 / c.seq, 2048 / c.head_dim, c.seq,
-                                                                        c.head_dim, c.causal), options)
+                                                                        c.head_dim, c.causal), options, true)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(20);
+  }
+  // The same at N = 16384 with the two precisions in blocks instead of alternating.
+  for (std::int64_t head_dim : {128, 256}) {
+    StageOptions options;
+    options.values["fp8"] = 1;
+    const std::string name = "flash_v3/gpu/fp8_vs_bf16_blocks/B=1_H=" + std::to_string(2048 / head_dim) +
+                             "_N=16384_D=" + std::to_string(head_dim);
+    benchmark::RegisterBenchmark(name.c_str(), gpu_fp8_vs_bf16, problem(1, 2048 / head_dim, 16384, head_dim, false),
+                                 options, false)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond)
         ->Iterations(20);
