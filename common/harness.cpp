@@ -14,6 +14,7 @@
 #include "common/validate.hpp"
 #ifdef ATTN_HAVE_CUDA
 #include "common/cuda_utils.hpp"
+#include "common/sm_clock.hpp"
 #endif
 
 namespace attn {
@@ -385,6 +386,13 @@ StageRun run_stage(const Stage& stage, Tier tier, const ProblemData& data, const
     options.counters.clear();
   };
   const std::string who = stage.name + "/" + tier_name(tier);
+  // On the GPU, the SM clock right after each timed pass (counters sm_mhz and backward_sm_mhz): the GPU lowers it
+  // under its power cap while nvidia-smi still reports the maximum, and a pass's time moves with it.
+  auto keep_clock = [&]([[maybe_unused]] const std::string& name) {
+#ifdef ATTN_HAVE_CUDA
+    if (tier == Tier::gpu) counter_values[name].push_back(cuda::sm_clock_mhz(100.0));
+#endif
+  };
   const int runs = settings.warmup + settings.repeats;
   for (int r = 0; r < runs; ++r) {
     const bool timed = r >= settings.warmup;
@@ -392,12 +400,16 @@ StageRun run_stage(const Stage& stage, Tier tier, const ProblemData& data, const
     options.counters.clear();
     progress::begin(who + " forward" + which);
     const double forward_ms = prepared.forward(options);
-    if (timed) keep_counters("");
+    if (timed) {
+      keep_counters("");
+      keep_clock("sm_mhz");
+    }
     options.counters.clear();
     if (settings.backward) progress::begin(who + " backward" + which);
     const double backward_ms = settings.backward ? prepared.backward(options) : 0.0;
     if (!timed) continue;
     keep_counters("backward_");
+    if (settings.backward) keep_clock("backward_sm_mhz");
     forward_times.push_back(forward_ms);
     backward_times.push_back(backward_ms);
   }
