@@ -15,24 +15,18 @@ inputs are quantized once, outside the timing, so the figure compares with flash
 import argparse
 import json
 import math
-import statistics
+import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import time_torch  # noqa: E402  (the CUDA-event median of scripts/peers.py)
 
-def time_ms(fn, iterations=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iterations):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+
+def time_ms(fn):
+    """Median milliseconds of 20 timed calls after one untimed call."""
+    return time_torch(fn, torch, warmup=1, repeats=20) * 1e3
 
 
 def quantize(x):
