@@ -390,7 +390,7 @@ StageRun run_stage(const Stage& stage, Tier tier, const ProblemData& data, const
   // under its power cap while nvidia-smi still reports the maximum, and a pass's time moves with it.
   auto keep_clock = [&]([[maybe_unused]] const std::string& name) {
 #ifdef ATTN_HAVE_CUDA
-    if (tier == Tier::gpu) counter_values[name].push_back(cuda::sm_clock_mhz(100.0));
+    if (tier == Tier::gpu) counter_values[name].push_back(cuda::sm_clock_mhz());
 #endif
   };
   const int runs = settings.warmup + settings.repeats;

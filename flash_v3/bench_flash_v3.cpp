@@ -180,7 +180,7 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
       timer.start();
       gemm();
       ms.push_back(timer.stop_ms());
-      mhz.push_back(cuda::sm_clock_mhz(100.0));  // the SM clock right after the GEMM (see gpu_fp8_vs_bf16)
+      mhz.push_back(cuda::sm_clock_mhz());  // the SM clock right after the GEMM (see gpu_fp8_vs_bf16)
       state.SetIterationTime(ms.back() / 1e3);
     }
     ATTN_CUDA_CHECK(cudaDeviceSynchronize());
@@ -198,7 +198,7 @@ void gpu_gemm_ceiling(benchmark::State& state, std::int64_t n, bool fp8) {
 /// both see the same machine state (the H200's figures move by several percent from one call to the next, less
 /// within one); otherwise all the bf16 passes run first, then all the FP8 passes (the "blocks" cases, to see
 /// whether the alternation itself moves either figure). After every pass the SM clock is measured on the device
-/// (cuda::sm_clock_mhz, 100 us): bf16_MHz and fp8_MHz are their medians.
+/// (cuda::sm_clock_mhz, 100 us by default): bf16_MHz and fp8_MHz are their medians.
 /// Counters, medians over the iterations: bf16_TFLOPS; FP8 kernel_TFLOPS (the attention kernel alone, with the
 /// last wave's merge where it splits) and call_TFLOPS (with the quantization of Q, K, V); quantize_ms; their
 /// ratios to bf16; and each kernel's share of its precision's GEMM ceiling where that ran in the same process.
@@ -214,14 +214,14 @@ void gpu_fp8_vs_bf16(benchmark::State& state, AttentionProblem problem, StageOpt
     std::vector<double> bf16_ms, call_ms, kernel_ms, quantize_ms, bf16_mhz, fp8_mhz;
     auto bf16_pass = [&] {
       bf16_ms.push_back(bf16_run.forward(bf16_options));
-      bf16_mhz.push_back(cuda::sm_clock_mhz(100.0));
+      bf16_mhz.push_back(cuda::sm_clock_mhz());
     };
     if (!alternate)
       for (std::int64_t i = 0; i < state.max_iterations; ++i) bf16_pass();
     for (auto _ : state) {
       if (alternate) bf16_pass();
       call_ms.push_back(fp8_run.forward(fp8));
-      fp8_mhz.push_back(cuda::sm_clock_mhz(100.0));
+      fp8_mhz.push_back(cuda::sm_clock_mhz());
       kernel_ms.push_back(fp8.counters["attention_ms"]);
       quantize_ms.push_back(fp8.counters["quantize_ms"]);
       state.SetIterationTime(call_ms.back() / 1e3);
