@@ -244,9 +244,9 @@ def print_table(rows, ours):
 
     for row in rows:
         if row["setting"] == "dense":
-            print(f"\ndense causal, B = {B}, H = {H}, N = {row['N']}: FlexAttention fwd {best(row, 'flex_fwd_ms')} ms, fwd + bwd "
-                  f"{best(row, 'flex_fwdbwd_ms')} ms; SDPA flash fwd {best(row, 'scfa_fwd_ms')} ms, fwd + bwd "
-                  f"{best(row, 'scfa_fwdbwd_ms')} ms")
+            print(f"\ndense causal, B = {B}, H = {H}, N = {row['N']}: FlexAttention fwd {best(row, 'flex_fwd_ms')} "
+                  f"ms, fwd + bwd {best(row, 'flex_fwdbwd_ms')} ms; SDPA flash fwd {best(row, 'scfa_fwd_ms')} ms, "
+                  f"fwd + bwd {best(row, 'scfa_fwdbwd_ms')} ms")
     print("\n| pass | N | setting | visible | attnlab ms (plan) | attnlab eff. | flex ms (+ plan) | flex eff. "
           "(with plan) | SCFA ms | SCFA eff. |")
     print("|---|---|---|---|---|---|---|---|---|---|")
