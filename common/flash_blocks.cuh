@@ -93,6 +93,16 @@ __device__ __forceinline__ long long query_row_offset(const cuda::AttentionParam
 template <class Params>
 inline constexpr bool kDropsRows = requires(const Params& p) { p.row_kept(0LL); };
 
+/// Thread blocks of a stage's own work that backward_prepare_kernel runs ahead of the rows' ones, when the stage's
+/// Params have `__host__ __device__ int lead_blocks() const` and `__device__ void lead_block(int block) const`
+/// (sparse: each K tile's run of queries, found before its backward thread block starts). Work that waits on memory
+/// latency then overlaps this kernel's memory-bound pass over the rows, instead of being a launch of its own.
+template <class Params>
+inline constexpr bool kHasLeadBlocks = requires(const Params& p) {
+  p.lead_blocks();
+  p.lead_block(0);
+};
+
 // Pre-pass (FA2 Alg. 2 line 4): D_i = rowsum(dO_i * O_i) for every row in its original place; dq_accum is cleared
 // separately, by cudaMemsetAsync (with kDropsRows here, for the kept rows only). Params: cuda::AttentionParams plus
 // float* delta; a stage whose Params also carry float* lse_log2 gets L_i in log2 units there too (lse_to_log2).
@@ -104,7 +114,12 @@ __global__ void backward_prepare_kernel(const Params p, long long rows) {
   constexpr int kPieces = HeadDim / kPerPiece / kLanesPerRow;  // 16-byte pieces per lane
   static_assert(kPieces * kLanesPerRow * kPerPiece == HeadDim, "a row is whole pieces for each lane");
   const int lane = threadIdx.x % 32, quad_lane = lane % kLanesPerRow;
-  const long long thread = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  long long block = blockIdx.x;
+  if constexpr (kHasLeadBlocks<Params>) {
+    if (block < p.lead_blocks()) return p.lead_block(static_cast<int>(block));
+    block -= p.lead_blocks();
+  }
+  const long long thread = block * blockDim.x + threadIdx.x;
   if ((thread - lane) / kLanesPerRow >= rows) return;  // the whole warp: the others reach the shuffles together
   const long long row = thread / kLanesPerRow;
   bool kept = row < rows;
@@ -181,10 +196,12 @@ __global__ void store_dq_kernel(const Params p, long long elements) {
     }
 }
 
-/// backward_prepare_kernel on the default stream, one quad of lanes per row.
+/// backward_prepare_kernel on the default stream, one quad of lanes per row (after the lead blocks, if any).
 template <class T, int HeadDim, class Params>
 void launch_backward_prepare(const Params& p, long long rows) {
-  backward_prepare_kernel<T, HeadDim><<<cuda::ceil_div(rows * kLanesPerRow, kRowThreads), kRowThreads>>>(p, rows);
+  long long blocks = cuda::ceil_div(rows * kLanesPerRow, kRowThreads);
+  if constexpr (kHasLeadBlocks<Params>) blocks += p.lead_blocks();
+  backward_prepare_kernel<T, HeadDim><<<blocks, kRowThreads>>>(p, rows);
   ATTN_CUDA_CHECK_LAUNCH();
 }
 

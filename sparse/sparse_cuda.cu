@@ -75,6 +75,14 @@ struct Params : cuda::AttentionParams {
   float* lse_log2 = nullptr;  // backward scratch: L_i in log2 units, +inf for rows that see no key
   float* delta = nullptr;     // backward scratch: D_i = rowsum(dO_i * O_i)
   float* dq_accum = nullptr;  // backward scratch: dQ in fp32 at the rows' original places
+  // backward scratch: runs[(k_flat * keys.max_tiles + n) * group_size + head_in_group] = the sorted query
+  // positions [first, end) of that query head that see some key of the k_flat head's n-th K tile (tile_run);
+  // first >= end when none do. Found by the lead blocks of backward_prepare_kernel (flash::kHasLeadBlocks), one
+  // warp per entry: run_blocks thread blocks for its run_slots entries.
+  int2* runs = nullptr;
+  int run_slots = 0, run_blocks = 0;
+  __host__ __device__ int lead_blocks() const { return run_blocks; }
+  __device__ void lead_block(int block) const;
 
   /// For the backward's element-wise passes (flash::kDropsRows): query row `row` (over batch, q_heads, seq_q) is kept
   /// iff its bucket is. So a dropped query's O, dO and dq_accum row are never read, its dq_accum row never cleared,
@@ -523,21 +531,51 @@ __device__ __forceinline__ int lower_bound(int low, int high, Before&& before) {
   return low;
 }
 
-/// lower_bound by a whole thread block of Threads threads: each round every thread tests one of Threads evenly
-/// spaced positions and a barrier counts the ones where `before` holds (a prefix of them), which leaves a range
-/// Threads times narrower. 16384 positions take two rounds (two dependent loads) instead of 14. Every thread
-/// must call it with the same arguments, and gets the same answer.
-template <int Threads, class Before>
-__device__ __forceinline__ int block_lower_bound(int low, int high, Before&& before) {
+/// lower_bound by one warp: each round every lane tests one of 32 evenly spaced positions and a ballot counts the
+/// ones where `before` holds (a prefix of them), which leaves a range 32 times narrower: 16384 positions take three
+/// rounds (three dependent loads) instead of 14. Every lane must call it with the same arguments, and gets the same
+/// answer.
+template <class Before>
+__device__ __forceinline__ int warp_lower_bound(int low, int high, Before&& before) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
   while (low < high) {
-    const int step = cuda::ceil_div(high - low, Threads);
-    const int at = low + static_cast<int>(threadIdx.x) * step;
-    const int before_count = __syncthreads_count(at < high && before(at));
+    const int step = cuda::ceil_div(high - low, 32);
+    const int at = low + lane * step;
+    const int before_count = __popc(__ballot_sync(0xffffffffu, at < high && before(at)));
     if (before_count == 0) return low;
     high = min(high, low + before_count * step);  // the first tested position where `before` is false, or high
     low += (before_count - 1) * step + 1;         // past the last one where it holds
   }
   return low;
+}
+
+/// SCFA Alg. 2 line 7 for every K tile before the backward runs: the queries of a head that see some key of the
+/// tile [key0, key_end) are one run of sorted positions, from the first whose span ends after key0 to the last
+/// whose span starts before key_end (the spans never decrease). One warp per entry of Params::runs, entry `slot` =
+/// ((batch x kv_heads + kv_head) x max_tiles + n) x group_size + head_in_group. Searched here, all at once, rather
+/// than by each backward thread block at its start, where the two searches' dependent loads held the block's first
+/// step back (about 7000 of its 12500 cycles before the first step with 8 buckets at N = 16384).
+__device__ void tile_run(const Params& p, int slot) {
+  if (slot >= p.run_slots) return;
+  const int head_in_group = slot % p.group_size;
+  const int tile_slot = slot / p.group_size;  // k_flat x max_tiles + n
+  const int n = tile_slot % p.keys.max_tiles;
+  const long long k_flat = tile_slot / p.keys.max_tiles;
+  const int2 keys = n < p.keys.tile_count[k_flat].y ? p.keys.tiles[tile_slot] : int2{0, 0};
+  int2 run{0, 0};
+  if (keys.x < keys.y && keys.x < p.keys.count[k_flat]) {  // a tile of kept keys
+    const int kv_heads = p.q_heads / p.group_size;
+    const long long q_flat = k_flat / kv_heads * p.q_heads + k_flat % kv_heads * p.group_size + head_in_group;
+    const int q_count = p.queries.count[q_flat];
+    const int2* spans = p.spans + q_flat * p.seq_q;
+    run.x = warp_lower_bound(0, q_count, [&](int i) { return spans[i].y <= keys.x; });
+    run.y = warp_lower_bound(run.x, q_count, [&](int i) { return spans[i].x < keys.y; });
+  }
+  if (threadIdx.x % 32 == 0) p.runs[slot] = run;
+}
+
+__device__ void Params::lead_block(int block) const {
+  tile_run(*this, block * static_cast<int>(blockDim.x / 32) + static_cast<int>(threadIdx.x / 32));
 }
 
 constexpr int kSpansThreads = 256;
@@ -993,17 +1031,12 @@ __global__ void __launch_bounds__(BackwardShape<HeadDim, Br, Bc>::kThreads) back
   struct Step {
     int head_in_group, row0, end, q_count;  // this Q block: sorted rows row0 .. row0 + Br - 1 of the run .. end
   };
-  // Searched by the whole block (every thread calls these with the same step): a binary search by one thread
-  // was 28 dependent global loads at N = 16384 before the block's first copy.
+  // Each head's run was found before the pass (tile_run): one load here, not a search.
+  const int2* runs = p.runs + (k_flat * p.keys.max_tiles + n) * p.group_size;
   auto first_step_from = [&](int head_in_group) {  // of this head, or the next head with any
     for (; head_in_group < p.group_size; ++head_in_group) {
-      const long long q_flat = flat_of(head_in_group);
-      const int q_count = p.queries.count[q_flat];
-      const int2* spans = p.spans + q_flat * p.seq_q;
-      const int first = block_lower_bound<Shape::kThreads>(0, q_count, [&](int i) { return spans[i].y <= key0; });
-      const int end =
-          block_lower_bound<Shape::kThreads>(first, q_count, [&](int i) { return spans[i].x < key_end; });
-      if (first < end) return Step{head_in_group, first, end, q_count};
+      const int2 run = runs[head_in_group];
+      if (run.x < run.y) return Step{head_in_group, run.x, run.y, p.queries.count[flat_of(head_in_group)]};
     }
     return Step{p.group_size, 0, 0, 0};
   };
@@ -1278,7 +1311,7 @@ std::size_t side_bytes(std::int64_t heads, std::int64_t seq, int buckets) {
 }
 
 /// The device workspace of one pass: both sides' buckets, permutations and counts, the queries' spans (O(N)
-/// per head), the projection R, and in the backward dQ in fp32 plus L_i and D_i.
+/// per head), the projection R, and in the backward dQ in fp32 plus L_i and D_i and the K tiles' runs of queries.
 std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool backward) {
   const int buckets = kept_buckets(s, nullptr);
   std::size_t bytes = side_bytes(p.batch * p.q_heads, p.seq_q, buckets) +
@@ -1287,7 +1320,8 @@ std::size_t workspace_bytes(const AttentionProblem& p, const Settings& s, bool b
   if (s.mode == Mode::hash) bytes += static_cast<std::size_t>(p.head_dim) * (s.buckets / 2) * sizeof(float);
   if (backward)
     bytes += static_cast<std::size_t>(p.q_elements()) * sizeof(float) +
-             2 * static_cast<std::size_t>(p.lse_elements()) * sizeof(float);
+             2 * static_cast<std::size_t>(p.lse_elements()) * sizeof(float) +
+             static_cast<std::size_t>(p.batch * p.q_heads * max_tiles(p.seq_k, buckets)) * sizeof(int2);
   else
     bytes += 2 * sizeof(unsigned long long);  // the forward's statistics for the counters
   return bytes;
@@ -1700,6 +1734,8 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
   DeviceBuffer<float> dq_accum(static_cast<std::size_t>(p.q_elements()));
   DeviceBuffer<float> lse_log2(static_cast<std::size_t>(p.lse_elements()));
   DeviceBuffer<float> delta(static_cast<std::size_t>(p.lse_elements()));
+  DeviceBuffer<int2> runs(static_cast<std::size_t>(p.batch * p.q_heads) * prepared.keys.max_tiles);
+  params.runs = runs.data();
   params.dq_accum = dq_accum.data();
   params.lse_log2 = lse_log2.data();
   params.delta = delta.data();  // (dq_accum's kept rows are cleared by backward_prepare_kernel: Params::row_kept)
@@ -1715,6 +1751,8 @@ void backward_gpu(const AttentionProblem& p, const AttentionTensors& t, StageOpt
       params.spans = prepared.spans.data();
     }
     timer.planned();
+    params.run_slots = static_cast<int>(p.batch * p.q_heads) * params.keys.max_tiles;  // one warp each:
+    params.run_blocks = cuda::ceil_div(params.run_slots, flash::kRowThreads / 32);  // backward_prepare's lead blocks
     const long long rows = p.lse_elements();
     flash::launch_backward_prepare<T, D>(params, rows);
     using Shape = BackwardShape<D, kBackwardBr<D>, kBackwardBc>;
