@@ -102,8 +102,8 @@ def run_attn_cli(bin_dir, stage, wanted):
     return times
 
 
-def time_torch(fn, torch, warmup=3, repeats=10):
-    """Median seconds of fn() by CUDA events, after warm-up."""
+def time_torch(fn, torch, warmup=3, repeats=10, reduce=statistics.median):
+    """Median seconds of fn() by CUDA events, after warm-up (or `reduce` of the list of timed seconds)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -115,7 +115,7 @@ def time_torch(fn, torch, warmup=3, repeats=10):
         stop.record()
         stop.synchronize()
         samples.append(start.elapsed_time(stop) / 1e3)
-    return statistics.median(samples)
+    return reduce(samples)
 
 
 def run_torch(wanted, math_max):

@@ -33,24 +33,16 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import time_torch  # noqa: E402  (the CUDA-event timer of scripts/peers.py)
+
 B, H, D = 1, 16, 64  # bench_sparse's GPU sweep (--batch, --heads change B and H: then no attnlab column)
-UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def time_ms(fn, repeats, warmup=3):
-    """(best, median) milliseconds of fn() over `repeats` timed calls, CUDA events, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop))
-    return min(samples), statistics.median(samples)
+    """(best, median) milliseconds of fn() over `repeats` timed calls (CUDA events), after `warmup` calls."""
+    best_and_median = lambda seconds: (1e3 * min(seconds), 1e3 * statistics.median(seconds))
+    return time_torch(fn, torch, warmup, repeats, best_and_median)
 
 
 def parse_setting(label):
